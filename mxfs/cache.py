@@ -1,0 +1,319 @@
+"""The on-disk cache, in the Hugging Face hub-cache layout (DESIGN section 4).
+
+```
+<root>/models--<org>--<name>/
+    blobs/<etag>                    complete, verified file
+    blobs/<etag>.<id>.incomplete    partial download, private to one writer
+    snapshots/<commit>/<path>       relative symlink to ../../blobs/<etag>, made only when complete
+    refs/<revision>                 the commit hash, written atomically
+    trees/<commit>.json             huggingface_hub's tree listing, written when the entry is complete
+```
+
+Because the layout is huggingface_hub's own, ``HF_HUB_CACHE=<root>`` lets transformers use the same
+files offline and an existing HF cache can be mounted as it is.  Everything here is synchronous
+file-system work: callers run it in a worker thread.  Nothing here knows about FUSE, the Hub or
+the registry.
+
+Crash safety: a blob only appears at its final name after its bytes were verified and fsynced
+(``publish_blob``), a snapshot symlink only after its blob exists, and refs and tree listings are
+written to a temporary name and renamed, so a crash at any point leaves either the old state or
+the new one, plus at worst an orphaned ``*.incomplete`` file that ``remove_stale_incomplete``
+collects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mxfs.names import COMMIT_RE
+
+INCOMPLETE_SUFFIX = ".incomplete"
+TREE_FORMAT_VERSION = 1  # huggingface_hub's `trees/<commit>.json` format
+
+
+def repo_folder_name(repo_id: str) -> str:
+    return "models--" + repo_id.replace("/", "--")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old content or the new, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@dataclass(frozen=True)
+class TreeFileRecord:
+    """What the cache needs to know of one file to lay it out: its path, etag and size."""
+
+    path: str
+    etag: str
+    size: int
+    blob_id: str
+    lfs_sha256: str | None = None
+
+
+class HubCache:
+    """One HF hub-cache root directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def ensure_root(self) -> None:
+        """Create the root (0755: readable by the users of the mount, writable only by the daemon)."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
+        tag = self.root / "CACHEDIR.TAG"
+        if not tag.exists():
+            # Tells backup tools not to archive a cache; huggingface_hub's scan skips this name.
+            atomic_write_text(tag, "Signature: 8a477f597d28d172789f06886806bc55\n# mxfs model cache\n")
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def repo_dir(self, repo_id: str) -> Path:
+        return self.root / repo_folder_name(repo_id)
+
+    def blob_path(self, repo_id: str, etag: str) -> Path:
+        return self.repo_dir(repo_id) / "blobs" / etag
+
+    def snapshot_dir(self, repo_id: str, commit: str) -> Path:
+        return self.repo_dir(repo_id) / "snapshots" / commit
+
+    def snapshot_file(self, repo_id: str, commit: str, path: str) -> Path:
+        return self.snapshot_dir(repo_id, commit) / path
+
+    def ref_path(self, repo_id: str, revision: str) -> Path:
+        return self.repo_dir(repo_id) / "refs" / revision
+
+    def tree_path(self, repo_id: str, commit: str) -> Path:
+        return self.repo_dir(repo_id) / "trees" / f"{commit}.json"
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def has_blob(self, repo_id: str, etag: str) -> bool:
+        return self.blob_path(repo_id, etag).is_file()
+
+    def file_is_cached(self, repo_id: str, commit: str, file: TreeFileRecord) -> bool:
+        """The file's verified blob exists (its snapshot link may still be missing)."""
+        try:
+            return self.blob_path(repo_id, file.etag).stat().st_size == file.size
+        except FileNotFoundError:
+            return False
+
+    def snapshot_is_complete(self, repo_id: str, commit: str, files: Iterable[TreeFileRecord]) -> bool:
+        """Every file is linked in ``snapshots/<commit>`` and its blob is present."""
+        for file in files:
+            link = self.snapshot_file(repo_id, commit, file.path)
+            try:
+                if link.stat().st_size != file.size:  # follows the symlink: a dangling one raises
+                    return False
+            except FileNotFoundError:
+                return False
+        return True
+
+    def read_ref(self, repo_id: str, revision: str) -> str | None:
+        try:
+            commit = self.ref_path(repo_id, revision).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        return commit if COMMIT_RE.match(commit) else None
+
+    def cached_repos(self) -> list[str]:
+        """Repo ids that have a folder in the cache (models only)."""
+        repos = []
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if name.startswith("models--") and name.count("--") == 2:
+                _, org, model = name.split("--")
+                repos.append(f"{org}/{model}")
+        return sorted(repos)
+
+    def cached_commits(self, repo_id: str) -> list[str]:
+        try:
+            names = os.listdir(self.repo_dir(repo_id) / "snapshots")
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if COMMIT_RE.match(n))
+
+    def snapshot_size(self, repo_id: str, commit: str) -> int:
+        """Bytes of the distinct blobs a snapshot links to (what deleting it could free at most)."""
+        blobs = {p.resolve() for p in self._snapshot_links(repo_id, commit)}
+        return sum(b.stat().st_size for b in blobs if b.exists())
+
+    def _snapshot_links(self, repo_id: str, commit: str) -> Iterator[Path]:
+        base = self.snapshot_dir(repo_id, commit)
+        for dirpath, _dirnames, filenames in os.walk(base):
+            for filename in filenames:
+                yield Path(dirpath) / filename
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def ensure_snapshot_dir(self, repo_id: str, commit: str) -> Path:
+        repo = self.repo_dir(repo_id)
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        snapshot = self.snapshot_dir(repo_id, commit)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return snapshot
+
+    def create_incomplete(self, repo_id: str, etag: str, writer_id: str) -> tuple[Path, int]:
+        """Create a fresh partial file private to ``writer_id``; returns its path and a read-write fd.
+
+        The name carries the writer's id so that two writers (two nodes, or a writer that took
+        over from a dead one) never share a temporary file.
+        """
+        blobs = self.repo_dir(repo_id) / "blobs"
+        blobs.mkdir(parents=True, exist_ok=True)
+        path = blobs / f"{etag}.{writer_id}{INCOMPLETE_SUFFIX}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        return path, fd
+
+    def publish_blob(self, repo_id: str, etag: str, incomplete: Path, fd: int) -> Path:
+        """Make a verified partial file the blob: fsync, rename, fsync the directory.
+
+        fsync before rename, or a crash could leave a blob with the right name and wrong bytes.
+        If another writer published the same blob meanwhile (the same file in two commits), its
+        copy wins and ours is dropped: both were verified against the same hash.
+        """
+        os.fsync(fd)
+        blob = self.blob_path(repo_id, etag)
+        if blob.exists():
+            incomplete.unlink(missing_ok=True)
+        else:
+            os.rename(incomplete, blob)
+            _fsync_dir(blob.parent)
+        return blob
+
+    def link_snapshot(self, repo_id: str, commit: str, path: str, etag: str) -> None:
+        """Point ``snapshots/<commit>/<path>`` at its blob with a relative symlink, atomically."""
+        link = self.snapshot_file(repo_id, commit, path)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        target = os.path.relpath(self.blob_path(repo_id, etag), link.parent)
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(link) == target:
+                return
+        tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex}.tmp")
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+
+    def write_ref(self, repo_id: str, revision: str, commit: str) -> None:
+        """Record that ``revision`` is ``commit``. Only for a snapshot that exists (scan rule)."""
+        atomic_write_text(self.ref_path(repo_id, revision), commit)
+
+    def write_tree(self, repo_id: str, commit: str, files: Iterable[TreeFileRecord]) -> None:
+        """Write huggingface_hub's ``trees/<commit>.json`` so its offline mode knows the file list."""
+        entries = {}
+        for f in sorted(files, key=lambda f: f.path):
+            info: dict[str, object] = {"size": f.size, "blob_id": f.blob_id}
+            if f.lfs_sha256 is not None:
+                info["lfs_sha256"] = f.lfs_sha256
+                info["lfs_size"] = f.size
+            entries[f.path] = info
+        data = {"format_version": TREE_FORMAT_VERSION, "files": entries}
+        atomic_write_text(self.tree_path(repo_id, commit), json.dumps(data, indent=1))
+
+    def remove_stale_incomplete(self, repo_id: str, older_than: float) -> list[Path]:
+        """Delete partial files nobody has written to for ``older_than`` seconds.
+
+        A live owner writes continuously and stops at once when its lease lapses, so a partial
+        file untouched for longer than a lease belongs to a dead writer.
+        """
+        removed = []
+        blobs = self.repo_dir(repo_id) / "blobs"
+        cutoff = time.time() - older_than
+        try:
+            names = os.listdir(blobs)
+        except FileNotFoundError:
+            return removed
+        for name in names:
+            if not name.endswith(INCOMPLETE_SUFFIX):
+                continue
+            path = blobs / name
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path)
+        return removed
+
+    def delete_revision(self, repo_id: str, commit: str) -> int:
+        """Remove one revision the HF way; returns the bytes of blobs actually freed.
+
+        Order matters for concurrent readers of the cache: refs first (nobody resolves to the
+        commit any more), then the snapshot links, then only the blobs no other snapshot uses.
+        """
+        repo = self.repo_dir(repo_id)
+        refs = repo / "refs"
+        for dirpath, _dirs, filenames in os.walk(refs):
+            for filename in filenames:
+                ref = Path(dirpath) / filename
+                with contextlib.suppress(OSError):
+                    if ref.read_text().strip() == commit:
+                        ref.unlink()
+        ours = {os.path.basename(os.readlink(p)) for p in self._snapshot_links(repo_id, commit) if p.is_symlink()}
+        snapshot = self.snapshot_dir(repo_id, commit)
+        for dirpath, dirnames, filenames in os.walk(snapshot, topdown=False):
+            for filename in filenames:
+                (Path(dirpath) / filename).unlink(missing_ok=True)
+            for dirname in dirnames:
+                with contextlib.suppress(OSError):
+                    (Path(dirpath) / dirname).rmdir()
+        with contextlib.suppress(FileNotFoundError):
+            snapshot.rmdir()
+        self.tree_path(repo_id, commit).unlink(missing_ok=True)
+        still_used = set()
+        for other in self.cached_commits(repo_id):
+            for link in self._snapshot_links(repo_id, other):
+                with contextlib.suppress(OSError):
+                    still_used.add(os.path.basename(os.readlink(link)))
+        freed = 0
+        for etag in ours - still_used:
+            blob = self.blob_path(repo_id, etag)
+            with contextlib.suppress(FileNotFoundError):
+                size = blob.stat().st_size
+                blob.unlink()
+                freed += size
+        if not self.cached_commits(repo_id):
+            self._remove_empty_repo(repo)
+        return freed
+
+    def _remove_empty_repo(self, repo: Path) -> None:
+        """Remove a repo folder left with no snapshot, unless partial downloads live in it."""
+        blobs = repo / "blobs"
+        if blobs.exists() and any(blobs.iterdir()):
+            return
+        for sub in ("snapshots", "trees", "blobs"):
+            with contextlib.suppress(OSError):
+                (repo / sub).rmdir()
+        for dirpath, dirs, _files in os.walk(repo / "refs", topdown=False):
+            for d in dirs:
+                with contextlib.suppress(OSError):
+                    (Path(dirpath) / d).rmdir()
+        with contextlib.suppress(OSError):
+            (repo / "refs").rmdir()
+        with contextlib.suppress(OSError):
+            repo.rmdir()

@@ -1,0 +1,83 @@
+"""Domain errors, and the one place where they become errno values.
+
+Everything below ``fs`` raises these (or plain ``OSError``); ``fs`` turns them into
+``pyfuse3.FUSEError`` with :func:`errno_for`.  Keeping the mapping here means the FUSE layer stays a
+thin translation and the CLI can report the same failures in words.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class MxfsError(Exception):
+    """Base class: a failure the user can be told about, with the errno a reader will see."""
+
+    errno: int = errno.EIO
+
+
+class InvalidName(MxfsError):
+    """A path component that cannot be a repo id, revision or file: never sent to the Hub."""
+
+    errno = errno.ENOENT
+
+
+class NameTooLong(MxfsError):
+    errno = errno.ENAMETOOLONG
+
+
+class NotFound(MxfsError):
+    """The repo, revision or file does not exist on the Hub (or is not visible to this token)."""
+
+    errno = errno.ENOENT
+
+
+class AccessDenied(MxfsError):
+    """Gated or private repo without access: the fix is a token, so say so."""
+
+    errno = errno.EACCES
+
+
+class HubUnavailable(MxfsError):
+    """The Hub could not be reached, or kept failing, and the bytes are not in the cache."""
+
+    errno = errno.EIO
+
+
+class OfflineMiss(MxfsError):
+    """``HF_HUB_OFFLINE`` is set and the cache does not hold what was asked for."""
+
+    errno = errno.ENOENT
+
+
+class IntegrityError(MxfsError):
+    """Downloaded bytes did not match the Hub's checksum."""
+
+    errno = errno.EIO
+
+
+class DownloadFailed(MxfsError):
+    """The entry's download ended in ERROR; the message says why."""
+
+    errno = errno.EIO
+
+
+class RegistryUnavailable(MxfsError):
+    errno = errno.EIO
+
+
+class DiskFull(MxfsError):
+    errno = errno.ENOSPC
+
+
+class ReadOnly(MxfsError):
+    errno = errno.EROFS
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno a FUSE caller should see for ``exc``."""
+    if isinstance(exc, MxfsError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO

@@ -1,0 +1,472 @@
+"""The claim protocol (DESIGN section 5) and the read path, as one service the filesystem uses.
+
+For every entry this node touches there is one :class:`EntryFetch`.  The first ``open()`` of
+any of its files starts one coordination task, which loops until the entry is in the cache:
+
+* every file already in the cache → make sure the registry says DOWNLOADED, done;
+* otherwise ask the registry: ``try_claim`` (no record, or a DOWNLOADING record whose lease
+  expired), ``try_retake`` from DOWNLOADED (the files vanished) or from ERROR (retry);
+* the winner downloads (:class:`EntryDownload`); everybody else waits, watching the blobs
+  appear in the shared cache and the record's status, and tries again after each poll, which is
+  how an expired lease is taken over.
+
+Reads wait only for the bytes they ask for.  Failures end up in ``EntryFetch.error`` and reach
+readers as domain errors (EIO, EACCES, ENOSPC), with a backoff before the next attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import trio
+
+from mxfs.cache import HubCache
+from mxfs.config import Settings
+from mxfs.errors import (
+    AccessDenied,
+    MxfsError,
+    NotFound,
+    RegistryUnavailable,
+)
+from mxfs.fetch.catalog import Catalog
+from mxfs.fetch.download import EntryDownload, LeaseLost
+from mxfs.fetch.entry import Entry, tree_record
+from mxfs.fetch.files import FileState, read_at
+from mxfs.hub import Hub, HubFile
+from mxfs.names import ModelRef
+from mxfs.registry import AlreadyExists, Claimed, Record, Registry, RegistryError, Status
+
+log = logging.getLogger(__name__)
+
+# Attempts of one coordination task before it gives up and leaves the entry in ERROR; the next
+# open after the backoff starts a new one.
+MAX_ATTEMPTS = 3
+# Every node touches the entries it has open this often, so eviction elsewhere sees them in use.
+TOUCH_INTERVAL = 60.0
+
+
+def _backoff(failures: int) -> float:
+    return min(60.0, 2.0 * math.pow(2, failures - 1))
+
+
+class EntryFetch:
+    """This node's view of one entry: per-file state, who downloads it, and what went wrong."""
+
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+        self.states = {path: FileState(f) for path, f in entry.files.items()}
+        self.running = False
+        self.role: str | None = None  # "owner" or "waiter" while running
+        self.error: MxfsError | None = None
+        self.retry_at = 0.0
+        self.failures = 0
+        self.handles = 0
+        self.download: EntryDownload | None = None
+        self._done = trio.Event()
+
+    @property
+    def complete(self) -> bool:
+        return all(s.complete for s in self.states.values())
+
+    def progress(self) -> tuple[int, int]:
+        """(bytes present on this node, total bytes)."""
+        have = sum(s.file.size if s.complete else s.present.total for s in self.states.values())
+        return have, self.entry.size
+
+    def set_error(self, error: MxfsError) -> None:
+        self.error = error
+        for state in self.states.values():
+            if not state.complete:
+                state.set_error(error)
+        self._done.set()
+
+    def clear_error(self) -> None:
+        self.error = None
+        for state in self.states.values():
+            state.error = None
+
+    def mark_done(self) -> None:
+        self._done.set()
+
+    async def wait_done(self) -> None:
+        await self._done.wait()
+
+    def reset_done(self) -> None:
+        if self._done.is_set():
+            self._done = trio.Event()
+
+
+@dataclass
+class OpenFile:
+    """One open file handle: reads wait for their bytes, concurrent reads never serialize."""
+
+    fetcher: Fetcher
+    ef: EntryFetch
+    state: FileState
+    strict: bool
+    served_unverified: bool = False
+    epoch: int = 0
+    closed: bool = False
+
+    @property
+    def file(self) -> HubFile:
+        return self.state.file
+
+    async def read(self, offset: int, size: int) -> bytes:
+        state = self.state
+        if self.served_unverified and state.corrupt_epoch != self.epoch:
+            # Bytes this handle already returned came from a copy that failed its checksum.
+            raise MxfsError(f"{self.ef.entry}/{self.file.path}: data served earlier failed verification")
+        end = min(offset + size, self.file.size)
+        if offset >= end:
+            return b""
+        if not state.readable(offset, end, self.strict):
+            self.fetcher.ensure_started(self.ef)
+            await state.wait_readable(offset, end, self.strict)
+        if not state.complete and not self.served_unverified:
+            self.served_unverified = True
+            self.epoch = state.corrupt_epoch
+        shared = state.acquire_fd()
+        try:
+            data = await read_at(shared.fd, offset, end - offset, self.fetcher.io_limiter)
+        finally:
+            shared.release()
+        self.fetcher.bytes_read += len(data)
+        return data
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.fetcher._release(self)
+
+
+class Fetcher:
+    """Entries, their downloads and their readers on this node."""
+
+    def __init__(self, catalog: Catalog, registry: Registry, cache: HubCache, settings: Settings) -> None:
+        self.catalog = catalog
+        self.registry = registry
+        self.cache = cache
+        self.settings = settings
+        self.hub: Hub = catalog.hub
+        self.io_limiter = trio.CapacityLimiter(64)
+        self.net_limiter = trio.CapacityLimiter(max(settings.connections * 4, 16))
+        self._entries: dict[str, EntryFetch] = {}
+        self._nursery: trio.Nursery | None = None
+        self.bytes_read = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own every background task of this node (downloads, waiting, touching) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._touch_open_entries)
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- names --------------------------------------------------------------------------------
+
+    async def lookup(self, ref: ModelRef) -> Entry:
+        return await self.catalog.lookup(ref)
+
+    async def known_repos(self) -> list[str]:
+        """Repos with something in the cache, the state dir or the registry (for listing)."""
+
+        def local() -> set[str]:
+            return set(self.cache.cached_repos()) | set(self.catalog.state.known_repos())
+
+        repos = await trio.to_thread.run_sync(local, limiter=self.io_limiter)
+        repos |= {ref.repo_id for ref in self.catalog.resolved_refs()}
+        try:
+            for record in await self.registry.list_by_last_used():
+                repos.add(record_repo(record))
+        except RegistryError as exc:
+            log.warning("listing: registry unavailable (%s); showing the local cache only", exc)
+        return sorted(r for r in repos if r)
+
+    # -- opening and reading -------------------------------------------------------------------
+
+    def entry_fetch(self, entry: Entry) -> EntryFetch:
+        ef = self._entries.get(entry.name)
+        if ef is None:
+            ef = self._entries[entry.name] = EntryFetch(entry)
+        return ef
+
+    async def open(self, entry: Entry, path: str) -> OpenFile:
+        """Open a file for reading: returns at once, the download (if any) starts in the background."""
+        ef = self.entry_fetch(entry)
+        state = ef.states[path]
+        if state.complete and not await self._blob_still_there(ef, state):
+            log.warning("%s: %s vanished from the cache; fetching it again", entry, path)
+            for s in ef.states.values():
+                s.blob = None
+                s.retire_fd()
+            ef.reset_done()
+        handle = OpenFile(self, ef, state, strict=self.settings.verify == "strict")
+        ef.handles += 1
+        self._spawn(self._touch, entry)
+        if not state.complete:
+            self.ensure_started(ef)
+        return handle
+
+    def _release(self, handle: OpenFile) -> None:
+        ef = handle.ef
+        ef.handles -= 1
+        if ef.handles == 0:
+            for state in ef.states.values():
+                state.retire_fd()
+
+    async def _blob_still_there(self, ef: EntryFetch, state: FileState) -> bool:
+        blob = state.blob
+        return blob is not None and await trio.to_thread.run_sync(os.path.exists, blob, limiter=self.io_limiter)
+
+    def open_entries(self) -> set[str]:
+        """Registry names of entries with an open file on this node (eviction must spare them)."""
+        return {name for name, ef in self._entries.items() if ef.handles > 0}
+
+    def file_status(self, entry: Entry, path: str) -> str:
+        ef = self._entries.get(entry.name)
+        if ef is None:
+            record = tree_record(entry.files[path])
+            return "cached" if self.cache.file_is_cached(entry.repo_id, entry.commit, record) else "remote"
+        state = ef.states[path]
+        if state.complete:
+            return "cached"
+        return "downloading" if ef.running else "remote"
+
+    async def entry_status(self, entry: Entry) -> str:
+        """The registry's status of the entry, lower-cased; ``remote`` if it has no record."""
+        try:
+            status = await self.registry.get_status(entry.name)
+        except RegistryError as exc:
+            raise RegistryUnavailable(f"{entry}: registry unavailable: {exc}") from exc
+        return status.lower() if status is not None else "remote"
+
+    def progress(self, entry: Entry) -> tuple[int, int]:
+        ef = self._entries.get(entry.name)
+        return ef.progress() if ef else (0, entry.size)
+
+    async def prefetch(self, entry: Entry) -> None:
+        """Download the whole entry (or wait for whoever does); raise if it ends in error."""
+        ef = self.entry_fetch(entry)
+        if not ef.complete:
+            self.ensure_started(ef)
+            if ef.running:
+                await ef.wait_done()
+        if ef.error is not None:
+            raise ef.error
+
+    # -- coordination ---------------------------------------------------------------------------
+
+    def ensure_started(self, ef: EntryFetch) -> None:
+        if ef.running or ef.complete:
+            return
+        if ef.error is not None:
+            if trio.current_time() < ef.retry_at:
+                return
+            ef.clear_error()
+        ef.running = True
+        ef.reset_done()
+        self._spawn(self._coordinate, ef)
+
+    def _spawn(self, fn, *args) -> None:
+        if self._nursery is None:
+            raise RuntimeError("Fetcher.run() is not running")
+        self._nursery.start_soon(fn, *args)
+
+    async def _coordinate(self, ef: EntryFetch) -> None:
+        entry = ef.entry
+        try:
+            while True:
+                try:
+                    if await self._all_cached(ef):
+                        await self._publish_complete(ef)
+                        return
+                    claim_id = uuid.uuid4().hex
+                    if await self._try_acquire(ef, claim_id):
+                        ef.role = "owner"
+                        await self._download(ef, claim_id)
+                        return
+                    ef.role = "waiter"
+                    await trio.sleep(self.settings.poll_interval)
+                except LeaseLost as exc:
+                    log.warning("%s", exc)
+                except (AccessDenied, NotFound) as exc:
+                    # Waiting will not help: tell readers now.
+                    self._fail(ef, exc, permanent=True)
+                    return
+                except MxfsError as exc:
+                    ef.failures += 1
+                    if ef.failures >= MAX_ATTEMPTS:
+                        self._fail(ef, exc, permanent=False)
+                        return
+                    delay = _backoff(ef.failures)
+                    log.warning("%s: %s; attempt %d of %d in %.0fs", entry, exc, ef.failures + 1, MAX_ATTEMPTS, delay)
+                    await trio.sleep(delay)
+        finally:
+            ef.running = False
+            ef.role = None
+
+    def _fail(self, ef: EntryFetch, exc: MxfsError, *, permanent: bool) -> None:
+        ef.failures += 1
+        ef.retry_at = trio.current_time() + _backoff(ef.failures)
+        if isinstance(exc, AccessDenied):
+            log.error("%s: %s. Set HF_TOKEN (or token_file) to a token that can read this repo.", ef.entry, exc)
+        else:
+            log.error("%s: download failed: %s", ef.entry, exc)
+        ef.set_error(exc)
+
+    async def _all_cached(self, ef: EntryFetch) -> bool:
+        """Adopt blobs that are in the cache already; True if that makes the entry complete."""
+        entry = ef.entry
+
+        def scan() -> list[str]:
+            found = []
+            for path, state in ef.states.items():
+                if state.complete:
+                    continue
+                if self.cache.file_is_cached(entry.repo_id, entry.commit, tree_record(state.file)):
+                    self.cache.link_snapshot(entry.repo_id, entry.commit, path, state.file.etag)
+                    found.append(path)
+            return found
+
+        for path in await trio.to_thread.run_sync(scan, limiter=self.io_limiter):
+            state = ef.states[path]
+            state.set_blob(self.cache.blob_path(entry.repo_id, state.file.etag))
+        return ef.complete
+
+    async def _try_acquire(self, ef: EntryFetch, claim_id: str) -> bool:
+        """One round of the claim protocol; True if this node now owns the download."""
+        name, lease = ef.entry.name, self.settings.lease
+        try:
+            outcome = await self.registry.try_claim(name, claim_id, lease)
+            if isinstance(outcome, Claimed):
+                return True
+            assert isinstance(outcome, AlreadyExists)
+            if outcome.status == Status.DOWNLOADED:
+                # The registry says done but our cache lacks files: they vanished. Re-download.
+                return await self.registry.try_retake(name, claim_id, lease, Status.DOWNLOADED)
+            if outcome.status == Status.ERROR:
+                return await self.registry.try_reset_error_for_retry(name, claim_id, lease)
+            return False
+        except RegistryError as exc:
+            raise RegistryUnavailable(f"{ef.entry}: registry unavailable: {exc}") from exc
+
+    async def _download(self, ef: EntryFetch, claim_id: str) -> None:
+        entry = ef.entry
+        log.info("%s: downloading %d files, %d bytes", entry, len(entry.files), entry.size)
+        started = trio.current_time()
+        download = ef.download = EntryDownload(
+            entry,
+            ef.states,
+            claim_id,
+            cache=self.cache,
+            client=self.hub.client,
+            registry=self.registry,
+            lease=self.settings.lease,
+            connections=self.settings.connections,
+            chunk_size=self.settings.chunk_size,
+            net_limiter=self.net_limiter,
+            io_limiter=self.io_limiter,
+            retry=self.hub.retry,
+        )
+        try:
+            await download.run()
+        except MxfsError as exc:
+            await self._finish(ef, claim_id, Status.ERROR, str(exc))
+            raise
+        finally:
+            ef.download = None
+        await self._write_refs(ef)
+        elapsed = max(trio.current_time() - started, 1e-6)
+        log.info(
+            "%s: downloaded %d bytes in %.1fs (%.1f MB/s)",
+            entry,
+            download.bytes_downloaded,
+            elapsed,
+            download.bytes_downloaded / elapsed / 1e6,
+        )
+        if not await self._finish(ef, claim_id, Status.DOWNLOADED, None):
+            log.warning("%s: finished, but another node had taken the claim over", entry)
+        ef.failures = 0
+        ef.mark_done()
+
+    async def _finish(self, ef: EntryFetch, claim_id: str, status: Status, message: str | None) -> bool:
+        try:
+            return await self.registry.finish_claim(ef.entry.name, claim_id, status, message, ef.entry.size)
+        except RegistryError as exc:
+            log.error("%s: could not record %s in the registry: %s", ef.entry, status, exc)
+            return False
+
+    async def _publish_complete(self, ef: EntryFetch) -> None:
+        """Everything is on disk: refs, HF tree listing, and a DOWNLOADED record if there is none."""
+        await self._write_refs(ef)
+        name = ef.entry.name
+        try:
+            record = await self.registry.get_record(name)
+            if record is None or record.status != Status.DOWNLOADED:
+                claim_id = uuid.uuid4().hex
+                if await self._try_acquire(ef, claim_id):
+                    await self._finish(ef, claim_id, Status.DOWNLOADED, None)
+        except (RegistryError, RegistryUnavailable) as exc:
+            # The bytes are here and verified: serve them, the registry can catch up later.
+            log.warning("%s: cached, but the registry is unavailable (%s)", ef.entry, exc)
+        ef.failures = 0
+        ef.mark_done()
+
+    async def _write_refs(self, ef: EntryFetch) -> None:
+        entry = ef.entry
+        revisions = [ref.revision for ref, e in self.catalog.resolved_refs().items() if e is entry]
+
+        def write() -> None:
+            self.cache.write_tree(entry.repo_id, entry.commit, (tree_record(f) for f in entry.files.values()))
+            for revision in revisions:
+                if revision != entry.commit:
+                    self.cache.write_ref(entry.repo_id, revision, entry.commit)
+
+        await trio.to_thread.run_sync(write, limiter=self.io_limiter)
+
+    # -- last-used tracking ---------------------------------------------------------------------
+
+    async def _touch(self, entry: Entry) -> None:
+        try:
+            await self.registry.touch(entry.name)
+        except RegistryError as exc:
+            log.warning("%s: could not update last-used time: %s", entry, exc)
+
+    async def _touch_open_entries(self) -> None:
+        while True:
+            await trio.sleep(TOUCH_INTERVAL)
+            for ef in list(self._entries.values()):
+                if ef.handles > 0:
+                    await self._touch(ef.entry)
+
+
+def record_repo(record: Record) -> str:
+    from mxfs.registry import parse_entry_name
+
+    try:
+        return parse_entry_name(record.model_name)[0]
+    except ValueError:
+        return ""
+
+
+def entries_of(records: Iterable[Record]) -> list[tuple[str, str]]:
+    from mxfs.registry import parse_entry_name
+
+    out = []
+    for record in records:
+        try:
+            out.append(parse_entry_name(record.model_name))
+        except ValueError:
+            continue
+    return out
+
+
+__all__ = ["EntryFetch", "Fetcher", "OpenFile"]

@@ -1,0 +1,154 @@
+"""Per-file state on this node: which bytes are present, where readers wait, how bytes are read."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+
+import trio
+
+from mxfs.errors import MxfsError
+from mxfs.hub import HubFile
+from mxfs.ranges import RangeSet
+
+# Reads that would block on the disk go to a thread; reads the page cache can answer are served
+# inline on the event loop (RWF_NOWAIT says which), saving a thread hop per request.
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_nowait_supported = bool(_RWF_NOWAIT)
+
+
+async def read_at(fd: int, offset: int, size: int, limiter: trio.CapacityLimiter) -> bytes:
+    """``size`` bytes at ``offset`` (fewer only at end of file), never blocking the event loop."""
+    global _nowait_supported
+    if _nowait_supported:
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _nowait_supported = False
+            n = 0
+        if n == size:
+            return bytes(buf)
+        if n:
+            rest = await trio.to_thread.run_sync(os.pread, fd, size - n, offset + n, limiter=limiter)
+            return bytes(buf[:n]) + rest
+    return await trio.to_thread.run_sync(os.pread, fd, size, offset, limiter=limiter)
+
+
+class FileState:
+    """What this node knows of one file of an entry, and the place its readers wait.
+
+    Readers never use the downloader's descriptor: they share one read-only descriptor on the
+    partial file (or the blob), which stays valid when the partial file is renamed to its blob
+    name, because a rename keeps the inode.  When the copy changes (a new partial file, or a blob
+    published by another node) the descriptor is retired and a new one opened.
+    """
+
+    def __init__(self, file: HubFile) -> None:
+        self.file = file
+        self.blob: Path | None = None  # set once the verified blob is in the cache
+        self.partial: Path | None = None  # the partial file while this node downloads it
+        self.present = RangeSet()
+        self.error: MxfsError | None = None
+        # Bumped when a finished download fails its checksum: handles that were served bytes of
+        # the bad copy see it and fail instead of completing silently with wrong data.
+        self.corrupt_epoch = 0
+        self.waiting = 0
+        self.wanted_offsets: set[int] = set()
+        self._changed = trio.Event()
+        self._fd: SharedFd | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.blob is not None
+
+    def notify(self) -> None:
+        """Wake every reader waiting on this file (they re-check what they wait for)."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def set_blob(self, blob: Path, *, same_inode: bool = False) -> None:
+        """The verified blob is in the cache. ``same_inode``: it is our own partial file, renamed."""
+        if not same_inode:
+            self.retire_fd()
+        self.blob = blob
+        self.partial = None
+        self.error = None
+        self.present = RangeSet([(0, self.file.size)])
+        self.notify()
+
+    def set_error(self, error: MxfsError) -> None:
+        self.error = error
+        self.notify()
+
+    def readable(self, start: int, end: int, strict: bool) -> bool:
+        if self.blob is not None:
+            return True
+        return not strict and self.partial is not None and self.present.covers(start, end)
+
+    async def wait_readable(self, start: int, end: int, strict: bool) -> None:
+        """Return once ``[start, end)`` can be read; raise the file's error if it fails first."""
+        if self.readable(start, end, strict):
+            return
+        self.waiting += 1
+        self.wanted_offsets.add(start)
+        try:
+            while not self.readable(start, end, strict):
+                if self.error is not None:
+                    raise self.error
+                await self._changed.wait()
+        finally:
+            self.waiting -= 1
+            self.wanted_offsets.discard(start)
+
+    # -- the shared read descriptor --------------------------------------------------------
+
+    def acquire_fd(self) -> SharedFd:
+        """A read-only descriptor on the current copy of the file; call ``release()`` after use."""
+        if self._fd is None:
+            path = self.blob or self.partial
+            if path is None:
+                raise MxfsError(f"{self.file.path}: no local copy to read")
+            self._fd = SharedFd(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        self._fd.users += 1
+        return self._fd
+
+    def retire_fd(self) -> None:
+        """Stop handing out the current descriptor (the copy changed, or nobody reads any more).
+
+        It is closed when the last read in flight releases it, never under a running read.
+        """
+        if self._fd is not None:
+            self._fd.retire()
+            self._fd = None
+
+
+class SharedFd:
+    """A descriptor shared by concurrent reads, closed only when retired and unused."""
+
+    __slots__ = ("fd", "retired", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.retired = False
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.retired and self.users == 0:
+            self._close()
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.users == 0:
+            self._close()
+
+    def _close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)

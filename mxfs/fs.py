@@ -1,0 +1,386 @@
+"""The pyfuse3 ``Operations``: inodes, lookup, readdir, open, read, xattrs. A thin translation layer.
+
+The tree it shows::
+
+    /                              orgs with something in the cache or registry
+    /<org>/                        any valid org name; lists that org's known models
+    /<org>/<name>[@<revision>]/    the repo at one commit: its files and folders
+    /<org>/<name>/<path...>        files (0444) and folders (0555), exact sizes, mtime = commit date
+
+Every handler goes through :func:`fuse_handler`: domain errors become their errno, ``OSError``
+keeps its errno, and anything unexpected is logged with its traceback and becomes ``EIO``, so no
+exception other than ``FUSEError`` ever reaches pyfuse3 (which would end the mount).  The mount
+is read-only: every write-type request is ``EROFS``.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from mxfs.errors import AccessDenied, InvalidName, MxfsError, NameTooLong, NotFound, ReadOnly
+from mxfs.fetch import Entry, Fetcher, OpenFile
+from mxfs.hub import HubFile
+from mxfs.names import ModelRef, check_component_length, model_dir_name, parse_model_dir, validate_repo_part
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Contents of a commit never change: let the kernel cache file and folder attributes for long.
+IMMUTABLE_TIMEOUT = 3600.0
+# A model directory name follows a branch that `mxfs refresh` may move.
+MODEL_TIMEOUT = 60.0
+# Root and org listings change as models are used.
+LISTING_TIMEOUT = 1.0
+
+XATTR_REVISION = b"user.mxfs.revision"
+XATTR_STATUS = b"user.mxfs.status"
+XATTR_ETAG = b"user.mxfs.etag"
+XATTR_MODEL = b"user.mxfs.model"
+XATTR_SIZE = b"user.mxfs.size"
+
+
+def fuse_handler(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Map domain errors to errno at the FUSE boundary; never let another exception escape."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except (InvalidName, NotFound, NameTooLong, ReadOnly) as exc:
+            log.debug("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except AccessDenied as exc:
+            log.warning("%s", exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except MxfsError as exc:
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s; answering EIO", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def read_only(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(fn)
+    async def wrapper(*_args: Any, **_kwargs: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    return wrapper
+
+
+@dataclass(eq=False)
+class Node:
+    """One inode. ``kind`` is root, org, model (a model directory), dir (inside a model) or file."""
+
+    inode: int
+    kind: str
+    parent: int
+    name: str = ""
+    org: str = ""
+    ref: ModelRef | None = None
+    entry: Entry | None = None
+    path: str = ""  # inside the entry; "" for the model directory itself
+    file: HubFile | None = None
+    children: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind != "file"
+
+
+class MxfsOperations(pyfuse3.Operations):
+    """The filesystem. Talks to the Hub, the registry and the cache only through ``Fetcher``."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, fetcher: Fetcher, default_revision: str = "main") -> None:
+        super().__init__()
+        self.fetcher = fetcher
+        self.default_revision = default_revision
+        self._inodes = itertools.count(pyfuse3.ROOT_INODE + 1)
+        root = Node(pyfuse3.ROOT_INODE, "root", pyfuse3.ROOT_INODE)
+        self._nodes: dict[int, Node] = {root.inode: root}
+        self._handles: dict[int, OpenFile] = {}
+        self._dir_handles: dict[int, list[tuple[str, Node]]] = {}
+        self._fh = itertools.count(1)
+        self._uid, self._gid = os.getuid(), os.getgid()
+        self._started = time.time_ns()
+
+    # -- inodes -------------------------------------------------------------------------------
+
+    def _node(self, inode: int) -> Node:
+        try:
+            return self._nodes[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _child(self, parent: Node, name: str, make: Callable[[int], Node]) -> Node:
+        """The child inode of ``parent`` called ``name``: stable for the life of the mount."""
+        inode = parent.children.get(name)
+        if inode is None:
+            node = make(next(self._inodes))
+            self._nodes[node.inode] = node
+            parent.children[name] = node.inode
+            return node
+        return self._nodes[inode]
+
+    def _org_node(self, root: Node, org: str) -> Node:
+        return self._child(root, org, lambda ino: Node(ino, "org", root.inode, org, org=org))
+
+    def _model_node(self, org_node: Node, name: str, ref: ModelRef) -> Node:
+        return self._child(org_node, name, lambda ino: Node(ino, "model", org_node.inode, name, ref=ref))
+
+    def _tree_child(self, parent: Node, name: str) -> Node:
+        entry = parent.entry
+        assert entry is not None
+        children = entry.children.get(parent.path, {})
+        if name not in children:
+            raise NotFound(f"{entry}: no {name!r} in /{parent.path}")
+        file = children[name]
+        path = f"{parent.path}/{name}" if parent.path else name
+        kind = "file" if file is not None else "dir"
+        return self._child(
+            parent, name, lambda ino: Node(ino, kind, parent.inode, name, entry=entry, path=path, file=file)
+        )
+
+    async def _resolve(self, node: Node) -> Entry:
+        """The entry of a model directory (resolved at most once, on first use)."""
+        if node.entry is None:
+            assert node.ref is not None
+            node.entry = await self.fetcher.lookup(node.ref)
+        return node.entry
+
+    # -- attributes ---------------------------------------------------------------------------
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.inode
+        attr.st_uid, attr.st_gid = self._uid, self._gid
+        attr.generation = 0
+        attr.st_blksize = 1 << 20
+        if node.entry is not None:
+            mtime = int(node.entry.tree.commit_date.timestamp() * 1e9)
+        else:
+            mtime = self._started
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime
+        if node.kind == "file":
+            assert node.file is not None
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_nlink = 1
+            attr.st_size = node.file.size
+            attr.st_blocks = (node.file.size + 511) // 512
+            attr.entry_timeout = attr.attr_timeout = IMMUTABLE_TIMEOUT
+        else:
+            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_nlink = 2
+            attr.st_size = 0
+            if node.kind == "dir":
+                attr.entry_timeout = attr.attr_timeout = IMMUTABLE_TIMEOUT
+            elif node.kind == "model":
+                attr.entry_timeout = attr.attr_timeout = MODEL_TIMEOUT
+            else:
+                attr.entry_timeout = attr.attr_timeout = LISTING_TIMEOUT
+        return attr
+
+    # -- lookup and listing -------------------------------------------------------------------
+
+    @fuse_handler
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        text = _decode(name)
+        if text == ".":
+            return self._attrs(parent)
+        if text == "..":
+            return self._attrs(self._node(parent.parent))
+        child = await self._lookup(parent, text)
+        return self._attrs(child)
+
+    async def _lookup(self, parent: Node, name: str) -> Node:
+        check_component_length(name)
+        if parent.kind == "root":
+            return self._org_node(parent, validate_repo_part(name))
+        if parent.kind == "org":
+            ref = parse_model_dir(parent.org, name, self.default_revision)
+            node = self._model_node(parent, name, ref)
+            await self._resolve(node)
+            return node
+        if parent.kind == "model":
+            await self._resolve(parent)
+        if parent.kind in ("model", "dir"):
+            return self._tree_child(parent, name)
+        raise NotFound(f"{parent.path}/{name}: not a directory")
+
+    @fuse_handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if node.kind == "model":
+            await self._resolve(node)
+        return self._attrs(node)
+
+    @fuse_handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        listing = await self._listing(node)
+        fh = next(self._fh)
+        self._dir_handles[fh] = listing
+        return fh
+
+    async def _listing(self, node: Node) -> list[tuple[str, Node]]:
+        """A snapshot of the directory taken at opendir, so readdir offsets stay consistent."""
+        if node.kind == "root":
+            orgs = sorted({repo.split("/", 1)[0] for repo in await self.fetcher.known_repos()})
+            return [(org, self._org_node(node, org)) for org in orgs]
+        if node.kind == "org":
+            names: dict[str, ModelRef] = {}
+            for repo in await self.fetcher.known_repos():
+                org, _, name = repo.partition("/")
+                if org == node.org:
+                    names[name] = ModelRef(repo, self.default_revision)
+            for ref in self.fetcher.catalog.resolved_refs():
+                if ref.repo_id.split("/", 1)[0] == node.org:
+                    names[model_dir_name(ref, self.default_revision)] = ref
+            return [(name, self._model_node(node, name, ref)) for name, ref in sorted(names.items())]
+        if node.kind == "model":
+            await self._resolve(node)
+        assert node.entry is not None
+        return [(name, self._tree_child(node, name)) for name in sorted(node.entry.children.get(node.path, {}))]
+
+    @fuse_handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        listing = self._dir_handles.get(fh, [])
+        for index in range(start_id, len(listing)):
+            name, node = listing[index]
+            if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(node), index + 1):
+                break
+
+    @fuse_handler
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    # -- files --------------------------------------------------------------------------------
+
+    @fuse_handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise ReadOnly("the mount is read-only")
+        assert node.entry is not None
+        handle = await self.fetcher.open(node.entry, node.path)
+        fh = next(self._fh)
+        self._handles[fh] = handle
+        # Blobs are immutable, so cached pages stay right; but only for verified bytes, so a
+        # copy that fails its checksum can never linger in the page cache.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=handle.state.complete, direct_io=False)
+
+    @fuse_handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await handle.read(off, size)
+
+    @fuse_handler
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            handle.close()
+
+    @fuse_handler
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @fuse_handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        return None  # nothing is ever written through the mount
+
+    # -- extended attributes ------------------------------------------------------------------
+
+    @fuse_handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        node = self._node(inode)
+        if node.kind == "file":
+            return [XATTR_REVISION, XATTR_STATUS, XATTR_ETAG, XATTR_MODEL]
+        if node.kind in ("model", "dir"):
+            return [XATTR_REVISION, XATTR_STATUS, XATTR_MODEL, XATTR_SIZE]
+        return []
+
+    @fuse_handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if node.kind == "model":
+            await self._resolve(node)
+        entry = node.entry
+        if entry is None or name not in await self.listxattr(inode, ctx):
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        if name == XATTR_REVISION:
+            return entry.commit.encode()
+        if name == XATTR_MODEL:
+            return entry.repo_id.encode()
+        if name == XATTR_SIZE:
+            return str(entry.size).encode()
+        if name == XATTR_ETAG:
+            assert node.file is not None
+            return node.file.etag.encode()
+        if node.kind == "file":
+            return self.fetcher.file_status(entry, node.path).encode()
+        return (await self.fetcher.entry_status(entry)).encode()
+
+    # -- the filesystem as a whole ------------------------------------------------------------
+
+    @fuse_handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = await trio.to_thread.run_sync(os.statvfs, self.fetcher.cache.root)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize, data.f_frsize = st.f_bsize, st.f_frsize
+        data.f_blocks, data.f_bfree, data.f_bavail = st.f_blocks, st.f_bfree, st.f_bavail
+        data.f_files, data.f_ffree, data.f_favail = st.f_files, st.f_ffree, st.f_favail
+        data.f_namemax = 255
+        return data
+
+    # -- everything that would write ------------------------------------------------------------
+
+    setattr = read_only(pyfuse3.Operations.setattr)
+    mknod = read_only(pyfuse3.Operations.mknod)
+    mkdir = read_only(pyfuse3.Operations.mkdir)
+    unlink = read_only(pyfuse3.Operations.unlink)
+    rmdir = read_only(pyfuse3.Operations.rmdir)
+    symlink = read_only(pyfuse3.Operations.symlink)
+    rename = read_only(pyfuse3.Operations.rename)
+    link = read_only(pyfuse3.Operations.link)
+    create = read_only(pyfuse3.Operations.create)
+    write = read_only(pyfuse3.Operations.write)
+    setxattr = read_only(pyfuse3.Operations.setxattr)
+    removexattr = read_only(pyfuse3.Operations.removexattr)
+
+
+def _decode(name: bytes) -> str:
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidName(f"not UTF-8: {name!r}") from None

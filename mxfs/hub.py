@@ -1,0 +1,315 @@
+"""Everything that talks to the Hugging Face Hub, through ``huggingface_hub``.
+
+Two layers:
+
+* :class:`HubClient` is synchronous and thin: resolve a revision to a commit, list a repo tree,
+  stream a byte range of a file.  It uses ``huggingface_hub``'s own session, headers
+  (``HF_TOKEN``, user agent), endpoint (``HF_ENDPOINT``), offline flag (``HF_HUB_OFFLINE``) and
+  error classes, and turns those errors into mxfs's domain errors.
+* :class:`Hub` is its trio face: every call runs in a worker thread under a ``CapacityLimiter``
+  (the library blocks), transient failures are retried with exponential backoff on trio's clock,
+  and a bounded number of attempts turns a dead Hub into ``HubUnavailable`` instead of a hang.
+
+Nothing here knows about FUSE, the registry or the cache layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import httpx2
+import trio
+from huggingface_hub import HfApi, constants, hf_hub_url
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, OfflineMiss
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Seconds to wait for a connection and between two reads of a body: a stalled connection is
+# given up on (and resumed) instead of holding a reader forever.
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 30.0
+CHUNK_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a repo at one commit, as the Hub's tree listing describes it."""
+
+    path: str
+    size: int
+    blob_id: str
+    lfs_sha256: str | None = None
+
+    @property
+    def etag(self) -> str:
+        """The cache's blob name: LFS sha256 for LFS files, else the git blob sha1 (as huggingface_hub)."""
+        return self.lfs_sha256 or self.blob_id
+
+
+@dataclass(frozen=True)
+class RepoTree:
+    """A repo at one commit: every file with its exact size, known before any byte is downloaded."""
+
+    repo_id: str
+    commit: str
+    commit_date: datetime
+    files: tuple[HubFile, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "repo_id": self.repo_id,
+                "commit": self.commit,
+                "commit_date": self.commit_date.isoformat(),
+                "files": [asdict(f) for f in self.files],
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RepoTree:
+        data = json.loads(text)
+        return cls(
+            repo_id=data["repo_id"],
+            commit=data["commit"],
+            commit_date=datetime.fromisoformat(data["commit_date"]),
+            files=tuple(HubFile(**f) for f in data["files"]),
+        )
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    commit: str
+    commit_date: datetime
+
+
+class Transient(HubUnavailable):
+    """A failure worth retrying: network error, timeout, 429 or 5xx."""
+
+
+def _translate(exc: BaseException, what: str) -> MxfsError:
+    """Map huggingface_hub / httpx2 errors onto domain errors (order matters: Gated is a RepoNotFound)."""
+    if isinstance(exc, MxfsError):
+        return exc
+    if isinstance(exc, GatedRepoError):
+        return AccessDenied(f"{what}: gated repo, access not granted; set HF_TOKEN to a token with access")
+    if isinstance(exc, RepositoryNotFoundError):
+        return NotFound(f"{what}: repository not found (or private: set HF_TOKEN)")
+    if isinstance(exc, RevisionNotFoundError):
+        return NotFound(f"{what}: revision not found")
+    if isinstance(exc, EntryNotFoundError):
+        return NotFound(f"{what}: file not found")
+    if isinstance(exc, OfflineModeIsEnabled):
+        return OfflineMiss(f"{what}: HF_HUB_OFFLINE is set and this is not cached")
+    if isinstance(exc, HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            return AccessDenied(f"{what}: HTTP {status}; set HF_TOKEN to a token with access")
+        if status is not None and (status == 408 or status == 429 or status >= 500):
+            return Transient(f"{what}: HTTP {status}")
+        return HubUnavailable(f"{what}: HTTP {status}")
+    if isinstance(exc, httpx2.HTTPError | OSError):
+        return Transient(f"{what}: {type(exc).__name__}: {exc}")
+    return HubUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+
+
+class HubClient:
+    """Synchronous Hub access; every method may block on the network."""
+
+    def __init__(self, endpoint: str | None = None, token: str | None = None, offline: bool | None = None):
+        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        # None lets huggingface_hub find the token itself (HF_TOKEN, then the stored login).
+        self._token = token
+        self.offline = constants.is_offline_mode() if offline is None else offline
+        self._api = HfApi(endpoint=self.endpoint, token=token)
+
+    def _check_online(self, what: str) -> None:
+        if self.offline:
+            raise OfflineMiss(f"{what}: HF_HUB_OFFLINE is set and this is not cached")
+
+    def resolve(self, repo_id: str, revision: str) -> Resolved:
+        """The commit a branch, tag or commit name points to, and that commit's date."""
+        what = f"{repo_id}@{revision}"
+        self._check_online(what)
+        try:
+            info = self._api.model_info(repo_id, revision=revision, timeout=READ_TIMEOUT)
+        except Exception as exc:
+            raise _translate(exc, what) from exc
+        if not info.sha:
+            raise HubUnavailable(f"{what}: the Hub returned no commit for this revision")
+        date = info.last_modified or datetime.fromtimestamp(0, UTC)
+        return Resolved(info.sha, date)
+
+    def list_tree(self, repo_id: str, commit: str, commit_date: datetime) -> RepoTree:
+        """Every file of the repo at ``commit``, subfolders included, with sizes and hashes."""
+        what = f"{repo_id}@{commit[:12]}"
+        self._check_online(what)
+        try:
+            items = list(self._api.list_repo_tree(repo_id, recursive=True, revision=commit))
+        except Exception as exc:
+            raise _translate(exc, what) from exc
+        files = tuple(
+            sorted(
+                (
+                    HubFile(
+                        path=item.path,
+                        size=item.lfs.size if item.lfs is not None else item.size,
+                        blob_id=item.blob_id,
+                        lfs_sha256=item.lfs.sha256 if item.lfs is not None else None,
+                    )
+                    for item in items
+                    if isinstance(item, RepoFile)
+                ),
+                key=lambda f: f.path,
+            )
+        )
+        return RepoTree(repo_id, commit, commit_date, files)
+
+    @contextmanager
+    def open_range(self, repo_id: str, commit: str, path: str, start: int, end: int) -> Iterator[RangeBody]:
+        """Stream bytes ``[start, end)`` of a file.
+
+        Redirects (LFS files go to a CDN) are followed by huggingface_hub's session, which drops
+        the Authorization header when the redirect leaves the Hub's origin.  The server may ignore
+        ``Range`` and answer 200 with the whole file: :class:`RangeBody` then skips to ``start``.
+        """
+        what = f"{repo_id}@{commit[:12]}/{path}"
+        self._check_online(what)
+        url = hf_hub_url(repo_id, path, revision=commit, endpoint=self.endpoint)
+        headers = build_hf_headers(token=self._token)
+        headers["Range"] = f"bytes={start}-{end - 1}"
+        # The size and hashes we check against are those of the listing: no compression.
+        headers["Accept-Encoding"] = "identity"
+        timeout = httpx2.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT)
+        try:
+            with get_session().stream("GET", url, headers=headers, timeout=timeout) as response:
+                try:
+                    hf_raise_for_status(response)
+                except Exception:
+                    response.read()
+                    raise
+                yield RangeBody(response, start, end, what)
+        except MxfsError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, what) from exc
+
+
+class RangeBody:
+    """The body of a range answer, cut to exactly ``[start, end)`` whatever the server did."""
+
+    def __init__(self, response: httpx2.Response, start: int, end: int, what: str) -> None:
+        self.start = start
+        self.end = end
+        self._what = what
+        self._response = response
+        self._skip = 0
+        if response.status_code == 206:
+            content_range = response.headers.get("Content-Range", "")
+            first = content_range.removeprefix("bytes ").split("-", 1)[0]
+            if not first.isdigit() or int(first) != start:
+                raise HubUnavailable(f"{what}: server answered range {content_range!r}, asked for {start}")
+        elif response.status_code == 200:
+            # A server (or proxy) that ignores Range sends the whole file: skip what we did not ask for.
+            self._skip = start
+        else:
+            raise HubUnavailable(f"{what}: unexpected HTTP {response.status_code} for a range request")
+
+    def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """Yield the body in pieces; raises Transient if the body ends before ``end``."""
+        remaining = self.end - self.start
+        skip = self._skip
+        try:
+            for chunk in self._response.iter_bytes(chunk_size):
+                if skip:
+                    if len(chunk) <= skip:
+                        skip -= len(chunk)
+                        continue
+                    chunk = chunk[skip:]
+                    skip = 0
+                if len(chunk) >= remaining:
+                    yield chunk[:remaining]
+                    return
+                remaining -= len(chunk)
+                yield chunk
+        except httpx2.HTTPError as exc:
+            raise Transient(f"{self._what}: connection broke: {type(exc).__name__}: {exc}") from exc
+        raise Transient(f"{self._what}: body ended {remaining} bytes early")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff: attempts and delays are finite, so a dead Hub means EIO, not a hang."""
+
+    attempts: int = 5
+    initial_delay: float = 0.5
+    max_delay: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_delay, self.initial_delay * math.pow(2, attempt))
+
+
+class Hub:
+    """The trio face of :class:`HubClient`: worker threads, a limiter, retries with backoff."""
+
+    def __init__(self, client: HubClient, *, concurrency: int = 16, retry: RetryPolicy | None = None):
+        self.client = client
+        self.limiter = trio.CapacityLimiter(concurrency)
+        self.retry = retry or RetryPolicy()
+
+    @property
+    def offline(self) -> bool:
+        return self.client.offline
+
+    async def call(self, fn: Callable[..., T], *args: Any, what: str) -> T:
+        """Run ``fn(*args)`` in a thread, retrying transient failures with backoff."""
+        for attempt in range(self.retry.attempts):
+            try:
+                return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+            except Transient as exc:
+                if attempt + 1 == self.retry.attempts:
+                    raise HubUnavailable(f"{exc} (gave up after {attempt + 1} attempts)") from exc
+                delay = self.retry.delay(attempt)
+                log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
+                await trio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def resolve(self, repo_id: str, revision: str) -> Resolved:
+        return await self.call(self.client.resolve, repo_id, revision, what=f"resolve {repo_id}@{revision}")
+
+    async def list_tree(self, repo_id: str, resolved: Resolved) -> RepoTree:
+        return await self.call(
+            self.client.list_tree,
+            repo_id,
+            resolved.commit,
+            resolved.commit_date,
+            what=f"list {repo_id}@{resolved.commit[:12]}",
+        )
+
+
+def endpoint_from_env() -> str:
+    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")

@@ -1,0 +1,99 @@
+"""What a path component under the mount may name, checked before anything reaches the Hub.
+
+``/<org>/<name>`` is repo ``org/name`` at the default revision and ``/<org>/<name>@<rev>`` pins a
+branch, tag or commit.  The rules follow ``huggingface_hub``'s ``validate_repo_id`` (ASCII only) and
+git's ref-name rules, so a name that could never exist on the Hub is rejected locally: tools that
+probe for ``.git``, ``__pycache__`` or ``desktop.ini`` never cause Hub traffic.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mxfs.errors import InvalidName, NameTooLong
+
+# One path component, as Linux limits it.
+NAME_MAX = 255
+# huggingface_hub allows up to 96 characters for each half of a repo id.
+REPO_PART_MAX = 96
+
+_REPO_PART = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+_REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+/-]*$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+# Revisions such as ``refs/pr/1`` contain ``/``, which a path component cannot: spell it ``%2F``.
+_SLASH_ESCAPE = "%2F"
+
+
+def check_component_length(name: str) -> None:
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        raise NameTooLong(f"name longer than {NAME_MAX} bytes")
+
+
+def validate_repo_part(part: str) -> str:
+    """Validate an org or model name; returns it unchanged."""
+    check_component_length(part)
+    if len(part) > REPO_PART_MAX or not _REPO_PART.match(part) or "--" in part or ".." in part or part.endswith(".git"):
+        raise InvalidName(f"not a valid Hub repo name: {part!r}")
+    return part
+
+
+def validate_revision(revision: str) -> str:
+    """Validate a branch, tag or commit name by git's ref rules (a subset, ASCII only)."""
+    if (
+        not revision
+        or len(revision) > NAME_MAX
+        or not _REVISION.match(revision)
+        or ".." in revision
+        or "//" in revision
+        or revision.endswith(("/", ".", ".lock"))
+        or "/." in revision
+    ):
+        raise InvalidName(f"not a valid revision: {revision!r}")
+    return revision
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as a user named it: repo id and the revision asked for (a branch, tag or commit)."""
+
+    repo_id: str
+    revision: str
+
+    @property
+    def pinned_to_commit(self) -> bool:
+        return bool(COMMIT_RE.match(self.revision))
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}@{self.revision}"
+
+
+def parse_model_dir(org: str, component: str, default_revision: str) -> ModelRef:
+    """Parse the second path level, ``name`` or ``name@revision``, into a :class:`ModelRef`."""
+    check_component_length(component)
+    validate_repo_part(org)
+    name, sep, revision = component.partition("@")
+    validate_repo_part(name)
+    if sep:
+        revision = validate_revision(revision.replace(_SLASH_ESCAPE, "/").replace("%2f", "/"))
+    else:
+        revision = default_revision
+    return ModelRef(f"{org}/{name}", revision)
+
+
+def parse_model_arg(text: str, default_revision: str) -> ModelRef:
+    """Parse a CLI argument ``org/name[@revision]``."""
+    repo, sep, revision = text.partition("@")
+    org, slash, name = repo.partition("/")
+    if not slash:
+        raise InvalidName(f"expected org/name[@revision], got {text!r}")
+    return parse_model_dir(org, f"{name}{sep}{revision.replace('/', _SLASH_ESCAPE)}", default_revision)
+
+
+def model_dir_name(ref: ModelRef, default_revision: str) -> str:
+    """The directory name under ``/<org>/`` that shows ``ref``."""
+    name = ref.repo_id.split("/", 1)[1]
+    if ref.revision == default_revision:
+        return name
+    return f"{name}@{ref.revision.replace('/', _SLASH_ESCAPE)}"

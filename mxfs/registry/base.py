@@ -1,0 +1,177 @@
+"""The registry contract: records, claim outcomes and the protocol every backend implements.
+
+The registry is the one place where nodes agree on who downloads an entry (a model at one
+resolved commit) and when it was last used. It knows nothing of FUSE, the Hub or the cache.
+
+Semantics follow ModelExpress's registry (see DESIGN section 3), with two changes that make
+ownership safe: a claim carries a ``claim_id`` and a lease, and every owner-only write
+(``refresh_claim``, ``finish_claim``) is fenced by that ``claim_id``, so an owner whose lease
+expired and was taken over can no longer publish anything.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+PROVIDER = "HuggingFace"
+
+# An entry name is ModelExpress's model_name for one commit of a repo with full weights:
+# ``mx1:<commit>:-:<org>/<name>``.  The ``-`` means "all files", not a subset.
+_ENTRY_RE = re.compile(r"^mx1:(?P<commit>[0-9a-f]{40}):-:(?P<repo_id>[^/]+/[^/]+)$")
+
+
+def entry_name(repo_id: str, commit: str) -> str:
+    """The registry key of ``repo_id`` at ``commit``."""
+    return f"mx1:{commit}:-:{repo_id}"
+
+
+def parse_entry_name(name: str) -> tuple[str, str]:
+    """Split an entry name into ``(repo_id, commit)``; ValueError if it is not one of ours."""
+    match = _ENTRY_RE.match(name)
+    if match is None:
+        raise ValueError(f"not an mxfs entry name: {name!r}")
+    return match["repo_id"], match["commit"]
+
+
+class Status(enum.StrEnum):
+    DOWNLOADING = "DOWNLOADING"
+    DOWNLOADED = "DOWNLOADED"
+    ERROR = "ERROR"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One registry record. Timestamps are timezone-aware UTC datetimes."""
+
+    model_name: str
+    provider: str
+    status: Status
+    created_at: datetime
+    last_used_at: datetime
+    message: str | None = None
+    claim_id: str | None = None
+    lease_expires_at: datetime | None = None
+    pinned: bool = False
+    size_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """This caller now owns the download of the entry."""
+
+
+@dataclass(frozen=True)
+class AlreadyExists:
+    """Somebody else has the entry; ``status`` is what the claim attempt saw."""
+
+    status: Status
+
+
+ClaimOutcome = Claimed | AlreadyExists
+
+
+@dataclass(frozen=True)
+class StatusCounts:
+    downloading: int = 0
+    downloaded: int = 0
+    error: int = 0
+
+
+class RegistryError(Exception):
+    """The registry could not be reached or answered with an error (not a semantic refusal)."""
+
+
+class Registry(Protocol):
+    """What mxfs needs from a model registry. Every method is async and safe under trio.
+
+    Backends that use blocking clients run them in ``trio.to_thread.run_sync`` with a
+    ``CapacityLimiter``.  Time always comes from the backend's own clock (the database for
+    SQLite, Redis ``TIME`` for Redis), never from the caller's, so nodes with skewed clocks agree
+    on lease expiry.  Leases are given in seconds (floats; sub-second leases are allowed).
+    Transport failures raise :class:`RegistryError`.
+    """
+
+    url_for_logs: str
+    """The backend URL with any password replaced by ``***``."""
+
+    async def get_status(self, name: str) -> Status | None: ...
+
+    async def get_record(self, name: str) -> Record | None: ...
+
+    async def set_status(self, name: str, status: Status, message: str | None = None) -> None:
+        """Upsert status and message, stamping ``last_used_at``; keeps ``created_at`` and ``pinned``."""
+        ...
+
+    async def touch(self, name: str) -> None:
+        """Set ``last_used_at`` to now. No-op for an unknown entry."""
+        ...
+
+    async def delete(self, name: str) -> None:
+        """Remove the record. No-op for an unknown entry."""
+        ...
+
+    async def delete_if_unchanged(self, name: str, status: Status, last_used_at: datetime) -> bool:
+        """Remove the record only if its status and ``last_used_at`` still equal the given ones.
+
+        Eviction chooses victims from a listing and then deletes them; an entry touched (or
+        re-claimed) in between must survive, so the comparison and the delete are one atomic step.
+        """
+        ...
+
+    async def list_by_last_used(self, limit: int | None = None) -> list[Record]:
+        """All records, oldest ``last_used_at`` first (ties broken by name), at most ``limit``."""
+        ...
+
+    async def status_counts(self) -> StatusCounts: ...
+
+    async def try_claim(self, name: str, claim_id: str, lease: float) -> ClaimOutcome:
+        """Atomically create the record as DOWNLOADING owned by ``claim_id``.
+
+        If a record exists and is DOWNLOADING with an expired lease, take it over (new
+        ``claim_id`` and lease; ``created_at`` kept) and return :class:`Claimed`.  Otherwise return
+        :class:`AlreadyExists` with the status seen, changing nothing.  Of N concurrent callers
+        exactly one gets :class:`Claimed`.
+        """
+        ...
+
+    async def refresh_claim(self, name: str, claim_id: str, lease: float) -> bool:
+        """Extend the lease to now + ``lease`` if ``claim_id`` still owns a DOWNLOADING record."""
+        ...
+
+    async def finish_claim(
+        self,
+        name: str,
+        claim_id: str,
+        status: Status,
+        message: str | None = None,
+        size_bytes: int | None = None,
+    ) -> bool:
+        """Publish the outcome (DOWNLOADED or ERROR) if ``claim_id`` still owns the record.
+
+        Clears ``claim_id`` and the lease, stamps ``last_used_at``; returns False (and changes
+        nothing) when the caller was fenced out by a takeover or the record is gone.
+        """
+        ...
+
+    async def try_retake(self, name: str, claim_id: str, lease: float, from_status: Status) -> bool:
+        """Compare-and-set: if the record's status is ``from_status``, make it DOWNLOADING owned by
+        ``claim_id`` with a fresh lease and return True; otherwise change nothing and return False.
+
+        Used to retry an ERROR entry, and to re-download a DOWNLOADED entry whose files vanished,
+        with exactly one winner among concurrent callers.
+        """
+        ...
+
+    async def try_reset_error_for_retry(self, name: str, claim_id: str, lease: float) -> bool:
+        """ModelExpress's name for ``try_retake(name, claim_id, lease, Status.ERROR)``."""
+        ...
+
+    async def set_pinned(self, name: str, pinned: bool) -> bool:
+        """Pin or unpin an entry; False if the entry is unknown."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,421 @@
+"""The embedded registry: one SQLite file shared by the mxfs processes of one node.
+
+Several processes (and several connections in one process) may open the same file, so:
+
+- the database runs in WAL mode, so readers never block the writer;
+- every write runs in a ``BEGIN IMMEDIATE`` transaction, which takes SQLite's single write lock
+  before reading anything, so each read-modify-write below is atomic across connections and
+  processes; waiting for that lock is bounded by ``busy_timeout``;
+- time comes from SQLite's clock inside the statements (``_NOW_MS``), never from Python.
+
+Timestamps are stored as integer milliseconds since the Unix epoch: exact, cheap to compare, and
+the same unit as Redis's ``lease_expires_at``.  They come back as timezone-aware UTC datetimes
+whose microseconds are whole milliseconds, so a :class:`Record` read back compares equal to the
+stored value in :meth:`SqliteRegistry.delete_if_unchanged`.
+
+``sqlite3`` blocks, so each call runs in ``trio.to_thread.run_sync`` behind a per-instance
+``CapacityLimiter(1)``: one connection, used by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import trio
+
+from mxfs.registry.base import (
+    PROVIDER,
+    AlreadyExists,
+    Claimed,
+    ClaimOutcome,
+    Record,
+    RegistryError,
+    Status,
+    StatusCounts,
+)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+# Another process may hold the write lock (a claim, or another process creating the schema):
+# wait this long for it before reporting the registry as unavailable.
+BUSY_TIMEOUT_MS = 10_000
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+# Now, in integer milliseconds since the epoch, from SQLite's clock.  ``%s`` is whole seconds and
+# ``%f`` is ``SS.SSS``; SQLite evaluates 'now' once per statement, so both parts agree.  (Integer
+# arithmetic rather than ``julianday`` keeps the value exact.)
+_NOW_MS = "(CAST(strftime('%s', 'now') AS INTEGER) * 1000 + CAST(substr(strftime('%f', 'now'), 4) AS INTEGER))"
+
+# Every write that stamps ``last_used_at`` moves it forward by at least 1 ms, even when the clock
+# has not ticked (or stepped back) since the previous write.  Eviction relies on this:
+# ``delete_if_unchanged`` must see any touch that happened after its listing.
+_BUMP_LAST_USED = f"MAX({_NOW_MS}, last_used_at_ms + 1)"
+
+_CREATE_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS entries (
+        model_name          TEXT PRIMARY KEY NOT NULL,
+        provider            TEXT NOT NULL,
+        status              TEXT NOT NULL CHECK (status IN ('DOWNLOADING', 'DOWNLOADED', 'ERROR')),
+        created_at_ms       INTEGER NOT NULL,
+        last_used_at_ms     INTEGER NOT NULL,
+        message             TEXT,
+        claim_id            TEXT,
+        lease_expires_at_ms INTEGER,
+        pinned              INTEGER NOT NULL DEFAULT 0,
+        size_bytes          INTEGER
+    ) WITHOUT ROWID
+    """,
+    # Serves list_by_last_used (eviction order) without sorting the table.
+    "CREATE INDEX IF NOT EXISTS entries_by_last_used ON entries (last_used_at_ms, model_name)",
+)
+
+_COLUMNS = (
+    "model_name, provider, status, created_at_ms, last_used_at_ms, message, claim_id,"
+    " lease_expires_at_ms, pinned, size_bytes"
+)
+_SELECT_RECORD = f"SELECT {_COLUMNS} FROM entries WHERE model_name = :name"
+_SELECT_STATUS = "SELECT status FROM entries WHERE model_name = :name"
+# LIMIT -1 means no limit.
+_LIST_BY_LAST_USED = f"SELECT {_COLUMNS} FROM entries ORDER BY last_used_at_ms, model_name LIMIT :limit"
+_STATUS_COUNTS = "SELECT status, COUNT(*) FROM entries GROUP BY status"
+
+# Upsert.  A status other than DOWNLOADING has no owner, so it ends any claim (the old owner's
+# refresh and finish then fail); a DOWNLOADING write (say, a progress message) keeps the owner.
+_SET_STATUS = f"""
+    INSERT INTO entries (model_name, provider, status, message, created_at_ms, last_used_at_ms)
+    VALUES (:name, :provider, :status, :message, {_NOW_MS}, {_NOW_MS})
+    ON CONFLICT (model_name) DO UPDATE SET
+        status = excluded.status,
+        message = excluded.message,
+        last_used_at_ms = {_BUMP_LAST_USED},
+        claim_id = CASE WHEN excluded.status = 'DOWNLOADING' THEN claim_id END,
+        lease_expires_at_ms = CASE WHEN excluded.status = 'DOWNLOADING' THEN lease_expires_at_ms END
+"""
+
+# Single-row updates; atomic as statements and run inside BEGIN IMMEDIATE like every write.
+_TOUCH = f"UPDATE entries SET last_used_at_ms = {_BUMP_LAST_USED} WHERE model_name = :name"
+_DELETE = "DELETE FROM entries WHERE model_name = :name"
+_SET_PINNED = "UPDATE entries SET pinned = :pinned WHERE model_name = :name"
+
+# The compare and the delete are one statement, under the write lock: an entry touched or
+# re-claimed since the caller's listing no longer matches and survives.
+_DELETE_IF_UNCHANGED = """
+    DELETE FROM entries
+    WHERE model_name = :name AND status = :status AND last_used_at_ms = :last_used_at_ms
+"""
+
+# Create the record, or take over a DOWNLOADING one whose lease has expired (keeping created_at
+# and pinned).  The upsert's WHERE is evaluated under the write lock, so of N concurrent callers
+# exactly one inserts or takes over; the others change no row.  A DOWNLOADING record without a
+# lease (written by set_status) has no lease that could expire and is not taken over.
+_TRY_CLAIM = f"""
+    INSERT INTO entries
+        (model_name, provider, status, created_at_ms, last_used_at_ms, claim_id, lease_expires_at_ms)
+    VALUES (:name, :provider, 'DOWNLOADING', {_NOW_MS}, {_NOW_MS}, :claim_id, {_NOW_MS} + :lease_ms)
+    ON CONFLICT (model_name) DO UPDATE SET
+        last_used_at_ms = {_BUMP_LAST_USED},
+        message = NULL,
+        claim_id = excluded.claim_id,
+        lease_expires_at_ms = excluded.lease_expires_at_ms,
+        size_bytes = NULL
+    WHERE status = 'DOWNLOADING' AND lease_expires_at_ms <= {_NOW_MS}
+"""
+
+# Fenced by claim_id: only the current owner of a DOWNLOADING record matches.  Refreshing a lease
+# that expired but was not yet taken over is allowed: nobody else owns the record.
+_REFRESH_CLAIM = f"""
+    UPDATE entries SET lease_expires_at_ms = {_NOW_MS} + :lease_ms
+    WHERE model_name = :name AND claim_id = :claim_id AND status = 'DOWNLOADING'
+"""
+
+# Fenced like _REFRESH_CLAIM, so an owner that was taken over cannot publish.  A missing
+# size_bytes keeps whatever is stored.
+_FINISH_CLAIM = f"""
+    UPDATE entries SET
+        status = :status,
+        message = :message,
+        size_bytes = COALESCE(:size_bytes, size_bytes),
+        claim_id = NULL,
+        lease_expires_at_ms = NULL,
+        last_used_at_ms = {_BUMP_LAST_USED}
+    WHERE model_name = :name AND claim_id = :claim_id AND status = 'DOWNLOADING'
+"""
+
+# Compare-and-set on status: of N concurrent callers exactly one still sees from_status.
+_TRY_RETAKE = f"""
+    UPDATE entries SET
+        status = 'DOWNLOADING',
+        message = NULL,
+        claim_id = :claim_id,
+        lease_expires_at_ms = {_NOW_MS} + :lease_ms,
+        size_bytes = NULL,
+        last_used_at_ms = {_BUMP_LAST_USED}
+    WHERE model_name = :name AND status = :from_status
+"""
+
+
+def _from_ms(ms: int) -> datetime:
+    return _EPOCH + ms * _MS
+
+
+def _to_ms(when: datetime) -> int | None:
+    """``when`` in whole milliseconds; None if it has finer precision (so no stored value equals it)."""
+    if when.tzinfo is None:
+        raise ValueError("a naive datetime cannot be compared with registry timestamps")
+    ms, rest = divmod(when - _EPOCH, _MS)
+    return None if rest else ms
+
+
+def _lease_ms(lease: float) -> int:
+    if not (math.isfinite(lease) and lease > 0):
+        raise ValueError(f"lease must be a positive number of seconds, got {lease!r}")
+    return max(1, round(lease * 1000))
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    name, provider, status, created, last_used, message, claim_id, lease, pinned, size = row
+    return Record(
+        model_name=name,
+        provider=provider,
+        status=Status(status),
+        created_at=_from_ms(created),
+        last_used_at=_from_ms(last_used),
+        message=message,
+        claim_id=claim_id,
+        lease_expires_at=None if lease is None else _from_ms(lease),
+        pinned=bool(pinned),
+        size_bytes=size,
+    )
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """Run the block in a ``BEGIN IMMEDIATE`` transaction, committing unless it raises.
+
+    IMMEDIATE takes the write lock at BEGIN, so nothing the block reads can change before it
+    commits; a DEFERRED transaction could read, then fail to upgrade to a writer.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        # A failed COMMIT can leave the transaction open; the next BEGIN would then fail.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open ``path`` (creating it, its directory and the schema if needed); runs in a thread."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Create the file ourselves so it is private from the start; SQLite gives the -wal and -shm
+    # files the database file's mode.
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    # isolation_level=None: the sqlite3 module must not open transactions behind our back; every
+    # write below says BEGIN IMMEDIATE itself.  timeout= is SQLite's busy_timeout.
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+    try:
+        # WAL needs shared memory between the processes, which a network filesystem may not
+        # offer; SQLite then silently keeps the old mode, so check.
+        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode != "wal":
+            raise RegistryError(f"{path}: cannot use WAL mode (got {mode!r}); put it on a local filesystem")
+        # In WAL mode NORMAL is durable against process crashes, which is what concurrent mxfs
+        # processes need; a power loss may roll back the last commits, which costs a re-download.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        with _immediate(conn):
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"{path}: registry schema version {version} is newer than this mxfs supports ({SCHEMA_VERSION})"
+                )
+            if version < SCHEMA_VERSION:
+                for statement in _CREATE_SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class SqliteRegistry:
+    """The :class:`~mxfs.registry.base.Registry` on a SQLite file; create it with :meth:`open`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self._limiter = trio.CapacityLimiter(1)
+        self._closed = False
+        self.url_for_logs = f"sqlite://{path}"
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str]) -> SqliteRegistry:
+        """Connect to the database at the absolute ``path``, creating it and its schema if needed."""
+        path = Path(path)
+        if not path.is_absolute():
+            raise ValueError(f"registry database path must be absolute: {str(path)!r}")
+        try:
+            conn = await trio.to_thread.run_sync(_connect, path)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open registry sqlite://{path}: {exc}") from exc
+        except OSError as exc:
+            raise RegistryError(f"cannot create registry sqlite://{path}: {exc}") from exc
+        return cls(conn, path)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` in a worker thread, one at a time, turning SQLite failures into RegistryError."""
+        if self._closed:
+            raise RegistryError(f"registry {self.url_for_logs} is closed")
+        try:
+            return await trio.to_thread.run_sync(fn, self._conn, limiter=self._limiter)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry {self.url_for_logs}: {exc}") from exc
+
+    async def _write(self, sql: str, params: dict[str, Any]) -> int:
+        """Run one write statement in its own IMMEDIATE transaction; the number of rows it changed."""
+
+        def write(conn: sqlite3.Connection) -> int:
+            with _immediate(conn):
+                return conn.execute(sql, params).rowcount
+
+        return await self._run(write)
+
+    async def get_status(self, name: str) -> Status | None:
+        row = await self._run(lambda conn: conn.execute(_SELECT_STATUS, {"name": name}).fetchone())
+        return None if row is None else Status(row[0])
+
+    async def get_record(self, name: str) -> Record | None:
+        row = await self._run(lambda conn: conn.execute(_SELECT_RECORD, {"name": name}).fetchone())
+        return None if row is None else _record(row)
+
+    async def set_status(self, name: str, status: Status, message: str | None = None) -> None:
+        params = {"name": name, "provider": PROVIDER, "status": Status(status).value, "message": message}
+        await self._write(_SET_STATUS, params)
+
+    async def touch(self, name: str) -> None:
+        await self._write(_TOUCH, {"name": name})
+
+    async def delete(self, name: str) -> None:
+        await self._write(_DELETE, {"name": name})
+
+    async def delete_if_unchanged(self, name: str, status: Status, last_used_at: datetime) -> bool:
+        last_used_at_ms = _to_ms(last_used_at)
+        if last_used_at_ms is None:
+            return False
+        params = {"name": name, "status": Status(status).value, "last_used_at_ms": last_used_at_ms}
+        return await self._write(_DELETE_IF_UNCHANGED, params) == 1
+
+    async def list_by_last_used(self, limit: int | None = None) -> list[Record]:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        params = {"limit": -1 if limit is None else limit}
+        rows = await self._run(lambda conn: conn.execute(_LIST_BY_LAST_USED, params).fetchall())
+        return [_record(row) for row in rows]
+
+    async def status_counts(self) -> StatusCounts:
+        rows = await self._run(lambda conn: conn.execute(_STATUS_COUNTS).fetchall())
+        counts = {Status(status): count for status, count in rows}
+        return StatusCounts(
+            downloading=counts.get(Status.DOWNLOADING, 0),
+            downloaded=counts.get(Status.DOWNLOADED, 0),
+            error=counts.get(Status.ERROR, 0),
+        )
+
+    async def try_claim(self, name: str, claim_id: str, lease: float) -> ClaimOutcome:
+        params = {"name": name, "provider": PROVIDER, "claim_id": claim_id, "lease_ms": _lease_ms(lease)}
+
+        def claim(conn: sqlite3.Connection) -> ClaimOutcome:
+            # One transaction, so the status reported to a loser is the one that made it lose.
+            with _immediate(conn):
+                if conn.execute(_TRY_CLAIM, params).rowcount == 1:
+                    return Claimed()
+                (status,) = conn.execute(_SELECT_STATUS, {"name": name}).fetchone()
+                return AlreadyExists(Status(status))
+
+        return await self._run(claim)
+
+    async def refresh_claim(self, name: str, claim_id: str, lease: float) -> bool:
+        params = {"name": name, "claim_id": claim_id, "lease_ms": _lease_ms(lease)}
+        return await self._write(_REFRESH_CLAIM, params) == 1
+
+    async def finish_claim(
+        self,
+        name: str,
+        claim_id: str,
+        status: Status,
+        message: str | None = None,
+        size_bytes: int | None = None,
+    ) -> bool:
+        if status not in (Status.DOWNLOADED, Status.ERROR):
+            raise ValueError(f"a claim finishes as DOWNLOADED or ERROR, not {status}")
+        params = {
+            "name": name,
+            "claim_id": claim_id,
+            "status": Status(status).value,
+            "message": message,
+            "size_bytes": size_bytes,
+        }
+        return await self._write(_FINISH_CLAIM, params) == 1
+
+    async def try_retake(self, name: str, claim_id: str, lease: float, from_status: Status) -> bool:
+        params = {
+            "name": name,
+            "claim_id": claim_id,
+            "lease_ms": _lease_ms(lease),
+            "from_status": Status(from_status).value,
+        }
+        return await self._write(_TRY_RETAKE, params) == 1
+
+    async def try_reset_error_for_retry(self, name: str, claim_id: str, lease: float) -> bool:
+        return await self.try_retake(name, claim_id, lease, Status.ERROR)
+
+    async def set_pinned(self, name: str, pinned: bool) -> bool:
+        return await self._write(_SET_PINNED, {"name": name, "pinned": int(pinned)}) == 1
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # The limiter makes close wait for a call still running in the worker thread; the shield
+        # makes sure the connection (and its file descriptors) goes even when the caller is
+        # cancelled.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+
+
+def path_from_url(url: str) -> Path:
+    """The database path of a ``sqlite:///absolute/path.db`` URL; ValueError if it names none."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        raise ValueError(f"not a sqlite URL: {url!r}")
+    if parts.netloc:
+        # sqlite://var/x.db: "var" parsed as a host, almost certainly a missing slash.
+        raise ValueError(f"sqlite URL {url!r} has a host part; write an absolute path as sqlite:///path/to/registry.db")
+    if parts.query or parts.fragment:
+        raise ValueError(f"sqlite URL {url!r}: query and fragment are not supported")
+    path = unquote(parts.path)
+    if not path:
+        raise ValueError(f"sqlite URL {url!r} names no database file")
+    if not path.startswith("/"):
+        raise ValueError(f"sqlite URL {url!r} has a relative path; use sqlite:///absolute/path.db")
+    if path.endswith("/"):
+        raise ValueError(f"sqlite URL {url!r} names a directory, not a database file")
+    return Path(path)
+
+
+async def open_url(url: str) -> SqliteRegistry:
+    """Open the registry named by a ``sqlite:`` URL (the entry point ``open_registry`` uses)."""
+    return await SqliteRegistry.open(path_from_url(url))

@@ -1,0 +1,518 @@
+"""The conformance suite every registry backend must pass (DESIGN section 3).
+
+Each test gets ``make_registry``: an async factory that opens a new, independent client (its own
+connection) onto one store shared by the whole test, so a test can play several nodes or
+processes.  To add a backend, add its name to ``BACKENDS`` and a branch in ``make_registry`` that
+names (and at teardown empties) a fresh store.
+
+Backends use their own clock, so tests that need time to pass sleep for real (``trio.sleep``),
+and compare backend timestamps with each other rather than with Python's clock.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import trio
+
+from mxfs.registry import (
+    PROVIDER,
+    AlreadyExists,
+    Claimed,
+    Record,
+    Registry,
+    Status,
+    StatusCounts,
+    entry_name,
+    open_registry,
+)
+
+BACKENDS = ["sqlite"]
+
+# Long enough that a lease never expires by accident during a test.
+LONG_LEASE = 30.0
+# Short enough to wait out; comfortably above scheduling noise.
+SHORT_LEASE = 0.3
+# Sleep between writes whose timestamps must differ: backends store at least milliseconds.
+TICK = 0.01
+
+OpenClient = Callable[[], Awaitable[Registry]]
+
+
+@pytest.fixture(params=BACKENDS)
+async def make_registry(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenClient]:
+    if request.param == "sqlite":
+        url = "sqlite://" + quote(str(tmp_path / "registry.db"))
+    else:  # pragma: no cover - a backend listed without a branch here
+        raise AssertionError(f"no store for backend {request.param}")
+
+    clients: list[Registry] = []
+
+    async def open_client() -> Registry:
+        client = await open_registry(url)
+        clients.append(client)
+        return client
+
+    try:
+        yield open_client
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+def _name(i: int = 0) -> str:
+    return entry_name(f"org/model-{i}", f"{i:040x}")
+
+
+def _claim_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def _race(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Run ``calls`` concurrently (each backend client does its blocking work in its own thread)."""
+    results: list[Any] = [None] * len(calls)
+
+    async def run(i: int) -> None:
+        results[i] = await calls[i]()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(calls)):
+            nursery.start_soon(run, i)
+    return results
+
+
+async def _record(registry: Registry, name: str) -> Record:
+    record = await registry.get_record(name)
+    assert record is not None, f"{name} has no record"
+    return record
+
+
+async def _make_entry(registry: Registry, name: str, status: Status) -> None:
+    """Bring ``name`` into ``status`` the way mxfs does: claim, then finish."""
+    claim_id = _claim_id()
+    assert await registry.try_claim(name, claim_id, LONG_LEASE) == Claimed()
+    if status is not Status.DOWNLOADING:
+        assert await registry.finish_claim(name, claim_id, status, message=f"made {status}")
+
+
+# -- claiming ------------------------------------------------------------------------------------
+
+
+async def test_claim_fresh_entry_then_second_claimer_sees_downloading(make_registry: OpenClient) -> None:
+    node_a, node_b = await make_registry(), await make_registry()
+    name = _name()
+    assert await node_a.get_status(name) is None
+    assert await node_a.get_record(name) is None
+
+    assert await node_a.try_claim(name, "claim-a", LONG_LEASE) == Claimed()
+    record = await _record(node_b, name)
+    assert await node_b.try_claim(name, "claim-b", LONG_LEASE) == AlreadyExists(Status.DOWNLOADING)
+    assert await node_a.try_claim(name, "claim-a", LONG_LEASE) == AlreadyExists(Status.DOWNLOADING)
+
+    # The losing claims changed nothing.
+    assert await _record(node_b, name) == record
+    assert await node_b.get_status(name) is Status.DOWNLOADING
+    assert record.model_name == name
+    assert record.provider == PROVIDER
+    assert record.status is Status.DOWNLOADING
+    assert record.claim_id == "claim-a"
+    assert record.message is None
+    assert record.pinned is False
+    assert record.size_bytes is None
+    assert abs(record.last_used_at - record.created_at) < timedelta(seconds=1)
+    assert record.lease_expires_at is not None
+    lease = record.lease_expires_at - record.created_at
+    assert timedelta(seconds=LONG_LEASE - 1) <= lease <= timedelta(seconds=LONG_LEASE + 1)
+
+
+async def test_claim_is_atomic_under_contention(make_registry: OpenClient) -> None:
+    clients = [await make_registry() for _ in range(16)]
+    claim_ids = [f"node-{i}" for i in range(len(clients))]
+    name = _name()
+
+    outcomes = await _race(
+        [
+            lambda c=client, cid=claim_id: c.try_claim(name, cid, LONG_LEASE)
+            for client, claim_id in zip(clients, claim_ids, strict=True)
+        ]
+    )
+
+    winners = [cid for cid, outcome in zip(claim_ids, outcomes, strict=True) if outcome == Claimed()]
+    assert len(winners) == 1, outcomes
+    assert outcomes.count(AlreadyExists(Status.DOWNLOADING)) == len(clients) - 1
+    assert (await _record(clients[0], name)).claim_id == winners[0]
+
+
+async def test_takeover_after_lease_expiry_fences_out_old_owner(make_registry: OpenClient) -> None:
+    old, new = await make_registry(), await make_registry()
+    name = _name()
+    assert await old.try_claim(name, "old", SHORT_LEASE) == Claimed()
+    assert await new.try_claim(name, "new", LONG_LEASE) == AlreadyExists(Status.DOWNLOADING)
+    created_at = (await _record(new, name)).created_at
+
+    await trio.sleep(SHORT_LEASE + 0.1)
+    assert await new.try_claim(name, "new", LONG_LEASE) == Claimed()
+    taken = await _record(new, name)
+    assert taken.claim_id == "new"
+    assert taken.status is Status.DOWNLOADING
+    assert taken.created_at == created_at
+
+    # The old owner can no longer extend or publish anything.
+    assert await old.refresh_claim(name, "old", LONG_LEASE) is False
+    assert await old.finish_claim(name, "old", Status.DOWNLOADED, size_bytes=1) is False
+    assert await _record(new, name) == taken
+
+    assert await new.finish_claim(name, "new", Status.DOWNLOADED, size_bytes=7) is True
+    finished = await _record(old, name)
+    assert finished.status is Status.DOWNLOADED
+    assert finished.size_bytes == 7
+    assert finished.created_at == created_at
+
+
+async def test_refresh_extends_lease_and_prevents_takeover(make_registry: OpenClient) -> None:
+    owner, other = await make_registry(), await make_registry()
+    name = _name()
+    assert await owner.try_claim(name, "owner", SHORT_LEASE) == Claimed()
+    before = await _record(owner, name)
+
+    await trio.sleep(SHORT_LEASE * 2 / 3)
+    assert await owner.refresh_claim(name, "owner", LONG_LEASE) is True
+    after = await _record(owner, name)
+    assert before.lease_expires_at is not None and after.lease_expires_at is not None
+    assert after.lease_expires_at > before.lease_expires_at + timedelta(seconds=LONG_LEASE - SHORT_LEASE - 1)
+    assert after.claim_id == "owner"
+
+    # Past the original lease: the refreshed one still holds.
+    await trio.sleep(SHORT_LEASE * 2 / 3)
+    assert await other.try_claim(name, "other", LONG_LEASE) == AlreadyExists(Status.DOWNLOADING)
+    assert (await _record(other, name)).claim_id == "owner"
+
+    assert await other.refresh_claim(name, "other", LONG_LEASE) is False
+    assert await other.refresh_claim(_name(1), "owner", LONG_LEASE) is False
+    assert await other.get_record(_name(1)) is None
+    assert await _record(owner, name) == after
+
+
+@pytest.mark.parametrize("status", [Status.DOWNLOADED, Status.ERROR])
+async def test_finish_claim_publishes_outcome(make_registry: OpenClient, status: Status) -> None:
+    registry = await make_registry()
+    name = _name()
+    assert await registry.try_claim(name, "owner", LONG_LEASE) == Claimed()
+    claimed = await _record(registry, name)
+    await trio.sleep(TICK)
+
+    assert await registry.finish_claim(name, "owner", status, message="outcome", size_bytes=123) is True
+    finished = await _record(registry, name)
+    assert finished.status is status
+    assert finished.message == "outcome"
+    assert finished.size_bytes == 123
+    assert finished.claim_id is None
+    assert finished.lease_expires_at is None
+    assert finished.created_at == claimed.created_at
+    assert finished.last_used_at > claimed.last_used_at
+    assert finished.provider == PROVIDER
+
+    # Finishing twice, or something that does not exist, is refused and changes nothing.
+    assert await registry.finish_claim(name, "owner", Status.ERROR, message="again") is False
+    assert await _record(registry, name) == finished
+    assert await registry.finish_claim(_name(1), "owner", Status.DOWNLOADED) is False
+    assert await registry.get_record(_name(1)) is None
+
+
+# -- retaking ERROR and DOWNLOADED entries -------------------------------------------------------
+
+
+@pytest.mark.parametrize("from_status", [Status.ERROR, Status.DOWNLOADED])
+async def test_retake_has_exactly_one_winner(make_registry: OpenClient, from_status: Status) -> None:
+    clients = [await make_registry() for _ in range(8)]
+    name = _name()
+    await _make_entry(clients[0], name, from_status)
+    before = await _record(clients[0], name)
+    claim_ids = [f"retry-{i}" for i in range(len(clients))]
+
+    def retake(client: Registry, claim_id: str) -> Callable[[], Awaitable[bool]]:
+        if from_status is Status.ERROR:
+            return lambda: client.try_reset_error_for_retry(name, claim_id, LONG_LEASE)
+        return lambda: client.try_retake(name, claim_id, LONG_LEASE, from_status)
+
+    results = await _race([retake(c, cid) for c, cid in zip(clients, claim_ids, strict=True)])
+
+    winners = [cid for cid, won in zip(claim_ids, results, strict=True) if won]
+    assert len(winners) == 1, results
+    after = await _record(clients[0], name)
+    assert after.status is Status.DOWNLOADING
+    assert after.claim_id == winners[0]
+    assert after.created_at == before.created_at
+    assert after.lease_expires_at is not None
+    assert after.lease_expires_at - after.last_used_at > timedelta(seconds=LONG_LEASE - 1)
+
+    # The winner owns it like a claim: others are fenced out, the winner can finish.
+    assert await clients[1].try_claim(name, "late", LONG_LEASE) == AlreadyExists(Status.DOWNLOADING)
+    assert await clients[1].finish_claim(name, "late", Status.DOWNLOADED) is False
+    assert await clients[1].finish_claim(name, winners[0], Status.DOWNLOADED) is True
+
+
+async def test_retake_refuses_other_statuses_and_unknown_entries(make_registry: OpenClient) -> None:
+    registry = await make_registry()
+    names = {status: _name(i) for i, status in enumerate(Status)}
+    for status, name in names.items():
+        await _make_entry(registry, name, status)
+    before = {name: await _record(registry, name) for name in names.values()}
+
+    for status, name in names.items():
+        for from_status in Status:
+            if from_status is not status:
+                assert await registry.try_retake(name, "x", LONG_LEASE, from_status) is False
+        if status is not Status.ERROR:
+            assert await registry.try_reset_error_for_retry(name, "x", LONG_LEASE) is False
+    for name, record in before.items():
+        assert await _record(registry, name) == record
+
+    unknown = _name(99)
+    assert await registry.try_reset_error_for_retry(unknown, "x", LONG_LEASE) is False
+    assert await registry.try_retake(unknown, "x", LONG_LEASE, Status.DOWNLOADED) is False
+    assert await registry.get_record(unknown) is None
+
+
+# -- set_status, touch, delete -------------------------------------------------------------------
+
+
+async def test_set_status_keeps_created_at_and_pinned(make_registry: OpenClient) -> None:
+    registry = await make_registry()
+    name = _name()
+    await registry.set_status(name, Status.DOWNLOADED)
+    created = await _record(registry, name)
+    assert created.status is Status.DOWNLOADED
+    assert created.provider == PROVIDER
+    assert created.message is None
+    assert abs(created.last_used_at - created.created_at) < timedelta(seconds=1)
+    assert await registry.set_pinned(name, True) is True
+    await trio.sleep(TICK)
+
+    await registry.set_status(name, Status.ERROR, "disk on fire")
+    updated = await _record(registry, name)
+    assert updated.status is Status.ERROR
+    assert updated.message == "disk on fire"
+    assert updated.created_at == created.created_at
+    assert updated.pinned is True
+    assert updated.last_used_at > created.last_used_at
+    assert await registry.get_status(name) is Status.ERROR
+
+
+async def test_set_status_to_final_status_ends_the_claim(make_registry: OpenClient) -> None:
+    owner, admin = await make_registry(), await make_registry()
+    name = _name()
+    assert await owner.try_claim(name, "owner", LONG_LEASE) == Claimed()
+
+    # A progress write keeps the owner...
+    await admin.set_status(name, Status.DOWNLOADING, "50%")
+    progress = await _record(admin, name)
+    assert progress.claim_id == "owner"
+    assert progress.message == "50%"
+    assert await owner.refresh_claim(name, "owner", LONG_LEASE) is True
+
+    # ...a final status has no owner, so the old one can no longer publish over it.
+    await admin.set_status(name, Status.ERROR, "cancelled by operator")
+    ended = await _record(admin, name)
+    assert ended.claim_id is None
+    assert ended.lease_expires_at is None
+    assert await owner.refresh_claim(name, "owner", LONG_LEASE) is False
+    assert await owner.finish_claim(name, "owner", Status.DOWNLOADED) is False
+    assert await _record(admin, name) == ended
+
+
+async def test_touch_updates_last_used_at_only(make_registry: OpenClient) -> None:
+    registry = await make_registry()
+    name = _name()
+    await _make_entry(registry, name, Status.DOWNLOADED)
+    assert await registry.set_pinned(name, True)
+    before = await _record(registry, name)
+    await trio.sleep(TICK)
+
+    await registry.touch(name)
+    after = await _record(registry, name)
+    assert after.last_used_at > before.last_used_at
+    assert after == replace(before, last_used_at=after.last_used_at)
+
+
+async def test_touch_and_delete_of_unknown_entries_are_noops(make_registry: OpenClient) -> None:
+    registry = await make_registry()
+    name = _name()
+    await registry.touch(name)
+    await registry.delete(name)
+    assert await registry.get_record(name) is None
+    assert await registry.list_by_last_used() == []
+
+    await _make_entry(registry, name, Status.DOWNLOADED)
+    await registry.delete(name)
+    assert await registry.get_record(name) is None
+    await registry.delete(name)
+
+
+async def test_delete_if_unchanged(make_registry: OpenClient) -> None:
+    registry, other = await make_registry(), await make_registry()
+    unchanged, touched, restatused, listed = (_name(i) for i in range(4))
+    for name in (unchanged, touched, restatused, listed):
+        await _make_entry(registry, name, Status.DOWNLOADED)
+    seen = {name: await _record(registry, name) for name in (unchanged, touched, restatused)}
+    await trio.sleep(TICK)
+
+    assert await other.delete_if_unchanged(unchanged, Status.DOWNLOADED, seen[unchanged].last_used_at)
+    assert await registry.get_record(unchanged) is None
+
+    await other.touch(touched)
+    assert not await registry.delete_if_unchanged(touched, Status.DOWNLOADED, seen[touched].last_used_at)
+    assert await registry.get_record(touched) is not None
+
+    assert await other.try_retake(restatused, "re", LONG_LEASE, Status.DOWNLOADED)
+    record = seen[restatused]
+    assert not await registry.delete_if_unchanged(restatused, record.status, record.last_used_at)
+    assert await registry.get_record(restatused) is not None
+
+    # A status different from the stored one never matches, nor does an unknown entry.
+    current = await _record(registry, touched)
+    assert not await registry.delete_if_unchanged(touched, Status.ERROR, current.last_used_at)
+    assert not await registry.delete_if_unchanged(_name(99), Status.DOWNLOADED, current.last_used_at)
+
+    # Records from a listing can be passed back as they are.
+    [from_listing] = [r for r in await registry.list_by_last_used() if r.model_name == listed]
+    assert await registry.delete_if_unchanged(listed, from_listing.status, from_listing.last_used_at)
+    assert await registry.get_record(listed) is None
+
+
+# -- listing and counting ------------------------------------------------------------------------
+
+
+async def test_list_by_last_used_is_oldest_first(make_registry: OpenClient) -> None:
+    registry = await make_registry()
+    names = [_name(i) for i in range(4)]
+    for name, status in zip(names, [*Status, Status.DOWNLOADED], strict=True):
+        await _make_entry(registry, name, status)
+    order = [names[2], names[0], names[3], names[1]]
+    for name in order:
+        await trio.sleep(TICK)
+        await registry.touch(name)
+
+    listed = await registry.list_by_last_used()
+    assert [r.model_name for r in listed] == order
+    assert [r.last_used_at for r in listed] == sorted(r.last_used_at for r in listed)
+    assert listed[0] == await _record(registry, order[0])
+    assert [r.model_name for r in await registry.list_by_last_used(limit=2)] == order[:2]
+    assert [r.model_name for r in await registry.list_by_last_used(limit=10)] == order
+    assert await registry.list_by_last_used(limit=0) == []
+
+
+async def test_status_counts(make_registry: OpenClient) -> None:
+    registry = await make_registry()
+    assert await registry.status_counts() == StatusCounts()
+    statuses = [Status.DOWNLOADING] * 2 + [Status.DOWNLOADED] + [Status.ERROR] * 3
+    for i, status in enumerate(statuses):
+        await _make_entry(registry, _name(i), status)
+    assert await registry.status_counts() == StatusCounts(downloading=2, downloaded=1, error=3)
+    await registry.delete(_name(0))
+    assert await registry.status_counts() == StatusCounts(downloading=1, downloaded=1, error=3)
+
+
+# -- pinning -------------------------------------------------------------------------------------
+
+
+async def test_pinning(make_registry: OpenClient) -> None:
+    registry = await make_registry()
+    name = _name()
+    assert await registry.set_pinned(name, True) is False
+    assert await registry.get_record(name) is None
+
+    assert await registry.try_claim(name, "owner", LONG_LEASE) == Claimed()
+    assert (await _record(registry, name)).pinned is False
+    assert await registry.set_pinned(name, True) is True
+    assert await registry.finish_claim(name, "owner", Status.DOWNLOADED) is True
+    assert (await _record(registry, name)).pinned is True
+    await registry.set_status(name, Status.ERROR, "broken")
+    assert (await _record(registry, name)).pinned is True
+    assert await registry.try_reset_error_for_retry(name, "retry", LONG_LEASE) is True
+    assert (await _record(registry, name)).pinned is True
+
+    assert await registry.set_pinned(name, False) is True
+    assert (await _record(registry, name)).pinned is False
+    assert await registry.set_pinned(name, False) is True
+
+
+# -- time ----------------------------------------------------------------------------------------
+
+
+async def test_timestamps_are_timezone_aware_utc(make_registry: OpenClient) -> None:
+    registry = await make_registry()
+    await _make_entry(registry, _name(0), Status.DOWNLOADING)
+    await _make_entry(registry, _name(1), Status.DOWNLOADED)
+    records = await registry.list_by_last_used()
+    stamps = [r.created_at for r in records] + [r.last_used_at for r in records]
+    stamps += [r.lease_expires_at for r in records if r.lease_expires_at is not None]
+    assert len(stamps) == 5
+    now = datetime.now(UTC)
+    for stamp in stamps:
+        assert stamp.tzinfo is not None
+        assert stamp.utcoffset() == timedelta(0)
+        # Loose: the backend's clock is its own, but it is a clock of this century and this unit.
+        assert abs(stamp - now) < timedelta(minutes=5) + timedelta(seconds=LONG_LEASE)
+
+
+# -- SQLite across processes ---------------------------------------------------------------------
+
+# Each racer opens the registry, reports ready through it, waits for "go", then tries to claim
+# every name, in its own order so that all racers stay busy until the end; it prints the names it
+# won.
+_RACER = """
+import random, sys, trio
+from mxfs.registry import Claimed, Status, open_registry
+
+async def main(url, me, names):
+    registry = await open_registry(url)
+    await registry.set_status("ready:" + me, Status.DOWNLOADED)
+    while await registry.get_status("go") is None:
+        await trio.sleep(0.0005)
+    random.Random(me).shuffle(names)
+    won = [name for name in names if await registry.try_claim(name, me, 30) == Claimed()]
+    await registry.aclose()
+    print("\\n".join(won))
+
+trio.run(main, sys.argv[1], sys.argv[2], sys.argv[3:])
+"""
+
+
+async def test_sqlite_claim_is_atomic_across_processes(tmp_path: Path) -> None:
+    url = "sqlite://" + quote(str(tmp_path / "registry.db"))
+    racers = [f"proc-{i}" for i in range(4)]
+    names = [_name(i) for i in range(100)]
+    won: dict[str, list[str]] = {}
+
+    async def race(me: str) -> None:
+        result = await trio.run_process(
+            [sys.executable, "-c", _RACER, url, me, *names], capture_stdout=True, check=True
+        )
+        won[me] = result.stdout.decode().split()
+
+    registry = await open_registry(url)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for me in racers:
+                    nursery.start_soon(race, me)
+                # Polling, not a trio.Event: the signal comes from other processes.
+                while any([await registry.get_status("ready:" + me) is None for me in racers]):  # noqa: ASYNC110
+                    await trio.sleep(0.005)
+                await registry.set_status("go", Status.DOWNLOADED)
+        all_won = [name for me in racers for name in won[me]]
+        assert sorted(all_won) == sorted(names)
+        for me in racers:
+            for name in won[me]:
+                assert (await _record(registry, name)).claim_id == me
+    finally:
+        await registry.aclose()

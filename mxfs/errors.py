@@ -7,7 +7,9 @@ thin translation and the CLI can report the same failures in words.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+from collections.abc import Iterator
 
 
 class MxfsError(Exception):
@@ -72,6 +74,32 @@ class DiskFull(MxfsError):
 
 class ReadOnly(MxfsError):
     errno = errno.EROFS
+
+
+def first_domain_error(group: BaseExceptionGroup) -> MxfsError | None:
+    """The first domain error among the leaves of an exception group (from a nursery), if any."""
+    for exc in group.exceptions:
+        if isinstance(exc, MxfsError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (found := first_domain_error(exc)) is not None:
+            return found
+    return None
+
+
+@contextlib.contextmanager
+def domain_errors_ungrouped() -> Iterator[None]:
+    """Let a nursery's domain error out as itself, not wrapped in an ExceptionGroup.
+
+    Parallel workers fail together (one error cancels the siblings); callers want to know *what*
+    failed (EACCES, ENOSPC, EIO), so the first domain error stands for the whole group.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        found = first_domain_error(group)
+        if found is None:
+            raise
+        raise found from group
 
 
 def errno_for(exc: BaseException) -> int:

@@ -172,17 +172,24 @@ class Catalog:
         return await trio.to_thread.run_sync(read, limiter=self.io_limiter)
 
     async def _tree(self, repo_id: str, commit: str, resolved: Resolved | None) -> RepoTree:
-        def read_local() -> RepoTree | None:
-            return self.state.read_tree(repo_id, commit) or tree_from_hf_cache(self.cache, repo_id, commit)
-
-        tree = await trio.to_thread.run_sync(read_local, limiter=self.io_limiter)
+        tree = await trio.to_thread.run_sync(self.state.read_tree, repo_id, commit, limiter=self.io_limiter)
         if tree is not None:
             return tree
-        if resolved is None:
-            # A commit given by hash: its date comes with the model info of that commit.
-            resolved = await self.hub.resolve(repo_id, commit)
-            if resolved.commit != commit:
-                raise NotFound(f"{repo_id}@{commit}: not a commit of this repo")
-        tree = await self.hub.list_tree(repo_id, resolved)
+        try:
+            if resolved is None:
+                # A commit given by hash: its date comes with the model info of that commit.
+                resolved = await self.hub.resolve(repo_id, commit)
+                if resolved.commit != commit:
+                    raise NotFound(f"{repo_id}@{commit}: not a commit of this repo")
+            tree = await self.hub.list_tree(repo_id, resolved)
+        except (HubUnavailable, OfflineMiss):
+            # An HF cache we did not write (or whose state dir is gone): trust what it holds.
+            # Only offline: online, a snapshot folder may be a partial download.
+            tree = await trio.to_thread.run_sync(
+                tree_from_hf_cache, self.cache, repo_id, commit, limiter=self.io_limiter
+            )
+            if tree is None:
+                raise
+            return tree
         await trio.to_thread.run_sync(self.state.write_tree, tree, limiter=self.io_limiter)
         return tree

@@ -19,11 +19,19 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
 from mxfs.cache import HubCache
-from mxfs.errors import DiskFull, HubUnavailable, IntegrityError, MxfsError, RegistryUnavailable
+from mxfs.errors import (
+    DiskFull,
+    HubUnavailable,
+    IntegrityError,
+    MxfsError,
+    RegistryUnavailable,
+    domain_errors_ungrouped,
+)
 from mxfs.fetch.entry import Entry, tree_record
 from mxfs.fetch.files import FileState
 from mxfs.hub import HubClient, HubFile, RetryPolicy, Transient
@@ -110,10 +118,11 @@ class EntryDownload:
     async def run(self) -> None:
         """Download everything; raises LeaseLost or an MxfsError. Files stay published either way."""
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keep_lease, nursery.cancel_scope)
-                await self._download_all()
-                nursery.cancel_scope.cancel()
+            with domain_errors_ungrouped():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keep_lease, nursery.cancel_scope)
+                    await self._download_all()
+                    nursery.cancel_scope.cancel()
         finally:
             await self._close_partials()
         if self.lease_lost:
@@ -157,9 +166,10 @@ class EntryDownload:
             await self._start_partial(state)
             self._plan(state)
         workers = min(self.connections, max(len(self._queue), 1))
-        async with trio.open_nursery() as nursery:
-            for _ in range(workers):
-                nursery.start_soon(self._worker)
+        with domain_errors_ungrouped():
+            async with trio.open_nursery() as nursery:
+                for _ in range(workers):
+                    nursery.start_soon(self._worker)
 
     async def _adopt_existing_blob(self, state: FileState) -> bool:
         """A blob already in the cache (another commit shares the file, or a crash after publish)."""
@@ -179,22 +189,23 @@ class EntryDownload:
     async def _start_partial(self, state: FileState) -> None:
         file = state.file
 
-        def create() -> tuple[os.PathLike[str], int]:
+        def create() -> tuple[Path, int, int]:
             path, fd = self.cache.create_incomplete(self.entry.repo_id, file.etag, self.claim_id)
             try:
                 _reserve(fd, file.size)
+                read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except BaseException:
                 os.close(fd)
                 os.unlink(path)
                 raise
-            return path, fd
+            return path, fd, read_fd
 
         try:
-            path, fd = await trio.to_thread.run_sync(create, limiter=self.io_limiter)
+            path, fd, read_fd = await trio.to_thread.run_sync(create, limiter=self.io_limiter)
         except OSError as exc:
             raise _disk_error(exc, f"{self.entry}/{file.path}") from exc
-        state.retire_fd()
-        state.partial = path  # type: ignore[assignment]
+        state.adopt_fd(read_fd)
+        state.partial = path
         state.present.clear()
         if file.size == 0:
             state.notify()
@@ -286,7 +297,7 @@ class EntryDownload:
         partial = state.partial
         assert partial is not None
 
-        def publish() -> os.PathLike[str]:
+        def publish() -> Path:
             blob = self.cache.publish_blob(self.entry.repo_id, file.etag, partial, fd)
             self.cache.link_snapshot(self.entry.repo_id, self.entry.commit, file.path, file.etag)
             return blob
@@ -296,7 +307,7 @@ class EntryDownload:
         except OSError as exc:
             raise _disk_error(exc, f"{self.entry}/{file.path}") from exc
         os.close(self._fds.pop(state))
-        state.set_blob(blob, same_inode=True)  # type: ignore[arg-type]
+        state.set_blob(blob, same_inode=True)
         log.debug("%s/%s: verified and cached (%d bytes)", self.entry, file.path, file.size)
 
     async def _close_partials(self) -> None:

@@ -220,7 +220,8 @@ class Fetcher:
         ef.handles -= 1
         if ef.handles == 0:
             for state in ef.states.values():
-                state.retire_fd()
+                if state.complete:  # a partial file's descriptor belongs to its download
+                    state.retire_fd()
 
     async def _blob_still_there(self, ef: EntryFetch, state: FileState) -> bool:
         blob = state.blob
@@ -309,6 +310,10 @@ class Fetcher:
                     delay = _backoff(ef.failures)
                     log.warning("%s: %s; attempt %d of %d in %.0fs", entry, exc, ef.failures + 1, MAX_ATTEMPTS, delay)
                     await trio.sleep(delay)
+        except Exception:
+            # A bug must cost this entry, not the mount: log it loudly and fail its readers.
+            log.exception("%s: unexpected error while fetching", entry)
+            self._fail(ef, MxfsError(f"{entry}: internal error (see the daemon log)"), permanent=True)
         finally:
             ef.running = False
             ef.role = None

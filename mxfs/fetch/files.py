@@ -119,6 +119,12 @@ class FileState:
         self._fd.users += 1
         return self._fd
 
+    def adopt_fd(self, fd: int) -> None:
+        """Serve reads from ``fd`` (the downloader opens it on a new partial file, so readers
+        never have to open the partial file by a name that a rename may take away)."""
+        self.retire_fd()
+        self._fd = SharedFd(fd)
+
     def retire_fd(self) -> None:
         """Stop handing out the current descriptor (the copy changed, or nobody reads any more).
 

@@ -1,0 +1,99 @@
+"""Helpers for tests that run real mxfs mounts in subprocesses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+requires_fuse = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+    reason="needs /dev/fuse and fusermount3 (apt install fuse3)",
+)
+
+# Log lines that mean a bug, whatever the test was doing.
+_BAD_LOG = re.compile(r"Traceback|unexpected error|CRITICAL")
+
+
+@dataclass
+class MountedFs:
+    mountpoint: Path
+    cache_dir: Path
+    state_dir: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    allowed_log: list[str] = field(default_factory=list)
+
+    def __truediv__(self, rel: str) -> Path:
+        return self.mountpoint / rel
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait: the daemon must unmount and exit 0 by itself."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.stop()
+        if os.path.ismount(self.mountpoint) or _is_stale(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True, check=False)
+        self.kill()
+
+    def bad_log_lines(self) -> list[str]:
+        lines = []
+        for line in self.log().splitlines():
+            if _BAD_LOG.search(line) and not any(a in line for a in self.allowed_log):
+                lines.append(line)
+        return lines
+
+
+def _is_stale(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == 107  # ENOTCONN
+    return False
+
+
+def wait_for_mount(mount: MountedFs, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.ismount(mount.mountpoint):
+            return
+        if mount.proc.poll() is not None:
+            raise AssertionError(f"mxfs exited with {mount.proc.returncode} before mounting:\n{mount.log()}")
+        time.sleep(0.05)
+    raise AssertionError(f"mxfs did not mount within {timeout}s:\n{mount.log()}")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``mxfs <args>`` as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "mxfs", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO_ROOT,
+        timeout=timeout,
+        check=False,
+    )

@@ -338,3 +338,31 @@ def test_sigterm_unmounts_and_exits_zero(hub: FakeHub, new_repo_id, mxfs_mount) 
     assert mount.stop() == 0
     assert not os.path.ismount(mount.mountpoint)
     assert "unmounted" in mount.log()
+
+
+def test_two_daemons_on_one_node_download_once(hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path) -> None:
+    """Two mounts sharing one cache and one SQLite registry: one claims, the other waits for its blobs."""
+    repo = new_repo_id()
+    files = sample_files(seed=6, big=12_000_000)
+    hub.add_repo(repo, files)
+    hub.inject("slow", repo_id=repo, filename="model.safetensors", bytes_per_second=12_000_000)
+    state = tmp_path / "shared-state"
+    first, second = mxfs_mount(state_dir=state), mxfs_mount(state_dir=state)
+    results: dict[str, bytes] = {}
+
+    def reader(mount: MountedFs, key: str) -> None:
+        results[key] = read(mount / repo / "model.safetensors")
+
+    threads = [
+        threading.Thread(target=reader, args=(m, f"{m.mountpoint.name}-{i}")) for m in (first, second) for i in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 6
+    assert all(data == files["model.safetensors"] for data in results.values())
+    for rel, data in files.items():
+        assert hub.bytes_served(repo, rel) == len(data), rel
+    owners = [m for m in (first, second) if "downloading 7 files" in m.log()]
+    assert len(owners) == 1

@@ -138,7 +138,7 @@ class HubCache:
             commit = self.ref_path(repo_id, revision).read_text().strip()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
-        return commit if COMMIT_RE.match(commit) else None
+        return commit if COMMIT_RE.fullmatch(commit) else None
 
     def cached_repos(self) -> list[str]:
         """Repo ids that have a folder in the cache (models only)."""
@@ -158,7 +158,7 @@ class HubCache:
             names = os.listdir(self.repo_dir(repo_id) / "snapshots")
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if COMMIT_RE.match(n))
+        return sorted(n for n in names if COMMIT_RE.fullmatch(n))
 
     def snapshot_size(self, repo_id: str, commit: str) -> int:
         """Bytes of the distinct blobs a snapshot links to (what deleting it could free at most)."""

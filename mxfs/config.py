@@ -7,6 +7,7 @@ Durations: ``45s``, ``30m``, ``2h30m``, ``7d``, ``1.5h`` or plain seconds.  Size
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ DEFAULT_STATE_DIR = Path("/var/cache/mxfs-state")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)$", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(b|[kmgtp](?:ib|i|b)?)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1}
 for _i, _p in enumerate("kmgtp", start=1):
     _SIZE_UNITS[f"{_p}"] = 1000**_i
@@ -44,6 +45,8 @@ def parse_duration(value: str | float | int, key: str = "duration") -> float:
             if not parts or "".join(n + u for n, u in parts) != text:
                 raise ConfigError(f"{key}: expected a duration such as 30s, 5m, 2h30m or 7d, got {value!r}") from None
             seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{key}: expected a finite duration such as 30s, 5m, 2h30m or 7d, got {value!r}")
     if seconds < 0:
         raise ConfigError(f"{key}: a duration cannot be negative, got {value!r}")
     return seconds
@@ -57,11 +60,11 @@ def parse_size(value: str | int, key: str = "size") -> int:
         if value < 0:
             raise ConfigError(f"{key}: a size cannot be negative, got {value!r}")
         return value
-    match = _SIZE.match(value.strip())
+    match = _SIZE.fullmatch(value.strip())
     if match is None:
         raise ConfigError(f"{key}: expected a size such as 500GiB, 10GB or 1048576, got {value!r}")
     number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[unit.lower()])
+    return int(float(number) * _SIZE_UNITS[(unit or "").lower()])
 
 
 def format_size(n: int | float) -> str:

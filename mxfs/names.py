@@ -34,7 +34,13 @@ def check_component_length(name: str) -> None:
 def validate_repo_part(part: str) -> str:
     """Validate an org or model name; returns it unchanged."""
     check_component_length(part)
-    if len(part) > REPO_PART_MAX or not _REPO_PART.match(part) or "--" in part or ".." in part or part.endswith(".git"):
+    if (
+        len(part) > REPO_PART_MAX
+        or not _REPO_PART.fullmatch(part)
+        or "--" in part
+        or ".." in part
+        or part.endswith(".git")
+    ):
         raise InvalidName(f"not a valid Hub repo name: {part!r}")
     return part
 
@@ -44,7 +50,7 @@ def validate_revision(revision: str) -> str:
     if (
         not revision
         or len(revision) > NAME_MAX
-        or not _REVISION.match(revision)
+        or not _REVISION.fullmatch(revision)
         or ".." in revision
         or "//" in revision
         or revision.endswith(("/", ".", ".lock"))
@@ -63,7 +69,7 @@ class ModelRef:
 
     @property
     def pinned_to_commit(self) -> bool:
-        return bool(COMMIT_RE.match(self.revision))
+        return bool(COMMIT_RE.fullmatch(self.revision))
 
     def __str__(self) -> str:
         return f"{self.repo_id}@{self.revision}"

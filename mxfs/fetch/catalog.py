@@ -41,7 +41,7 @@ class StateDir:
         path = self._repo(repo_id) / "refs" / revision
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             commit = path.read_text().strip()
-            return commit if COMMIT_RE.match(commit) else None
+            return commit if COMMIT_RE.fullmatch(commit) else None
         return None
 
     def write_ref(self, repo_id: str, revision: str, commit: str) -> None:

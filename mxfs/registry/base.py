@@ -31,7 +31,7 @@ def entry_name(repo_id: str, commit: str) -> str:
 
 def parse_entry_name(name: str) -> tuple[str, str]:
     """Split an entry name into ``(repo_id, commit)``; ValueError if it is not one of ours."""
-    match = _ENTRY_RE.match(name)
+    match = _ENTRY_RE.fullmatch(name)
     if match is None:
         raise ValueError(f"not an mxfs entry name: {name!r}")
     return match["repo_id"], match["commit"]

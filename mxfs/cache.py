@@ -237,12 +237,16 @@ class HubCache:
         data = {"format_version": TREE_FORMAT_VERSION, "files": entries}
         atomic_write_text(self.tree_path(repo_id, commit), json.dumps(data, indent=1))
 
-    def remove_stale_incomplete(self, repo_id: str, older_than: float) -> list[Path]:
+    def remove_stale_incomplete(
+        self, repo_id: str, older_than: float, *, etags: Iterable[str] | None = None, keep: str = ""
+    ) -> list[Path]:
         """Delete partial files nobody has written to for ``older_than`` seconds.
 
         A live owner writes continuously and stops at once when its lease lapses, so a partial
-        file untouched for longer than a lease belongs to a dead writer.
+        file untouched for longer than a lease belongs to a dead writer.  ``etags`` limits the
+        sweep to those blobs; a name containing ``keep`` (the caller's own claim) is never removed.
         """
+        wanted = set(etags) if etags is not None else None
         removed = []
         blobs = self.repo_dir(repo_id) / "blobs"
         cutoff = time.time() - older_than
@@ -251,7 +255,9 @@ class HubCache:
         except FileNotFoundError:
             return removed
         for name in names:
-            if not name.endswith(INCOMPLETE_SUFFIX):
+            if not name.endswith(INCOMPLETE_SUFFIX) or (keep and keep in name):
+                continue
+            if wanted is not None and name.split(".", 1)[0] not in wanted:
                 continue
             path = blobs / name
             with contextlib.suppress(FileNotFoundError):

@@ -127,6 +127,7 @@ class EntryDownload:
             await self._close_partials()
         if self.lease_lost:
             raise LeaseLost(f"{self.entry}: lease lost, stopped writing")
+        await trio.to_thread.run_sync(self.remove_dead_partials, limiter=self.io_limiter)
 
     # -- lease ------------------------------------------------------------------------------
 
@@ -155,9 +156,7 @@ class EntryDownload:
     # -- planning ---------------------------------------------------------------------------
 
     async def _download_all(self) -> None:
-        await trio.to_thread.run_sync(
-            self.cache.ensure_snapshot_dir, self.entry.repo_id, self.entry.commit, limiter=self.io_limiter
-        )
+        await trio.to_thread.run_sync(self._prepare, limiter=self.io_limiter)
         for state in self.states.values():
             if state.complete:
                 continue
@@ -170,6 +169,20 @@ class EntryDownload:
             async with trio.open_nursery() as nursery:
                 for _ in range(workers):
                     nursery.start_soon(self._worker)
+
+    def _prepare(self) -> None:
+        """Make the snapshot folder, and drop what dead writers left of this entry's files."""
+        self.cache.ensure_snapshot_dir(self.entry.repo_id, self.entry.commit)
+        self.remove_dead_partials()
+
+    def remove_dead_partials(self) -> None:
+        # Untouched for a whole lease: its writer is dead or has stopped (a lapsed lease stops a
+        # writer at once), so nobody will ever finish it.
+        removed = self.cache.remove_stale_incomplete(
+            self.entry.repo_id, self.lease, etags=(s.file.etag for s in self.states.values()), keep=self.claim_id
+        )
+        for path in removed:
+            log.info("%s: removed %s, left by a writer that stopped", self.entry, path.name)
 
     async def _adopt_existing_blob(self, state: FileState) -> bool:
         """A blob already in the cache (another commit shares the file, or a crash after publish)."""

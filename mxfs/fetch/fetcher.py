@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # Attempts of one coordination task before it gives up and leaves the entry in ERROR; the next
 # open after the backoff starts a new one.
 MAX_ATTEMPTS = 3
+REGISTRY_WARNING_INTERVAL = 30.0
 # Every node touches the entries it has open this often, so eviction elsewhere sees them in use.
 TOUCH_INTERVAL = 60.0
 
@@ -159,6 +160,7 @@ class Fetcher:
         self._entries: dict[str, EntryFetch] = {}
         self._nursery: trio.Nursery | None = None
         self.bytes_read = 0
+        self._registry_warned_at = -math.inf
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -187,7 +189,7 @@ class Fetcher:
             for record in await self.registry.list_by_last_used():
                 repos.add(record_repo(record))
         except RegistryError as exc:
-            log.warning("listing: registry unavailable (%s); showing the local cache only", exc)
+            self._warn_registry("listing shows the local cache only: registry unavailable: %s", exc)
         return sorted(r for r in repos if r)
 
     # -- opening and reading -------------------------------------------------------------------
@@ -443,7 +445,14 @@ class Fetcher:
         try:
             await self.registry.touch(entry.name)
         except RegistryError as exc:
-            log.warning("%s: could not update last-used time: %s", entry, exc)
+            self._warn_registry("%s: could not update last-used time: %s", entry, exc)
+
+    def _warn_registry(self, message: str, *args: object) -> None:
+        """Log registry trouble at most every 30 s: an outage must not flood the log on every open."""
+        now = trio.current_time()
+        if now - self._registry_warned_at >= REGISTRY_WARNING_INTERVAL:
+            self._registry_warned_at = now
+            log.warning(message, *args)
 
     async def _touch_open_entries(self) -> None:
         while True:

@@ -366,3 +366,27 @@ def test_two_daemons_on_one_node_download_once(hub: FakeHub, new_repo_id, mxfs_m
         assert hub.bytes_served(repo, rel) == len(data), rel
     owners = [m for m in (first, second) if "downloading 7 files" in m.log()]
     assert len(owners) == 1
+
+
+def test_vanished_files_are_downloaded_again(hub: FakeHub, new_repo_id, mxfs_mount) -> None:
+    """A DOWNLOADED entry whose files were deleted (by hand, or evicted by another node) is re-claimed."""
+    repo = new_repo_id()
+    files = sample_files(seed=7)
+    hub.add_repo(repo, files)
+    mount = mxfs_mount()
+    assert read(mount / repo / "config.json") == files["config.json"]
+    run = run_cli(
+        "prefetch", repo, "--cache-dir", str(mount.cache_dir), "--state-dir", str(mount.state_dir), env=hub.env()
+    )
+    assert run.returncode == 0, run.stderr
+    repo_dir = mount.cache_dir / f"models--{repo.replace('/', '--')}"
+    for blob in (repo_dir / "blobs").iterdir():
+        blob.unlink()
+    for rel, data in files.items():
+        assert read(mount / repo / rel) == data, rel
+    for rel, data in files.items():
+        assert hub.bytes_served(repo, rel) == 2 * len(data), rel
+    assert "vanished from the cache" in mount.log()
+    assert scan_cache_dir(mount.cache_dir).warnings == []
+    status = run_cli("status", "--json", "--state-dir", str(mount.state_dir))
+    assert json.loads(status.stdout)["status"] == "DOWNLOADED"

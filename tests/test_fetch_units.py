@@ -1,0 +1,794 @@
+"""Small pieces of the fetch path: hashes, the entry index, chunk order, range bodies, Hub errors,
+reads and the places readers wait."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx2
+import pytest
+import trio
+import trio.testing
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.utils import hf_raise_for_status
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mxfs.fetch.files as files_mod
+from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, OfflineMiss, errno_for
+from mxfs.fetch.download import Chunk, hash_matches
+from mxfs.fetch.entry import Entry, tree_record
+from mxfs.fetch.files import FileState, SharedFd, read_at
+from mxfs.hub import HubFile, RangeBody, RepoTree, RetryPolicy, Transient, _translate
+from mxfs.registry import entry_name
+
+COMMIT = "c" * 40
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+
+
+def write_file(tmp_path: Path, data: bytes, name: str = "f") -> int:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return os.open(path, os.O_RDONLY)
+
+
+# -- hash_matches ---------------------------------------------------------------------------------
+
+
+def test_git_blob_sha1_is_what_git_computes() -> None:
+    # `git hash-object` of an empty file and of "hello\n".
+    assert git_blob_sha1(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
+    assert git_blob_sha1(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"
+
+
+@pytest.mark.parametrize("data", [b"", b"hello\n", b'{"a": 1}', os.urandom(3 * 1024 * 1024 + 17)])
+def test_hash_matches_non_lfs(tmp_path: Path, data: bytes) -> None:
+    fd = write_file(tmp_path, data)
+    try:
+        good = HubFile("config.json", len(data), git_blob_sha1(data))
+        assert hash_matches(fd, good)
+        # A plain sha1 of the bytes (without git's header) is not the blob id.
+        plain = HubFile("config.json", len(data), hashlib.sha1(data, usedforsecurity=False).hexdigest())
+        assert not hash_matches(fd, plain)
+        assert not hash_matches(fd, HubFile("config.json", len(data), git_blob_sha1(data + b"x")))
+    finally:
+        os.close(fd)
+
+
+def test_hash_matches_lfs(tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    fd = write_file(tmp_path, data)
+    try:
+        sha = hashlib.sha256(data).hexdigest()
+        # For LFS files the sha256 decides; blob_id is the pointer file's id and is not checked.
+        assert hash_matches(fd, HubFile("model.safetensors", len(data), "0" * 40, lfs_sha256=sha))
+        assert not hash_matches(fd, HubFile("model.safetensors", len(data), git_blob_sha1(data), lfs_sha256="0" * 64))
+    finally:
+        os.close(fd)
+
+
+def test_hash_mismatch_on_one_flipped_byte(tmp_path: Path) -> None:
+    data = bytearray(os.urandom(50_000))
+    sha, blob_id = hashlib.sha256(data).hexdigest(), git_blob_sha1(bytes(data))
+    data[12345] ^= 0x01
+    fd = write_file(tmp_path, bytes(data))
+    try:
+        assert not hash_matches(fd, HubFile("m.bin", len(data), "0" * 40, lfs_sha256=sha))
+        assert not hash_matches(fd, HubFile("m.txt", len(data), blob_id))
+    finally:
+        os.close(fd)
+
+
+def test_hash_matches_short_file(tmp_path: Path) -> None:
+    data = b"truncated download"
+    fd = write_file(tmp_path, data[:-3])
+    try:
+        assert not hash_matches(fd, HubFile("a", len(data), git_blob_sha1(data)))
+        assert not hash_matches(fd, HubFile("a", len(data), "0" * 40, lfs_sha256=hashlib.sha256(data).hexdigest()))
+    finally:
+        os.close(fd)
+
+
+def test_hash_matches_ignores_bytes_past_size(tmp_path: Path) -> None:
+    # A preallocated partial file may be longer than the file; only `size` bytes are hashed.
+    data = b"exact content"
+    fd = write_file(tmp_path, data + b"\0" * 100)
+    try:
+        assert hash_matches(fd, HubFile("a", len(data), git_blob_sha1(data)))
+    finally:
+        os.close(fd)
+
+
+# -- HubFile, RepoTree, Entry ---------------------------------------------------------------------
+
+
+def test_hubfile_etag() -> None:
+    assert HubFile("config.json", 10, "1" * 40).etag == "1" * 40
+    assert HubFile("model.safetensors", 10, "1" * 40, lfs_sha256="2" * 64).etag == "2" * 64
+
+
+def make_tree(*paths: str, repo_id: str = "org/model") -> RepoTree:
+    files = tuple(
+        HubFile(p, 10 * (i + 1), f"{i:040x}", lfs_sha256=f"{i:064x}" if p.endswith(".safetensors") else None)
+        for i, p in enumerate(sorted(paths))
+    )
+    return RepoTree(repo_id, COMMIT, datetime(2024, 5, 1, 12, 30, tzinfo=UTC), files)
+
+
+def test_repo_tree_json_round_trip() -> None:
+    tree = make_tree("config.json", "model.safetensors", "1_Pooling/config.json")
+    again = RepoTree.from_json(tree.to_json())
+    assert again == tree
+    assert again.commit_date.tzinfo is not None
+    assert again.size == tree.size == sum(f.size for f in tree.files)
+    other_tz = RepoTree("o/m", COMMIT, datetime(2024, 1, 1, tzinfo=timezone(timedelta(hours=2))), ())
+    assert RepoTree.from_json(other_tz.to_json()).commit_date == other_tz.commit_date
+
+
+def test_entry_children_index() -> None:
+    paths = [
+        "config.json",
+        "model.safetensors",
+        "1_Pooling/config.json",
+        "a/b/c/deep.txt",
+        "a/b/other.txt",
+        "a/top.txt",
+        "onnx/model.onnx",
+        "onnx/model_qint8.onnx",
+    ]
+    tree = make_tree(*paths)
+    entry = Entry(tree)
+    by_path = {f.path: f for f in tree.files}
+
+    assert entry.files == by_path
+    assert entry.children[""] == {
+        "config.json": by_path["config.json"],
+        "model.safetensors": by_path["model.safetensors"],
+        "1_Pooling": None,
+        "a": None,
+        "onnx": None,
+    }
+    assert entry.children["1_Pooling"] == {"config.json": by_path["1_Pooling/config.json"]}
+    assert entry.children["a"] == {"b": None, "top.txt": by_path["a/top.txt"]}
+    assert entry.children["a/b"] == {"c": None, "other.txt": by_path["a/b/other.txt"]}
+    assert entry.children["a/b/c"] == {"deep.txt": by_path["a/b/c/deep.txt"]}
+    assert entry.children["onnx"] == {
+        "model.onnx": by_path["onnx/model.onnx"],
+        "model_qint8.onnx": by_path["onnx/model_qint8.onnx"],
+    }
+    assert set(entry.children) == {"", "1_Pooling", "a", "a/b", "a/b/c", "onnx"}
+    # Every file is reachable from the root through the index, exactly once.
+    seen = []
+
+    def walk(d: str) -> None:
+        for name, child in entry.children[d].items():
+            path = f"{d}/{name}" if d else name
+            if child is None:
+                walk(path)
+            else:
+                assert child.path == path
+                seen.append(path)
+
+    walk("")
+    assert sorted(seen) == sorted(paths)
+
+    assert entry.repo_id == "org/model"
+    assert entry.commit == COMMIT
+    assert entry.size == tree.size
+    assert entry.name == entry_name("org/model", COMMIT)
+    assert str(entry) == f"org/model@{COMMIT[:12]}"
+
+
+def test_entry_of_empty_repo() -> None:
+    entry = Entry(make_tree())
+    assert entry.children == {"": {}}
+    assert entry.size == 0
+
+
+def test_tree_record() -> None:
+    lfs = HubFile("m.safetensors", 5, "1" * 40, lfs_sha256="2" * 64)
+    rec = tree_record(lfs)
+    assert (rec.path, rec.etag, rec.size, rec.blob_id, rec.lfs_sha256) == (
+        "m.safetensors",
+        "2" * 64,
+        5,
+        "1" * 40,
+        "2" * 64,
+    )
+    plain = tree_record(HubFile("c.json", 3, "3" * 40))
+    assert (plain.etag, plain.lfs_sha256) == ("3" * 40, None)
+
+
+# -- Chunk.priority -------------------------------------------------------------------------------
+
+
+def state_for(path: str, size: int) -> FileState:
+    return FileState(HubFile(path, size, "0" * 40))
+
+
+def test_chunk_priority_order() -> None:
+    big_waited = state_for("model.safetensors", 1000)
+    big_waited.waiting = 1
+    big_waited.wanted_offsets.add(650)
+    small = state_for("config.json", 10)
+    tiny = state_for("vocab.txt", 5)
+    medium = state_for("tokenizer.json", 200)
+
+    chunks = {
+        "waited, wanted offset inside": Chunk(big_waited, 600, 700),
+        "waited, chunk 0": Chunk(big_waited, 0, 100),
+        "waited, chunk 9": Chunk(big_waited, 900, 1000),
+        "tiny": Chunk(tiny, 0, 5),
+        "small": Chunk(small, 0, 10),
+        "medium": Chunk(medium, 0, 200),
+    }
+    order = sorted(chunks, key=lambda k: chunks[k].priority())
+    assert order == [
+        "waited, wanted offset inside",  # a reader is blocked on exactly these bytes
+        "waited, chunk 0",  # then the rest of the file readers wait for, in order
+        "waited, chunk 9",
+        "tiny",  # then small files first
+        "small",
+        "medium",
+    ]
+
+
+def test_chunk_priority_wanted_offset_bounds() -> None:
+    s = state_for("m.bin", 300)
+    s.waiting = 1
+    s.wanted_offsets.add(100)
+    before, at, after = Chunk(s, 0, 100), Chunk(s, 100, 200), Chunk(s, 200, 300)
+    assert at.priority() < before.priority() < after.priority()
+    # Half-open: offset 100 belongs to [100, 200), not to [0, 100).
+    assert before.priority()[1] == 1
+    assert at.priority()[1] == 0
+
+
+def test_waited_for_file_beats_smaller_files() -> None:
+    huge = state_for("huge.bin", 10**12)
+    tiny = state_for("tiny.txt", 1)
+    assert Chunk(tiny, 0, 1).priority() < Chunk(huge, 0, 100).priority()
+    huge.waiting = 2
+    assert Chunk(huge, 500, 600).priority() < Chunk(tiny, 0, 1).priority()
+
+
+# -- RangeBody ------------------------------------------------------------------------------------
+
+
+class FakeResponse:
+    """What RangeBody uses of an httpx2 response: status, headers, iter_bytes."""
+
+    def __init__(self, status: int, pieces: list[bytes], headers: dict[str, str] | None = None, fail: bool = False):
+        self.status_code = status
+        self.headers = httpx2.Headers(headers or {})
+        self._pieces = pieces
+        self._fail = fail
+        self.chunk_sizes: list[int] = []
+
+    def iter_bytes(self, chunk_size: int | None = None) -> Iterator[bytes]:
+        self.chunk_sizes.append(chunk_size)
+        yield from self._pieces
+        if self._fail:
+            raise httpx2.ReadError("connection reset by peer")
+
+
+def split(data: bytes, n: int) -> list[bytes]:
+    return [data[i : i + n] for i in range(0, len(data), n)]
+
+
+FILE = bytes(range(256)) * 40  # 10240 bytes
+
+
+def test_range_body_206() -> None:
+    start, end = 1000, 3000
+    response = FakeResponse(206, split(FILE[start:end], 333), {"Content-Range": f"bytes {start}-{end - 1}/{len(FILE)}"})
+    body = RangeBody(response, start, end, "org/m@c/f")
+    assert b"".join(body.chunks(4096)) == FILE[start:end]
+    assert response.chunk_sizes == [4096]
+
+
+def test_range_body_206_cuts_extra_bytes() -> None:
+    start, end = 0, 100
+    response = FakeResponse(206, [FILE[:150]], {"content-range": f"bytes 0-99/{len(FILE)}"})
+    assert b"".join(RangeBody(response, start, end, "w").chunks()) == FILE[:100]
+
+
+@pytest.mark.parametrize("content_range", ["bytes 0-1999/10240", "bytes 999-1999/10240", "", "bytes */10240", "junk"])
+def test_range_body_206_wrong_start(content_range: str) -> None:
+    headers = {"Content-Range": content_range} if content_range else {}
+    response = FakeResponse(206, [FILE[1000:2000]], headers)
+    with pytest.raises(HubUnavailable) as info:
+        RangeBody(response, 1000, 2000, "org/m@c/f")
+    assert "org/m@c/f" in str(info.value)
+
+
+def test_range_body_200_skips_to_start_and_cuts_at_end() -> None:
+    start, end = 1000, 3000
+    response = FakeResponse(200, split(FILE, 777))  # the whole file, Range ignored
+    assert b"".join(RangeBody(response, start, end, "w").chunks()) == FILE[start:end]
+
+
+@given(
+    data=st.binary(min_size=1, max_size=2000),
+    bounds=st.tuples(st.integers(0, 2000), st.integers(0, 2000)),
+    piece=st.integers(1, 300),
+    status=st.sampled_from([200, 206]),
+)
+def test_range_body_any_chunking(data: bytes, bounds: tuple[int, int], piece: int, status: int) -> None:
+    start, end = sorted(bounds)
+    start, end = min(start, len(data) - 1), min(max(end, start + 1), len(data))
+    if status == 206:
+        response = FakeResponse(
+            206, split(data[start:], piece), {"Content-Range": f"bytes {start}-{end - 1}/{len(data)}"}
+        )
+    else:
+        response = FakeResponse(200, split(data, piece))
+    out = list(RangeBody(response, start, end, "w").chunks())
+    assert b"".join(out) == data[start:end]
+    assert all(out)  # no empty pieces handed to the writer
+
+
+@pytest.mark.parametrize("status", [200, 206])
+def test_range_body_ends_early(status: int) -> None:
+    start, end = 1000, 3000
+    if status == 206:
+        response = FakeResponse(
+            206, split(FILE[start : end - 10], 500), {"Content-Range": f"bytes {start}-{end - 1}/*"}
+        )
+    else:
+        response = FakeResponse(200, split(FILE[: end - 10], 500))
+    body = RangeBody(response, start, end, "org/m@c/f")
+    received = []
+    with pytest.raises(Transient) as info:
+        for chunk in body.chunks():
+            received.append(chunk)
+    assert b"".join(received) == FILE[start : end - 10]  # what did arrive is correct and usable
+    assert "10 bytes early" in str(info.value)
+    assert isinstance(info.value, HubUnavailable)
+
+
+def test_range_body_connection_breaks() -> None:
+    response = FakeResponse(206, [FILE[:100]], {"Content-Range": "bytes 0-999/10240"}, fail=True)
+    received = []
+    with pytest.raises(Transient) as info:
+        for chunk in RangeBody(response, 0, 1000, "org/m@c/f").chunks():
+            received.append(chunk)
+    assert received == [FILE[:100]]
+    assert "ReadError" in str(info.value)
+
+
+def test_range_body_200_ending_before_start() -> None:
+    response = FakeResponse(200, [FILE[:500]])
+    with pytest.raises(Transient):
+        list(RangeBody(response, 1000, 2000, "w").chunks())
+
+
+@pytest.mark.parametrize("status", [204, 301, 304, 416])
+def test_range_body_unexpected_status(status: int) -> None:
+    with pytest.raises(HubUnavailable) as info:
+        RangeBody(FakeResponse(status, []), 0, 10, "org/m@c/f")
+    assert not isinstance(info.value, Transient)
+    assert str(status) in str(info.value)
+
+
+# -- _translate -----------------------------------------------------------------------------------
+
+API_URL = "https://huggingface.co/api/models/org/model/revision/main"
+FILE_URL = "https://huggingface.co/org/model/resolve/" + COMMIT + "/config.json"
+
+
+def hub_error(status: int, url: str = API_URL, headers: dict[str, str] | None = None) -> Exception:
+    """The exception huggingface_hub raises for this answer (through its own hf_raise_for_status)."""
+    response = httpx2.Response(status, headers=headers or {}, request=httpx2.Request("GET", url))
+    with pytest.raises(Exception) as info:
+        hf_raise_for_status(response)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("status", "url", "headers", "expected"),
+    [
+        (401, API_URL, {"X-Error-Code": "RepoNotFound"}, NotFound),
+        (404, API_URL, {"X-Error-Code": "RepoNotFound"}, NotFound),
+        (404, API_URL, {"X-Error-Code": "RevisionNotFound"}, NotFound),
+        (404, FILE_URL, {"X-Error-Code": "EntryNotFound"}, NotFound),
+        (403, API_URL, {"X-Error-Code": "GatedRepo"}, AccessDenied),
+        (401, API_URL, {"X-Error-Code": "GatedRepo"}, AccessDenied),
+        (401, FILE_URL, {"X-Error-Message": "Invalid credentials in Authorization header"}, AccessDenied),
+        (403, FILE_URL, {}, AccessDenied),
+        (500, API_URL, {}, Transient),
+        (502, FILE_URL, {}, Transient),
+        (503, FILE_URL, {}, Transient),
+        (504, API_URL, {}, Transient),
+        (429, API_URL, {}, Transient),
+        (408, FILE_URL, {}, Transient),
+    ],
+)
+def test_translate_hub_http_errors(status: int, url: str, headers: dict[str, str], expected: type) -> None:
+    exc = hub_error(status, url, headers)
+    assert isinstance(exc, HfHubHTTPError)
+    result = _translate(exc, "org/model@main")
+    assert type(result) is expected
+    assert "org/model@main" in str(result)
+
+
+def test_gated_is_checked_before_repo_not_found() -> None:
+    exc = hub_error(403, API_URL, {"X-Error-Code": "GatedRepo"})
+    assert isinstance(exc, GatedRepoError)
+    assert isinstance(exc, RepositoryNotFoundError)  # why the order matters
+    result = _translate(exc, "org/model")
+    assert isinstance(result, AccessDenied)
+    assert "HF_TOKEN" in str(result)
+    assert errno_for(result) == errno.EACCES
+
+
+def test_repo_not_found_is_enoent() -> None:
+    result = _translate(hub_error(401, API_URL, {"X-Error-Code": "RepoNotFound"}), "org/model")
+    assert errno_for(result) == errno.ENOENT
+
+
+def test_transient_is_eio_and_retried() -> None:
+    result = _translate(hub_error(503), "org/model")
+    assert isinstance(result, HubUnavailable)
+    assert errno_for(result) == errno.EIO
+
+
+def test_translate_client_error_is_not_transient() -> None:
+    result = _translate(hub_error(400), "org/model")
+    assert isinstance(result, HubUnavailable)
+    assert not isinstance(result, Transient)
+
+
+def test_translate_offline() -> None:
+    result = _translate(OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled."), "w")
+    assert isinstance(result, OfflineMiss)
+    assert errno_for(result) == errno.ENOENT
+
+
+def test_translate_local_entry_not_found() -> None:
+    result = _translate(LocalEntryNotFoundError("not in the local cache"), "w")
+    assert isinstance(result, NotFound | OfflineMiss)
+    assert errno_for(result) == errno.ENOENT
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx2.ConnectError("connection refused"),
+        httpx2.ReadTimeout("timed out"),
+        httpx2.RemoteProtocolError("peer closed connection"),
+        ConnectionResetError(errno.ECONNRESET, "reset"),
+        TimeoutError("timed out"),
+    ],
+)
+def test_translate_network_errors_are_transient(exc: Exception) -> None:
+    result = _translate(exc, "org/model")
+    assert isinstance(result, Transient)
+    assert type(exc).__name__ in str(result)
+
+
+def test_translate_passes_domain_errors_through() -> None:
+    original = AccessDenied("already translated")
+    assert _translate(original, "w") is original
+
+
+def test_translate_unknown_error() -> None:
+    result = _translate(ValueError("weird"), "org/model")
+    assert type(result) is HubUnavailable
+    assert "ValueError" in str(result)
+
+
+def test_retry_policy_delays() -> None:
+    policy = RetryPolicy(attempts=5, initial_delay=0.5, max_delay=10.0)
+    assert [policy.delay(i) for i in range(7)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert RetryPolicy().attempts >= 1
+    assert all(RetryPolicy().delay(i) <= RetryPolicy().max_delay for i in range(100))
+
+
+# -- read_at --------------------------------------------------------------------------------------
+
+DATA = os.urandom(256 * 1024 + 123)
+
+
+@pytest.fixture
+def data_fd(tmp_path: Path) -> Iterator[int]:
+    fd = write_file(tmp_path, DATA)
+    yield fd
+    os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("offset", "size"),
+    [(0, 4096), (0, len(DATA)), (12345, 131072), (len(DATA) - 10, 10), (len(DATA) - 10, 4096), (len(DATA), 4096)],
+)
+async def test_read_at(data_fd: int, offset: int, size: int) -> None:
+    limiter = trio.CapacityLimiter(2)
+    assert await read_at(data_fd, offset, size, limiter) == DATA[offset : offset + size]
+
+
+async def test_read_at_past_end(data_fd: int) -> None:
+    assert await read_at(data_fd, len(DATA) + 1000, 10, trio.CapacityLimiter(1)) == b""
+
+
+async def test_read_at_without_nowait(data_fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files_mod, "_nowait_supported", False)
+    assert await read_at(data_fd, 100, 5000, trio.CapacityLimiter(1)) == DATA[100:5100]
+
+
+async def test_read_at_partial_nowait_read(data_fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only part of the range is in the page cache: the rest is read in a thread and appended."""
+    monkeypatch.setattr(files_mod, "_nowait_supported", True)
+
+    def preadv(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
+        (buf,) = buffers
+        n = len(buf) // 3
+        buf[:n] = os.pread(fd, n, offset)
+        return n
+
+    monkeypatch.setattr(files_mod.os, "preadv", preadv)
+    assert await read_at(data_fd, 1000, 9000, trio.CapacityLimiter(1)) == DATA[1000:10000]
+
+
+async def test_read_at_would_block(data_fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files_mod, "_nowait_supported", True)
+
+    def preadv(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
+        raise BlockingIOError(errno.EAGAIN, "would block")
+
+    monkeypatch.setattr(files_mod.os, "preadv", preadv)
+    assert await read_at(data_fd, 0, 4096, trio.CapacityLimiter(1)) == DATA[:4096]
+
+
+async def test_read_at_nowait_unsupported_falls_back(data_fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files_mod, "_nowait_supported", True)
+
+    def preadv(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(files_mod.os, "preadv", preadv)
+    assert await read_at(data_fd, 10, 100, trio.CapacityLimiter(1)) == DATA[10:110]
+    assert files_mod._nowait_supported is False
+
+
+async def test_read_at_bad_fd_raises(tmp_path: Path) -> None:
+    fd = write_file(tmp_path, b"x")
+    os.close(fd)
+    with pytest.raises(OSError) as info:
+        await read_at(fd, 0, 1, trio.CapacityLimiter(1))
+    assert info.value.errno == errno.EBADF
+
+
+# -- FileState.wait_readable ----------------------------------------------------------------------
+
+
+def partial_state(tmp_path: Path, size: int = 1000) -> FileState:
+    state = FileState(HubFile("model.safetensors", size, "0" * 40, lfs_sha256="1" * 64))
+    state.partial = tmp_path / "x.incomplete"
+    state.partial.write_bytes(b"\0" * size)
+    return state
+
+
+async def test_wait_readable_returns_at_once_when_present(tmp_path: Path) -> None:
+    state = partial_state(tmp_path)
+    state.present.add(0, 500)
+    with trio.fail_after(1):
+        await state.wait_readable(100, 200, strict=False)
+    assert state.waiting == 0
+    assert state.wanted_offsets == set()
+
+
+async def test_wait_readable_waits_until_present_covers(tmp_path: Path) -> None:
+    state = partial_state(tmp_path)
+    done = trio.Event()
+
+    async def reader() -> None:
+        await state.wait_readable(100, 300, strict=False)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+        assert state.waiting == 1
+        assert state.wanted_offsets == {100}  # tells the downloader which chunk to fetch first
+
+        state.present.add(100, 200)  # half of it: keep waiting
+        state.notify()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+
+        state.present.add(200, 300)
+        state.notify()
+        with trio.fail_after(1):
+            await done.wait()
+    assert state.waiting == 0
+    assert state.wanted_offsets == set()
+
+
+async def test_wait_readable_raises_the_error(tmp_path: Path) -> None:
+    state = partial_state(tmp_path)
+    error = HubUnavailable("org/model: the Hub is down")
+    caught: list[BaseException] = []
+
+    async def reader() -> None:
+        try:
+            await state.wait_readable(0, 10, strict=False)
+        except MxfsError as exc:
+            caught.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert state.waiting == 2
+        state.set_error(error)
+    assert caught == [error, error]
+    assert state.waiting == 0
+    # A later reader fails at once, without waiting.
+    with trio.fail_after(1), pytest.raises(HubUnavailable):
+        await state.wait_readable(0, 10, strict=False)
+
+
+async def test_wait_readable_bytes_present_despite_error(tmp_path: Path) -> None:
+    state = partial_state(tmp_path)
+    state.present.add(0, 100)
+    state.set_error(HubUnavailable("later bytes failed"))
+    with trio.fail_after(1):
+        await state.wait_readable(0, 100, strict=False)  # these bytes arrived before the failure
+    with pytest.raises(HubUnavailable):
+        await state.wait_readable(50, 150, strict=False)
+
+
+async def test_wait_readable_strict_waits_for_the_blob(tmp_path: Path) -> None:
+    state = partial_state(tmp_path)
+    done = trio.Event()
+
+    async def reader() -> None:
+        await state.wait_readable(0, 100, strict=True)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        state.present.add(0, 1000)  # every byte is there, but not verified yet
+        state.notify()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+        assert state.readable(0, 100, strict=False)
+        assert not state.readable(0, 100, strict=True)
+
+        state.set_blob(tmp_path / "blob", same_inode=True)
+        with trio.fail_after(1):
+            await done.wait()
+    assert state.complete
+    assert state.present.covers(0, 1000)
+    assert state.partial is None
+
+
+async def test_wait_readable_set_blob_clears_error(tmp_path: Path) -> None:
+    state = partial_state(tmp_path)
+    state.set_error(HubUnavailable("first try failed"))
+    state.set_blob(tmp_path / "blob", same_inode=True)
+    assert state.error is None
+    with trio.fail_after(1):
+        await state.wait_readable(0, 1000, strict=True)
+
+
+async def test_wait_readable_cancelled_reader_cleans_up(tmp_path: Path) -> None:
+    state = partial_state(tmp_path)
+    with trio.move_on_after(0.05) as scope:
+        await state.wait_readable(0, 10, strict=False)
+    assert scope.cancelled_caught
+    assert state.waiting == 0
+    assert state.wanted_offsets == set()
+
+
+async def test_wait_readable_nothing_local_waits(tmp_path: Path) -> None:
+    # No partial file on this node (another node downloads): non-strict readers wait too.
+    state = FileState(HubFile("a", 10, "0" * 40))
+    state.present.add(0, 10)
+    assert not state.readable(0, 10, strict=False)
+    with trio.move_on_after(0.05) as scope:
+        await state.wait_readable(0, 10, strict=False)
+    assert scope.cancelled_caught
+
+
+async def test_wait_readable_with_autojump_clock(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    state = partial_state(tmp_path)
+
+    async def downloader() -> None:
+        for start in range(0, 1000, 100):
+            await trio.sleep(1)
+            state.present.add(start, start + 100)
+            state.notify()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(downloader)
+        t0 = trio.current_time()
+        await state.wait_readable(450, 550, strict=False)
+        assert trio.current_time() - t0 == pytest.approx(6)
+
+
+# -- SharedFd and the shared descriptor -----------------------------------------------------------
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        assert exc.errno == errno.EBADF
+        return False
+    return True
+
+
+def test_shared_fd_closes_only_when_retired_and_unused(tmp_path: Path) -> None:
+    shared = SharedFd(write_file(tmp_path, b"data"))
+    shared.users = 2
+    shared.release()
+    assert is_open(shared.fd)  # not retired: a release never closes
+    shared.users += 1
+    shared.retire()
+    assert is_open(shared.fd)  # two reads still in flight
+    shared.release()
+    assert is_open(shared.fd)
+    shared.release()
+    assert not is_open(shared.fd)
+
+
+def test_shared_fd_retire_when_unused_closes_at_once(tmp_path: Path) -> None:
+    shared = SharedFd(write_file(tmp_path, b"data"))
+    shared.retire()
+    assert shared.retired
+    assert not is_open(shared.fd)
+
+
+def test_file_state_fd_lifecycle(tmp_path: Path) -> None:
+    state = partial_state(tmp_path, 4)
+    state.partial.write_bytes(b"abcd")
+    first = state.acquire_fd()
+    assert state.acquire_fd() is first
+    assert first.users == 2
+    assert os.pread(first.fd, 4, 0) == b"abcd"
+
+    # The partial file renamed to its blob keeps its inode and descriptor.
+    blob = tmp_path / "blob"
+    os.rename(state.partial, blob)
+    state.set_blob(blob, same_inode=True)
+    assert state.acquire_fd() is first
+    first.release()
+
+    # A different copy (another node's blob): the old descriptor is retired, closed after its reads.
+    other = tmp_path / "other-blob"
+    other.write_bytes(b"abcd")
+    state.set_blob(other)
+    assert first.retired
+    assert is_open(first.fd)
+    second = state.acquire_fd()
+    assert second is not first
+    assert os.fstat(second.fd).st_ino == other.stat().st_ino
+    first.release()
+    first.release()
+    assert not is_open(first.fd)
+    assert is_open(second.fd)
+    second.release()
+    state.retire_fd()
+    assert not is_open(second.fd)
+
+
+def test_acquire_fd_without_local_copy() -> None:
+    state = FileState(HubFile("a", 10, "0" * 40))
+    with pytest.raises(MxfsError):
+        state.acquire_fd()

@@ -162,10 +162,10 @@ class HubCache:
 
     def snapshot_size(self, repo_id: str, commit: str) -> int:
         """Bytes of the distinct blobs a snapshot links to (what deleting it could free at most)."""
-        blobs = {p.resolve() for p in self._snapshot_links(repo_id, commit)}
+        blobs = {p.resolve() for p in self.snapshot_links(repo_id, commit)}
         return sum(b.stat().st_size for b in blobs if b.exists())
 
-    def _snapshot_links(self, repo_id: str, commit: str) -> Iterator[Path]:
+    def snapshot_links(self, repo_id: str, commit: str) -> Iterator[Path]:
         base = self.snapshot_dir(repo_id, commit)
         for dirpath, _dirnames, filenames in os.walk(base):
             for filename in filenames:
@@ -280,7 +280,7 @@ class HubCache:
                 with contextlib.suppress(OSError):
                     if ref.read_text().strip() == commit:
                         ref.unlink()
-        ours = {os.path.basename(os.readlink(p)) for p in self._snapshot_links(repo_id, commit) if p.is_symlink()}
+        ours = {os.path.basename(os.readlink(p)) for p in self.snapshot_links(repo_id, commit) if p.is_symlink()}
         snapshot = self.snapshot_dir(repo_id, commit)
         for dirpath, dirnames, filenames in os.walk(snapshot, topdown=False):
             for filename in filenames:
@@ -293,7 +293,7 @@ class HubCache:
         self.tree_path(repo_id, commit).unlink(missing_ok=True)
         still_used = set()
         for other in self.cached_commits(repo_id):
-            for link in self._snapshot_links(repo_id, other):
+            for link in self.snapshot_links(repo_id, other):
                 with contextlib.suppress(OSError):
                     still_used.add(os.path.basename(os.readlink(link)))
         freed = 0

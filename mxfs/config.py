@@ -52,10 +52,14 @@ def parse_duration(value: str | float | int, key: str = "duration") -> float:
     return seconds
 
 
-def parse_size(value: str | int, key: str = "size") -> int:
+def parse_size(value: str | int | float, key: str = "size") -> int:
     """Bytes from ``500GiB`` / ``10GB`` / plain bytes (GB = 10^9, GiB = 2^30)."""
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a size such as 500GiB, 10GB or 1048576, got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise ConfigError(f"{key}: expected a whole number of bytes, got {value!r}")
+        value = int(value)
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"{key}: a size cannot be negative, got {value!r}")

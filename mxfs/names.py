@@ -3,7 +3,8 @@
 ``/<org>/<name>`` is repo ``org/name`` at the default revision and ``/<org>/<name>@<rev>`` pins a
 branch, tag or commit.  The rules follow ``huggingface_hub``'s ``validate_repo_id`` (ASCII only) and
 git's ref-name rules, so a name that could never exist on the Hub is rejected locally: tools that
-probe for ``.git``, ``__pycache__`` or ``desktop.ini`` never cause Hub traffic.
+probe for ``.git``, ``.DS_Store`` or ``Thumbs db`` never cause Hub traffic (a probe that is a valid
+repo name, such as ``__pycache__``, costs one lookup whose miss is then cached).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from mxfs.errors import (
 from mxfs.fetch.catalog import Catalog
 from mxfs.fetch.download import EntryDownload, LeaseLost
 from mxfs.fetch.entry import Entry, tree_record
-from mxfs.fetch.files import FileState, read_at
+from mxfs.fetch.files import FileState, SharedFd, read_at
 from mxfs.hub import Hub, HubFile
 from mxfs.names import ModelRef
 from mxfs.registry import AlreadyExists, Claimed, Record, Registry, RegistryError, Status
@@ -113,6 +113,9 @@ class OpenFile:
     served_unverified: bool = False
     epoch: int = 0
     closed: bool = False
+    # Held from open() to close() once the file is complete: the blob's inode stays readable even
+    # if eviction (here or on another node) unlinks it while the file is open.
+    pinned: SharedFd | None = None
 
     @property
     def file(self) -> HubFile:
@@ -132,17 +135,23 @@ class OpenFile:
         if not state.complete and not self.served_unverified:
             self.served_unverified = True
             self.epoch = state.corrupt_epoch
-        shared = state.acquire_fd()
+        if self.pinned is None and state.complete:
+            self.pinned = state.acquire_fd()
+        shared = self.pinned or state.acquire_fd()
         try:
             data = await read_at(shared.fd, offset, end - offset, self.fetcher.io_limiter)
         finally:
-            shared.release()
+            if shared is not self.pinned:
+                shared.release()
         self.fetcher.bytes_read += len(data)
         return data
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.pinned is not None:
+                self.pinned.release()
+                self.pinned = None
             self.fetcher._release(self)
 
 
@@ -211,6 +220,9 @@ class Fetcher:
                 s.retire_fd()
             ef.reset_done()
         handle = OpenFile(self, ef, state, strict=self.settings.verify == "strict")
+        if state.complete:
+            # An open() of a local file: cheap, and it must not race the state from a thread.
+            handle.pinned = state.acquire_fd()
         ef.handles += 1
         self._spawn(self._touch, entry)
         if not state.complete:

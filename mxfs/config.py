@@ -80,6 +80,25 @@ def format_size(n: int | float) -> str:
 
 
 @dataclass
+class EvictionSettings:
+    """DESIGN section 6; ``None`` switches a rule off."""
+
+    enabled: bool = True
+    check_interval: float = 300.0
+    unused_threshold: float | None = 7 * 86400.0
+    max_models: int | None = None
+    max_cache_size: int | None = None
+    min_free_space: int | None = None
+    in_use_grace: float = 600.0
+
+    def validate(self) -> None:
+        if self.check_interval <= 0:
+            raise ConfigError(f"eviction.check_interval: must be positive, got {self.check_interval!r}")
+        if self.max_models is not None and self.max_models < 0:
+            raise ConfigError(f"eviction.max_models: cannot be negative, got {self.max_models!r}")
+
+
+@dataclass
 class Settings:
     """Everything the daemon and the cache commands can be told."""
 
@@ -98,6 +117,7 @@ class Settings:
     poll_interval: float = 0.5
     allow_other: bool = False
     log_level: str = "info"
+    eviction: EvictionSettings = field(default_factory=lambda: EvictionSettings())
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -105,6 +125,7 @@ class Settings:
         return self.registry or f"sqlite://{(self.state_dir / 'registry.db').absolute()}"
 
     def validate(self) -> None:
+        self.eviction.validate()
         if self.verify not in ("fast", "strict"):
             raise ConfigError(f"verify: expected 'fast' or 'strict', got {self.verify!r}")
         if self.lease <= 0:

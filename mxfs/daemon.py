@@ -25,6 +25,7 @@ import trio
 
 from mxfs.cache import HubCache
 from mxfs.config import Settings
+from mxfs.evict import Evictor, Rules
 from mxfs.fetch import Catalog, Fetcher, StateDir
 from mxfs.fs import MxfsOperations
 from mxfs.hub import Hub, HubClient
@@ -47,6 +48,25 @@ class Services:
     registry: Registry
     catalog: Catalog
     fetcher: Fetcher
+    evictor: Evictor
+
+
+def make_evictor(settings: Settings, registry: Registry, cache: HubCache, fetcher: Fetcher | None = None) -> Evictor:
+    ev = settings.eviction
+    rules = Rules(
+        unused_threshold=ev.unused_threshold,
+        max_models=ev.max_models,
+        max_cache_size=ev.max_cache_size,
+        min_free_space=ev.min_free_space,
+        in_use_grace=ev.in_use_grace,
+    )
+    return Evictor(
+        registry,
+        cache,
+        rules,
+        check_interval=ev.check_interval,
+        open_entries=fetcher.open_entries if fetcher is not None else set,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -75,9 +95,12 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             log.info("HF_HUB_OFFLINE is set: serving the cache only")
         catalog = Catalog(hub, cache, state, negative_ttl=settings.negative_ttl)
         fetcher = Fetcher(catalog, registry, cache, settings)
+        evictor = make_evictor(settings, registry, cache, fetcher)
+        # A download that hits a full disk runs an eviction cycle before it retries.
+        fetcher.on_disk_full = evictor.cycle
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.run)
-            yield Services(settings, cache, state, registry, catalog, fetcher)
+            yield Services(settings, cache, state, registry, catalog, fetcher, evictor)
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
@@ -189,6 +212,8 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(_stop_on_signals)
+                if settings.eviction.enabled:
+                    await nursery.start(services.evictor.run)
                 nursery.start_soon(_announce_ready, mountpoint)
                 await pyfuse3.main(max_tasks=MAX_FUSE_TASKS)
                 nursery.cancel_scope.cancel()

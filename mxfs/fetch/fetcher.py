@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import trio
@@ -29,6 +29,7 @@ from mxfs.cache import HubCache
 from mxfs.config import Settings
 from mxfs.errors import (
     AccessDenied,
+    DiskFull,
     MxfsError,
     NotFound,
     RegistryUnavailable,
@@ -170,6 +171,8 @@ class Fetcher:
         self._nursery: trio.Nursery | None = None
         self.bytes_read = 0
         self._registry_warned_at = -math.inf
+        # Set by the daemon: frees space (an eviction cycle) when a download finds the disk full.
+        self.on_disk_full: Callable[[], Awaitable[object]] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -316,6 +319,13 @@ class Fetcher:
                     # Waiting will not help: tell readers now.
                     self._fail(ef, exc, permanent=True)
                     return
+                except DiskFull as exc:
+                    ef.failures += 1
+                    if self.on_disk_full is None or ef.failures >= MAX_ATTEMPTS:
+                        self._fail(ef, exc, permanent=False)
+                        return
+                    log.warning("%s: %s; evicting unused models, then retrying", entry, exc)
+                    await self.on_disk_full()
                 except MxfsError as exc:
                     ef.failures += 1
                     if ef.failures >= MAX_ATTEMPTS:

@@ -174,4 +174,16 @@ class Registry(Protocol):
         """Pin or unpin an entry; False if the entry is unknown."""
         ...
 
+    async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
+        """Take the named lock for ``ttl`` seconds if it is free, expired or already ``owner``'s.
+
+        Used so that one node at a time sweeps the cache for eviction; a holder that dies loses
+        it when the ttl runs out.
+        """
+        ...
+
+    async def unlock(self, name: str, owner: str) -> bool:
+        """Release the named lock if ``owner`` holds it; False otherwise (changing nothing)."""
+        ...
+
     async def aclose(self) -> None: ...

@@ -44,7 +44,7 @@ from mxfs.registry.base import (
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the locks table
 # Another process may hold the write lock (a claim, or another process creating the schema):
 # wait this long for it before reporting the registry as unavailable.
 BUSY_TIMEOUT_MS = 10_000
@@ -79,6 +79,14 @@ _CREATE_SCHEMA = (
     """,
     # Serves list_by_last_used (eviction order) without sorting the table.
     "CREATE INDEX IF NOT EXISTS entries_by_last_used ON entries (last_used_at_ms, model_name)",
+    # Named leases between nodes (e.g. the eviction sweep); not entries, so not in `entries`.
+    """
+    CREATE TABLE IF NOT EXISTS locks (
+        name           TEXT PRIMARY KEY NOT NULL,
+        owner          TEXT NOT NULL,
+        expires_at_ms  INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
 )
 
 _COLUMNS = (
@@ -154,6 +162,15 @@ _FINISH_CLAIM = f"""
 """
 
 # Compare-and-set on status: of N concurrent callers exactly one still sees from_status.
+# Take the lock if it is free, expired, or already ours (re-entrant renewal); one statement, so
+# two callers cannot both see it free.
+_TRY_LOCK = f"""
+    INSERT INTO locks (name, owner, expires_at_ms) VALUES (:name, :owner, {_NOW_MS} + :ttl_ms)
+    ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at_ms = excluded.expires_at_ms
+    WHERE locks.owner = excluded.owner OR locks.expires_at_ms <= {_NOW_MS}
+"""
+_UNLOCK = "DELETE FROM locks WHERE name = :name AND owner = :owner"
+
 _TRY_RETAKE = f"""
     UPDATE entries SET
         status = 'DOWNLOADING',
@@ -384,6 +401,12 @@ class SqliteRegistry:
 
     async def set_pinned(self, name: str, pinned: bool) -> bool:
         return await self._write(_SET_PINNED, {"name": name, "pinned": int(pinned)}) == 1
+
+    async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
+        return await self._write(_TRY_LOCK, {"name": name, "owner": owner, "ttl_ms": _lease_ms(ttl)}) == 1
+
+    async def unlock(self, name: str, owner: str) -> bool:
+        return await self._write(_UNLOCK, {"name": name, "owner": owner}) == 1
 
     async def aclose(self) -> None:
         if self._closed:

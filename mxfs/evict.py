@@ -1,0 +1,355 @@
+"""LRU eviction (DESIGN section 6): the policy as pure functions, and the service that applies it.
+
+The policy (:func:`select_victims`) looks only at registry records, sizes and free space, so it
+is tested without a clock, a disk or a registry.  The service (:class:`Evictor`) runs it every
+``check_interval`` (and on demand: ``mxfs gc``, a full disk), under a registry lock so that one
+node sweeps at a time, and removes a victim only if its record is unchanged since it was chosen:
+a model touched in between survives.
+
+What is never evicted: pinned entries, entries with a file open on this node, and entries
+touched within ``in_use_grace`` (every node touches the entries it has open every minute, so an
+entry open on another node is safe too).  ``force`` (``mxfs evict --force``) lifts the grace rule
+only, never the open-file rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import trio
+
+from mxfs.cache import HubCache, repo_folder_name
+from mxfs.config import format_size
+from mxfs.registry import Record, Registry, RegistryError, Status, parse_entry_name
+
+log = logging.getLogger(__name__)
+
+EVICTION_LOCK = "evict"
+
+
+class Reason(enum.StrEnum):
+    TIME = "time"
+    COUNT = "count"
+    SIZE = "size"
+    DISK = "disk"
+    MANUAL = "manual"
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Eviction limits; ``None`` switches a rule off."""
+
+    unused_threshold: float | None = 7 * 86400.0
+    max_models: int | None = None
+    max_cache_size: int | None = None
+    min_free_space: int | None = None
+    in_use_grace: float = 600.0
+
+
+@dataclass(frozen=True)
+class Victim:
+    record: Record
+    reason: Reason
+    size: int
+
+    @property
+    def name(self) -> str:
+        return self.record.model_name
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    """What the disk rules look at: bytes the cache holds and bytes free on its filesystem."""
+
+    cache_bytes: int
+    free_bytes: int
+
+
+def protected(
+    record: Record, *, now: datetime, rules: Rules, open_entries: set[str], force: bool = False
+) -> str | None:
+    """Why ``record`` must not be evicted now, or None if it may be."""
+    if record.status != Status.DOWNLOADED:
+        return f"status {record.status.value}"
+    if record.pinned:
+        return "pinned"
+    if record.model_name in open_entries:
+        return "open on this node"
+    if not force and record.last_used_at > now - timedelta(seconds=rules.in_use_grace):
+        return f"used within the last {rules.in_use_grace:.0f}s"
+    return None
+
+
+def select_victims(
+    records: Iterable[Record],
+    *,
+    now: datetime,
+    rules: Rules,
+    usage: CacheUsage,
+    sizes: dict[str, int],
+    open_entries: set[str],
+) -> list[Victim]:
+    """Entries to evict, oldest ``last_used_at`` first, each with the first rule that chose it.
+
+    ``sizes`` maps entry names to the bytes their eviction frees (from the cache; the record's
+    ``size_bytes`` is the fallback).  Rules are applied in order: time, count, size, disk; each
+    later rule counts what the earlier ones already freed.
+    """
+    downloaded = sorted(
+        (r for r in records if r.status == Status.DOWNLOADED), key=lambda r: (r.last_used_at, r.model_name)
+    )
+    eligible = [r for r in downloaded if protected(r, now=now, rules=rules, open_entries=open_entries) is None]
+    chosen: dict[str, Victim] = {}
+
+    def size_of(record: Record) -> int:
+        return sizes.get(record.model_name, record.size_bytes or 0)
+
+    def choose(record: Record, reason: Reason) -> None:
+        if record.model_name not in chosen:
+            chosen[record.model_name] = Victim(record, reason, size_of(record))
+
+    def freed() -> int:
+        return sum(v.size for v in chosen.values())
+
+    if rules.unused_threshold is not None:
+        cutoff = now - timedelta(seconds=rules.unused_threshold)
+        for record in eligible:
+            if record.last_used_at < cutoff:
+                choose(record, Reason.TIME)
+    if rules.max_models is not None:
+        for record in eligible:
+            if len(downloaded) - len(chosen) <= rules.max_models:
+                break
+            choose(record, Reason.COUNT)
+    if rules.max_cache_size is not None:
+        for record in eligible:
+            if usage.cache_bytes - freed() <= rules.max_cache_size:
+                break
+            choose(record, Reason.SIZE)
+    if rules.min_free_space is not None:
+        for record in eligible:
+            if usage.free_bytes + freed() >= rules.min_free_space:
+                break
+            choose(record, Reason.DISK)
+    order = {r.model_name: i for i, r in enumerate(downloaded)}
+    return sorted(chosen.values(), key=lambda v: order[v.name])
+
+
+@dataclass
+class Report:
+    """What one eviction cycle did."""
+
+    evicted: list[Victim] = field(default_factory=list)
+    bytes_freed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (entry, why)
+    dry_run: bool = False
+
+    @property
+    def reasons(self) -> set[Reason]:
+        return {v.reason for v in self.evicted}
+
+
+def open_blob_etags(cache_root: Path) -> set[tuple[str, str]]:
+    """(repo folder, etag) of every blob some process on this node holds open.
+
+    The daemon keeps a descriptor on a blob while any handle on its file is open, and programs
+    that read the HF cache directly hold theirs: scanning ``/proc/*/fd`` finds both, so a
+    separate ``mxfs evict`` process respects the mount's open files without asking the daemon.
+    """
+    root = str(cache_root.resolve()) + os.sep
+    found: set[tuple[str, str]] = set()
+    with contextlib.suppress(FileNotFoundError):
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        for pid in pids:
+            fd_dir = f"/proc/{pid}/fd"
+            try:
+                fds = os.listdir(fd_dir)
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(f"{fd_dir}/{fd}")
+                except OSError:
+                    continue
+                if not target.startswith(root):
+                    continue
+                parts = target[len(root) :].split(os.sep)
+                if len(parts) == 3 and parts[1] == "blobs":
+                    found.add((parts[0], parts[2].split(".", 1)[0]))
+    return found
+
+
+def entries_with_open_blobs(cache: HubCache, records: Sequence[Record]) -> set[str]:
+    """Names of the entries (among ``records``) that have a blob open on this node."""
+    open_blobs = open_blob_etags(cache.root)
+    if not open_blobs:
+        return set()
+    result = set()
+    for record in records:
+        try:
+            repo_id, commit = parse_entry_name(record.model_name)
+        except ValueError:
+            continue
+        folder = repo_folder_name(repo_id)
+        for link in cache.snapshot_links(repo_id, commit):
+            with contextlib.suppress(OSError):
+                if (folder, os.path.basename(os.readlink(link))) in open_blobs:
+                    result.add(record.model_name)
+                    break
+    return result
+
+
+def measure(cache: HubCache) -> CacheUsage:
+    """Bytes held by the cache's blobs (partial downloads included) and free bytes (statvfs)."""
+    total = 0
+    for repo in cache.root.glob("models--*"):
+        with contextlib.suppress(FileNotFoundError), os.scandir(repo / "blobs") as it:
+            for item in it:
+                with contextlib.suppress(FileNotFoundError):
+                    total += item.stat(follow_symlinks=False).st_blocks * 512
+    st = os.statvfs(cache.root)
+    return CacheUsage(cache_bytes=total, free_bytes=st.f_bavail * st.f_frsize)
+
+
+class Evictor:
+    """Applies :class:`Rules` to one cache and registry; runs cycles on a timer and on demand."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        cache: HubCache,
+        rules: Rules,
+        *,
+        check_interval: float = 300.0,
+        open_entries: Callable[[], set[str]] = set,
+        usage: Callable[[HubCache], CacheUsage] = measure,
+    ) -> None:
+        self.registry = registry
+        self.cache = cache
+        self.rules = rules
+        self.check_interval = check_interval
+        self._open_entries = open_entries
+        self._usage = usage
+        self._owner = uuid.uuid4().hex
+        self._wakeup = trio.Event()
+        self._lock = trio.Lock()
+        self.limiter = trio.CapacityLimiter(2)
+        self.last_report: Report | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run a cycle every ``check_interval`` and whenever :meth:`request_cycle` is called."""
+        task_status.started()
+        while True:
+            with trio.move_on_after(self.check_interval):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            try:
+                await self.cycle()
+            except RegistryError as exc:
+                log.warning("eviction cycle skipped: registry unavailable: %s", exc)
+
+    def request_cycle(self) -> None:
+        """Ask for a cycle now (a download hit ENOSPC)."""
+        self._wakeup.set()
+
+    async def _protected_names(self, records: Sequence[Record]) -> set[str]:
+        on_disk = await trio.to_thread.run_sync(entries_with_open_blobs, self.cache, records, limiter=self.limiter)
+        return set(self._open_entries()) | on_disk
+
+    async def cycle(self, *, dry_run: bool = False) -> Report:
+        """One sweep under the registry's eviction lock; returns what it evicted (or would)."""
+        async with self._lock:
+            ttl = max(self.check_interval, 600.0)
+            if not await self.registry.try_lock(EVICTION_LOCK, self._owner, ttl):
+                log.debug("eviction: another node is sweeping")
+                return Report(dry_run=dry_run)
+            try:
+                report = await self._sweep(dry_run)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.registry.unlock(EVICTION_LOCK, self._owner)
+        self.last_report = report
+        return report
+
+    async def _sweep(self, dry_run: bool) -> Report:
+        records = await self.registry.list_by_last_used()
+        usage = await trio.to_thread.run_sync(self._usage, self.cache, limiter=self.limiter)
+        sizes = await trio.to_thread.run_sync(self._sizes, records, limiter=self.limiter)
+        open_names = await self._protected_names(records)
+        victims = select_victims(
+            records, now=datetime.now(UTC), rules=self.rules, usage=usage, sizes=sizes, open_entries=open_names
+        )
+        report = Report(dry_run=dry_run)
+        for victim in victims:
+            if dry_run:
+                report.evicted.append(victim)
+                report.bytes_freed += victim.size
+                continue
+            freed = await self._evict(victim.record)
+            if freed is None:
+                report.skipped.append((victim.name, "changed since it was chosen"))
+                continue
+            report.evicted.append(Victim(victim.record, victim.reason, freed))
+            report.bytes_freed += freed
+        self._log(report, usage)
+        return report
+
+    def _sizes(self, records: Sequence[Record]) -> dict[str, int]:
+        sizes = {}
+        for record in records:
+            with contextlib.suppress(ValueError, OSError):
+                repo_id, commit = parse_entry_name(record.model_name)
+                sizes[record.model_name] = self.cache.snapshot_size(repo_id, commit)
+        return sizes
+
+    async def _evict(self, record: Record) -> int | None:
+        """Remove the record (if unchanged), then the revision; None if the record changed."""
+        if not await self.registry.delete_if_unchanged(record.model_name, record.status, record.last_used_at):
+            return None
+        repo_id, commit = parse_entry_name(record.model_name)
+        return await trio.to_thread.run_sync(self.cache.delete_revision, repo_id, commit, limiter=self.limiter)
+
+    async def evict(self, names: Iterable[str], *, force: bool = False) -> Report:
+        """``mxfs evict``: remove these entries now (reason ``manual``), within the safety rules."""
+        records = [r for r in await self.registry.list_by_last_used() if r.model_name in set(names)]
+        open_names = await self._protected_names(records)
+        now = datetime.now(UTC)
+        report = Report()
+        for record in records:
+            why = protected(record, now=now, rules=self.rules, open_entries=open_names, force=force)
+            if why is not None:
+                report.skipped.append((record.model_name, why))
+                continue
+            freed = await self._evict(record)
+            if freed is None:
+                report.skipped.append((record.model_name, "changed while evicting"))
+                continue
+            report.evicted.append(Victim(record, Reason.MANUAL, freed))
+            report.bytes_freed += freed
+        self._log(report, None)
+        return report
+
+    def _log(self, report: Report, usage: CacheUsage | None) -> None:
+        verb = "would evict" if report.dry_run else "evicted"
+        for victim in report.evicted:
+            log.info("%s %s (%s, reason %s)", verb, _pretty(victim.name), format_size(victim.size), victim.reason)
+        for name, why in report.skipped:
+            log.info("kept %s: %s", _pretty(name), why)
+        if report.evicted or usage is None:
+            log.info("eviction: %s %d entries, %s freed", verb, len(report.evicted), format_size(report.bytes_freed))
+
+
+def _pretty(name: str) -> str:
+    try:
+        repo_id, commit = parse_entry_name(name)
+    except ValueError:
+        return name
+    return f"{repo_id}@{commit[:12]}"

@@ -21,6 +21,7 @@ import pytest
 
 from tests.hubserver import FakeHub
 from tests.mounting import REPO_ROOT, MountedFs, wait_for_mount
+from tests.redis_server import make_redis_server, redis_server  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@
 Each test gets ``make_registry``: an async factory that opens a new, independent client (its own
 connection) onto one store shared by the whole test, so a test can play several nodes or
 processes.  To add a backend, add its name to ``BACKENDS`` and a branch in ``make_registry`` that
-names (and at teardown empties) a fresh store.
+names (and at teardown empties) a fresh store.  The Redis branch uses the session's
+``redis_server`` (tests/redis_server.py) and flushes its database before and after each test.
 
 Backends use their own clock, so tests that need time to pass sleep for real (``trio.sleep``),
 and compare backend timestamps with each other rather than with Python's clock.
@@ -34,8 +35,9 @@ from mxfs.registry import (
     entry_name,
     open_registry,
 )
+from tests.redis_server import RedisServer
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "redis"]
 
 # Long enough that a lease never expires by accident during a test.
 LONG_LEASE = 30.0
@@ -49,8 +51,15 @@ OpenClient = Callable[[], Awaitable[Registry]]
 
 @pytest.fixture(params=BACKENDS)
 async def make_registry(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenClient]:
+    redis_admin = None
     if request.param == "sqlite":
         url = "sqlite://" + quote(str(tmp_path / "registry.db"))
+    elif request.param == "redis":
+        # Asked for here rather than as an argument, so that SQLite runs need no redis-server.
+        server: RedisServer = request.getfixturevalue("redis_server")
+        url = server.url()
+        redis_admin = server.client()
+        redis_admin.flushdb()
     else:  # pragma: no cover - a backend listed without a branch here
         raise AssertionError(f"no store for backend {request.param}")
 
@@ -66,6 +75,9 @@ async def make_registry(request: pytest.FixtureRequest, tmp_path: Path) -> Async
     finally:
         for client in clients:
             await client.aclose()
+        if redis_admin is not None:
+            redis_admin.flushdb()
+            redis_admin.close()
 
 
 def _name(i: int = 0) -> str:

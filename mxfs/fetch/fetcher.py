@@ -94,6 +94,10 @@ class EntryFetch:
 
     def mark_done(self) -> None:
         self._done.set()
+        if self.handles == 0:
+            # Nobody reads: do not keep blobs open (an open blob counts as "in use" for eviction).
+            for state in self.states.values():
+                state.retire_fd()
 
     async def wait_done(self) -> None:
         await self._done.wait()

@@ -41,9 +41,11 @@ __all__ = [
     "redact_url",
 ]
 
-# URL scheme -> module implementing it.
+# URL scheme -> module implementing it; error messages list the schemes in this order.
 _BACKENDS: dict[str, str] = {
     "sqlite": "mxfs.registry.sqlite",
+    "redis": "mxfs.registry.redis",
+    "rediss": "mxfs.registry.redis",
 }
 
 _REDACTED = "***"
@@ -60,7 +62,7 @@ async def open_registry(url: str) -> Registry:
     scheme = urlsplit(url).scheme
     module_name = _BACKENDS.get(scheme)
     if module_name is None:
-        supported = ", ".join(sorted(_BACKENDS))
+        supported = ", ".join(_BACKENDS)  # in _BACKENDS's order: the embedded default first
         named = f"scheme {scheme!r}" if scheme else "no scheme"
         raise ValueError(f"registry URL {redact_url(url)!r} has {named}; supported schemes: {supported}")
     registry: Registry = await importlib.import_module(module_name).open_url(url)

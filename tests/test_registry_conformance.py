@@ -528,3 +528,37 @@ async def test_sqlite_claim_is_atomic_across_processes(tmp_path: Path) -> None:
                 assert (await _record(registry, name)).claim_id == me
     finally:
         await registry.aclose()
+
+
+async def test_lock_is_exclusive_expires_and_is_released_only_by_its_owner(make_registry: OpenClient) -> None:
+    a, b = await make_registry(), await make_registry()
+    assert await a.try_lock("evict", "owner-a", 0.3)
+    assert not await b.try_lock("evict", "owner-b", 0.3)
+    assert await a.try_lock("evict", "owner-a", 0.3)  # the holder may renew
+    assert not await b.unlock("evict", "owner-b")  # not b's to release
+    await trio.sleep(0.45)
+    assert await b.try_lock("evict", "owner-b", 5)  # a's expired: b takes it
+    assert not await a.unlock("evict", "owner-a")  # a's late release changes nothing
+    assert not await a.try_lock("evict", "owner-a", 5)
+    assert await b.unlock("evict", "owner-b")
+    assert await a.try_lock("evict", "owner-a", 5)
+
+
+async def test_lock_has_one_winner_among_concurrent_callers(make_registry: OpenClient) -> None:
+    clients = [await make_registry() for _ in range(8)]
+    wins: list[int] = []
+
+    async def attempt(i: int) -> None:
+        if await clients[i].try_lock("evict", f"owner-{i}", 30):
+            wins.append(i)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(clients)):
+            nursery.start_soon(attempt, i)
+    assert len(wins) == 1
+
+
+async def test_locks_do_not_appear_as_entries(make_registry: OpenClient) -> None:
+    registry = await make_registry()
+    assert await registry.try_lock("evict", "me", 30)
+    assert await registry.list_by_last_used() == []

@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = f"mx:model:{PROVIDER}:"
 LRU_KEY = "mxfs:lru"
 FINISHED_CHANNEL = "mxfs:finished"
+LOCK_PREFIX = "mxfs:lock:"
 
 # Worker threads and pooled connections per registry: one connection per thread, so no call ever
 # waits for a connection while holding a thread.
@@ -361,6 +362,30 @@ return 1
 
 # Make the index agree with the hash, whoever wrote it: the repair a listing runs for entries
 # that ModelExpress created or stamped, and for members whose entry is gone.
+# Named locks between nodes (the eviction sweep) live under mxfs:lock:*, never under mx:model:*.
+# Taken if free (SET NX PX) or renewed if already the caller's, so a holder can extend it.
+_TRY_LOCK = """
+-- KEYS[1] - the lock's key
+-- ARGV[1] - owner token, ARGV[2] - ttl in milliseconds
+-- Returns 1 if the caller holds the lock now, else 0.
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return 1
+end
+return 0
+"""
+
+# Delete only our own lock (like redis-py's Lock.release): a lock that expired and was taken by
+# another node must survive our late release.
+_UNLOCK = """
+-- KEYS[1] - the lock's key
+-- ARGV[1] - owner token
+-- Returns 1 if the lock was ours and is released, else 0.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 _REINDEX = _lua(
     """
 -- KEYS[1] - the entry's hash, KEYS[2] - the LRU index
@@ -469,6 +494,8 @@ class RedisRegistry:
         self._delete_if_unchanged = register(_DELETE_IF_UNCHANGED)
         self._set_pinned = register(_SET_PINNED)
         self._reindex = register(_REINDEX)
+        self._try_lock = register(_TRY_LOCK)
+        self._unlock = register(_UNLOCK)
 
     def __repr__(self) -> str:
         return f"<RedisRegistry {self.url_for_logs}>"
@@ -646,6 +673,13 @@ class RedisRegistry:
 
     async def set_pinned(self, name: str, pinned: bool) -> bool:
         return await self._script(self._set_pinned, [_key(name)], ["1" if pinned else "0"]) == 1
+
+    async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
+        ttl_ms = max(1, int(ttl * 1000))
+        return await self._script(self._try_lock, [f"{LOCK_PREFIX}{name}"], [owner, ttl_ms]) == 1
+
+    async def unlock(self, name: str, owner: str) -> bool:
+        return await self._script(self._unlock, [f"{LOCK_PREFIX}{name}"], [owner]) == 1
 
     async def aclose(self) -> None:
         if self._closed:

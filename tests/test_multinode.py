@@ -1,0 +1,161 @@
+"""Several daemons ("nodes") sharing one cache directory and one Redis registry.
+
+Each daemon has its own mountpoint and state dir, as separate machines would; they share the
+cache directory (a shared volume in production) and a real redis-server.  The Hub counts the
+bytes it serves, so "one download per cache" is checked byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.hubserver import FakeHub
+from tests.mounting import MountedFs, requires_fuse
+from tests.redis_server import RedisServer
+
+pytestmark = requires_fuse
+
+
+def read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def start_nodes(mxfs_mount: Callable[..., MountedFs], tmp_path: Path, url: str, n: int, *args: str) -> list[MountedFs]:
+    cache = tmp_path / "shared-cache"
+    return [
+        mxfs_mount("--registry", url, *args, cache_dir=cache, state_dir=tmp_path / f"node{i}-state") for i in range(n)
+    ]
+
+
+def parallel(fns: list[Callable[[], object]], timeout: float = 120) -> list[object]:
+    results: list[object] = [None] * len(fns)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a reader hung"
+    return results
+
+
+def test_two_nodes_eight_readers_one_download(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    redis_server.client().flushdb()
+    repo = new_repo_id()
+    rnd = random.Random(11)
+    files = {
+        "config.json": b'{"nodes": 2}',
+        "model-00001.safetensors": rnd.randbytes(6_000_000),
+        "model-00002.safetensors": rnd.randbytes(4_000_000),
+        "tokenizer.json": rnd.randbytes(300_000),
+    }
+    hub.add_repo(repo, files)
+    # Slow enough that every reader on both nodes arrives while the download is under way.
+    hub.inject("slow", repo_id=repo, filename="*.safetensors", bytes_per_second=8_000_000)
+    nodes = start_nodes(mxfs_mount, tmp_path, redis_server.url(), 2)
+    names = list(files)
+    readers = [lambda i=i: read(nodes[i % 2] / repo / names[i % len(names)]) for i in range(8)]
+    results = parallel(readers)
+    for i, got in enumerate(results):
+        assert got == files[names[i % len(names)]], f"reader {i}: {got!r:.100}"
+    for name, data in files.items():
+        assert hub.bytes_served(repo, name) == len(data), name
+    owners = [n for n in nodes if "downloading 4 files" in n.log()]
+    assert len(owners) == 1
+    # Every file, read afterwards through the other node too, is complete and right.
+    for node in nodes:
+        for name, data in files.items():
+            assert read(node / repo / name) == data
+
+
+def test_killed_owner_is_taken_over_after_its_lease(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    redis_server.client().flushdb()
+    repo = new_repo_id()
+    data = random.Random(12).randbytes(12_000_000)
+    hub.add_repo(repo, {"config.json": b"{}", "model.safetensors": data})
+    slow = hub.inject("slow", repo_id=repo, filename="model.safetensors", bytes_per_second=3_000_000)
+    first, second = start_nodes(mxfs_mount, tmp_path, redis_server.url(), 2, "--lease", "2s")
+    # The first node opens first and owns the download.
+    assert read(first / repo / "config.json") == b"{}"
+    assert "downloading 2 files" in first.log()
+    reader = threading.Thread(target=lambda: results.append(read(second / repo / "model.safetensors")))
+    results: list[bytes] = []
+    reader.start()
+    time.sleep(1.0)  # mid-download
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    slow.remove()
+    reader.join(60)
+    assert not reader.is_alive()
+    assert results == [data]
+    assert "downloading 2 files" in second.log()
+    assert hashlib.sha256(read(second / repo / "model.safetensors")).hexdigest() == hashlib.sha256(data).hexdigest()
+    # No corrupt blob, no dangling link; the dead owner's partial file is gone once the new owner is done.
+    cache = tmp_path / "shared-cache"
+    blobs = cache / f"models--{repo.replace('/', '--')}" / "blobs"
+    deadline = time.monotonic() + 10
+    while list(blobs.glob("*.incomplete")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not list(blobs.glob("*.incomplete"))
+    assert (blobs / hashlib.sha256(data).hexdigest()).read_bytes() == data
+    first.cleanup()
+
+
+def test_registry_outage_keeps_cached_models_served(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, make_redis_server: Callable[..., RedisServer]
+) -> None:
+    server = make_redis_server()
+    cached, later = new_repo_id(), new_repo_id()
+    cached_data = random.Random(13).randbytes(2_000_000)
+    later_data = random.Random(14).randbytes(1_000_000)
+    hub.add_repo(cached, {"config.json": b'{"c": 1}', "model.safetensors": cached_data})
+    hub.add_repo(later, {"config.json": b'{"c": 2}', "model.safetensors": later_data})
+    (node,) = start_nodes(mxfs_mount, tmp_path, server.url(), 1)
+    node.allowed_log.append("registry")
+    assert read(node / cached / "model.safetensors") == cached_data
+
+    server.stop()
+    for _ in range(3):  # reads go on, also through fresh opens
+        assert read(node / cached / "model.safetensors") == cached_data
+        assert read(node / cached / "config.json") == b'{"c": 1}'
+    assert os.listdir(node / cached)
+    # A new download cannot be claimed: it fails with EIO, bounded, with a clear log line.
+    started = time.monotonic()
+    try:
+        read(node / later / "model.safetensors")
+        raise AssertionError("read succeeded without a registry")
+    except OSError as exc:
+        assert exc.errno == 5  # EIO
+    assert time.monotonic() - started < 60
+    assert "registry unavailable" in node.log()
+
+    server.start()
+    # Registry back: after the failure backoff, new downloads work again with the same daemon.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            assert read(node / later / "model.safetensors") == later_data
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+    assert read(node / cached / "config.json") == b'{"c": 1}'

@@ -16,7 +16,7 @@ from mxfs.cache import HubCache
 from mxfs.config import ConfigError, Settings, format_size, parse_duration, parse_size
 from mxfs.daemon import make_evictor, open_services, serve
 from mxfs.errors import MxfsError
-from mxfs.evict import Report
+from mxfs.evict import Report, ours
 from mxfs.fetch import StateDir
 from mxfs.names import parse_model_arg
 from mxfs.registry import Record, RegistryError, open_registry, parse_entry_name
@@ -325,7 +325,7 @@ async def _gc(settings: Settings, dry_run: bool) -> int:
 async def _entry_names(settings: Settings, registry, models: list[str]) -> tuple[list[str], list[str]]:
     """Registry names for ``org/name`` (every entry of the repo) or ``org/name@rev`` (that commit,
     resolved from what this node recorded, so no Hub call is needed); and the arguments matching none."""
-    records = await registry.list_by_last_used()
+    records = ours(await registry.list_by_last_used())
     state, cache = StateDir(settings.state_dir), HubCache(settings.cache_dir)
     names: list[str] = []
     unmatched: list[str] = []

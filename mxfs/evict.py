@@ -157,6 +157,19 @@ class Report:
         return {v.reason for v in self.evicted}
 
 
+def ours(records: Iterable[Record]) -> list[Record]:
+    """Only mxfs entries: a shared Redis also holds ModelExpress's own records (``org/name``),
+    which describe another cache and must never be evicted from this one."""
+    result = []
+    for record in records:
+        try:
+            parse_entry_name(record.model_name)
+        except ValueError:
+            continue
+        result.append(record)
+    return result
+
+
 def open_blob_etags(cache_root: Path) -> set[tuple[str, str]]:
     """(repo folder, etag) of every blob some process on this node holds open.
 
@@ -255,6 +268,9 @@ class Evictor:
                 await self.cycle()
             except RegistryError as exc:
                 log.warning("eviction cycle skipped: registry unavailable: %s", exc)
+            except Exception:
+                # A failing cycle (a cache file system error, say) must not take the mount down.
+                log.exception("eviction cycle failed; trying again at the next interval")
 
     def request_cycle(self) -> None:
         """Ask for a cycle now (a download hit ENOSPC)."""
@@ -280,7 +296,7 @@ class Evictor:
         return report
 
     async def _sweep(self, dry_run: bool) -> Report:
-        records = await self.registry.list_by_last_used()
+        records = ours(await self.registry.list_by_last_used())
         usage = await trio.to_thread.run_sync(self._usage, self.cache, limiter=self.limiter)
         sizes = await trio.to_thread.run_sync(self._sizes, records, limiter=self.limiter)
         open_names = await self._protected_names(records)
@@ -312,14 +328,15 @@ class Evictor:
 
     async def _evict(self, record: Record) -> int | None:
         """Remove the record (if unchanged), then the revision; None if the record changed."""
+        repo_id, commit = parse_entry_name(record.model_name)
         if not await self.registry.delete_if_unchanged(record.model_name, record.status, record.last_used_at):
             return None
-        repo_id, commit = parse_entry_name(record.model_name)
         return await trio.to_thread.run_sync(self.cache.delete_revision, repo_id, commit, limiter=self.limiter)
 
     async def evict(self, names: Iterable[str], *, force: bool = False) -> Report:
         """``mxfs evict``: remove these entries now (reason ``manual``), within the safety rules."""
-        records = [r for r in await self.registry.list_by_last_used() if r.model_name in set(names)]
+        wanted = set(names)
+        records = [r for r in ours(await self.registry.list_by_last_used()) if r.model_name in wanted]
         open_names = await self._protected_names(records)
         now = datetime.now(UTC)
         report = Report()

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx2
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -25,7 +26,6 @@ from huggingface_hub.utils import hf_raise_for_status
 from hypothesis import given
 from hypothesis import strategies as st
 
-import mxfs.fetch.files as files_mod
 from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, OfflineMiss, errno_for
 from mxfs.fetch.download import Chunk, hash_matches
 from mxfs.fetch.entry import Entry, tree_record
@@ -524,44 +524,22 @@ async def test_read_at_past_end(data_fd: int) -> None:
     assert await read_at(data_fd, len(DATA) + 1000, 10, trio.CapacityLimiter(1)) == b""
 
 
-async def test_read_at_without_nowait(data_fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(files_mod, "_nowait_supported", False)
-    assert await read_at(data_fd, 100, 5000, trio.CapacityLimiter(1)) == DATA[100:5100]
+async def test_read_at_does_not_block_the_event_loop(data_fd: int) -> None:
+    # The read runs in a worker thread: a concurrent task keeps running meanwhile.
+    ticks = 0
 
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
 
-async def test_read_at_partial_nowait_read(data_fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only part of the range is in the page cache: the rest is read in a thread and appended."""
-    monkeypatch.setattr(files_mod, "_nowait_supported", True)
-
-    def preadv(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
-        (buf,) = buffers
-        n = len(buf) // 3
-        buf[:n] = os.pread(fd, n, offset)
-        return n
-
-    monkeypatch.setattr(files_mod.os, "preadv", preadv)
-    assert await read_at(data_fd, 1000, 9000, trio.CapacityLimiter(1)) == DATA[1000:10000]
-
-
-async def test_read_at_would_block(data_fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(files_mod, "_nowait_supported", True)
-
-    def preadv(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
-        raise BlockingIOError(errno.EAGAIN, "would block")
-
-    monkeypatch.setattr(files_mod.os, "preadv", preadv)
-    assert await read_at(data_fd, 0, 4096, trio.CapacityLimiter(1)) == DATA[:4096]
-
-
-async def test_read_at_nowait_unsupported_falls_back(data_fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(files_mod, "_nowait_supported", True)
-
-    def preadv(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
-        raise OSError(errno.EOPNOTSUPP, "not supported")
-
-    monkeypatch.setattr(files_mod.os, "preadv", preadv)
-    assert await read_at(data_fd, 10, 100, trio.CapacityLimiter(1)) == DATA[10:110]
-    assert files_mod._nowait_supported is False
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        for _ in range(20):
+            await read_at(data_fd, 0, 4096, trio.CapacityLimiter(1))
+        nursery.cancel_scope.cancel()
+    assert ticks > 0
 
 
 async def test_read_at_bad_fd_raises(tmp_path: Path) -> None:

@@ -243,7 +243,7 @@ def load_safetensors(path: Path) -> int:
 
     total = 0
     with safe_open(str(path), framework="pt") as f:
-        for key in f:
+        for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
             # get_tensor may hand back an mmap-backed tensor without touching its pages; clone() copies
             # every byte into private memory, as a real load (to a device, or a dtype cast) reads them.
             t = f.get_tensor(key).clone()

@@ -198,17 +198,6 @@ def _status_row(record: Record, refs: dict[str, list[str]]) -> dict[str, object]
     }
 
 
-def _refs_by_commit(settings: Settings, repo_id: str) -> dict[str, list[str]]:
-    refs: dict[str, list[str]] = {}
-    for base in (settings.state_dir / "repos" / repo_id.replace("/", "--") / "refs",):
-        if not base.is_dir():
-            continue
-        for path in sorted(base.rglob("*")):
-            if path.is_file():
-                refs.setdefault(path.read_text().strip(), []).append(path.relative_to(base).as_posix())
-    return refs
-
-
 def _ago(when: datetime) -> str:
     seconds = (datetime.now(UTC) - when).total_seconds()
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -224,11 +213,13 @@ async def _status(settings: Settings, as_json: bool) -> int:
     finally:
         await registry.aclose()
 
+    state = StateDir(settings.state_dir)
+
     def rows() -> list[dict[str, object]]:
         out = []
         for record in reversed(records):  # most recently used first
             repo = record.model_name.rsplit(":", 1)[-1]
-            out.append(_status_row(record, _refs_by_commit(settings, repo)))
+            out.append(_status_row(record, state.refs_by_commit(repo)))
         return out
 
     table = await trio.to_thread.run_sync(rows)

@@ -60,6 +60,16 @@ class StateDir:
     def write_tree(self, tree: RepoTree) -> None:
         atomic_write_text(self._repo(tree.repo_id) / "trees" / f"{tree.commit}.json", tree.to_json())
 
+    def refs_by_commit(self, repo_id: str) -> dict[str, list[str]]:
+        """Every recorded revision of ``repo_id``, grouped by the commit it resolved to."""
+        base = self._repo(repo_id) / "refs"
+        refs: dict[str, list[str]] = {}
+        if base.is_dir():
+            for path in sorted(base.rglob("*")):
+                if path.is_file():
+                    refs.setdefault(path.read_text().strip(), []).append(path.relative_to(base).as_posix())
+        return refs
+
     def known_repos(self) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             return sorted(n.replace("--", "/", 1) for n in os.listdir(self.root / "repos") if "--" in n)

@@ -58,12 +58,6 @@ class IntegrityError(MxfsError):
     errno = errno.EIO
 
 
-class DownloadFailed(MxfsError):
-    """The entry's download ended in ERROR; the message says why."""
-
-    errno = errno.EIO
-
-
 class RegistryUnavailable(MxfsError):
     errno = errno.EIO
 

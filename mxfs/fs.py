@@ -29,7 +29,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from mxfs.errors import AccessDenied, InvalidName, MxfsError, NameTooLong, NotFound, ReadOnly
+from mxfs.errors import AccessDenied, InvalidName, MxfsError, NameTooLong, NotFound, ReadOnly, errno_for
 from mxfs.fetch import Entry, Fetcher, OpenFile
 from mxfs.hub import HubFile
 from mxfs.names import ModelRef, check_component_length, model_dir_name, parse_model_dir, validate_repo_part
@@ -64,16 +64,13 @@ def fuse_handler(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise
         except (InvalidName, NotFound, NameTooLong, ReadOnly) as exc:
             log.debug("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
         except AccessDenied as exc:
             log.warning("%s", exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except MxfsError as exc:
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
+        except (MxfsError, OSError) as exc:
             log.warning("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except OSError as exc:
-            log.warning("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
         except Exception:
             log.exception("unexpected error in %s; answering EIO", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

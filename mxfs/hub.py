@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -309,7 +308,3 @@ class Hub:
             resolved.commit_date,
             what=f"list {repo_id}@{resolved.commit[:12]}",
         )
-
-
-def endpoint_from_env() -> str:
-    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")

@@ -29,7 +29,6 @@ from mxfs.errors import (
     HubUnavailable,
     IntegrityError,
     MxfsError,
-    RegistryUnavailable,
     domain_errors_ungrouped,
 )
 from mxfs.fetch.entry import Entry, tree_record
@@ -354,10 +353,6 @@ def _disk_error(exc: OSError, what: str) -> MxfsError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull(f"{what}: no space left in the cache")
     return MxfsError(f"{what}: {exc}")
-
-
-def registry_unavailable(exc: RegistryError, what: str) -> RegistryUnavailable:
-    return RegistryUnavailable(f"{what}: registry unavailable: {exc}")
 
 
 __all__: Sequence[str] = ("EntryDownload", "LeaseLost", "hash_matches")

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -40,7 +40,7 @@ from mxfs.fetch.entry import Entry, tree_record
 from mxfs.fetch.files import FileState, SharedFd, read_at
 from mxfs.hub import Hub, HubFile
 from mxfs.names import ModelRef
-from mxfs.registry import AlreadyExists, Claimed, Record, Registry, RegistryError, Status
+from mxfs.registry import AlreadyExists, Claimed, Record, Registry, RegistryError, Status, parse_entry_name
 
 log = logging.getLogger(__name__)
 
@@ -489,24 +489,11 @@ class Fetcher:
 
 
 def record_repo(record: Record) -> str:
-    from mxfs.registry import parse_entry_name
-
+    """The repo id of an mxfs entry record; "" for records that are not ours (ModelExpress's)."""
     try:
         return parse_entry_name(record.model_name)[0]
     except ValueError:
         return ""
-
-
-def entries_of(records: Iterable[Record]) -> list[tuple[str, str]]:
-    from mxfs.registry import parse_entry_name
-
-    out = []
-    for record in records:
-        try:
-            out.append(parse_entry_name(record.model_name))
-        except ValueError:
-            continue
-    return out
 
 
 __all__ = ["EntryFetch", "Fetcher", "OpenFile"]

@@ -5,9 +5,19 @@ connection) onto one store shared by the whole test, so a test can play several 
 processes.  To add a backend, add its name to ``BACKENDS`` and a branch in ``make_registry`` that
 names (and at teardown empties) a fresh store.  The Redis branch uses the session's
 ``redis_server`` (tests/redis_server.py) and flushes its database before and after each test.
+The Kubernetes branch gives each test a namespace of its own on the session's API-server
+stand-in (tests/kube_apiserver.py), reached through a KUBECONFIG written for the test.
 
 Backends use their own clock, so tests that need time to pass sleep for real (``trio.sleep``),
 and compare backend timestamps with each other rather than with Python's clock.
+
+The Kubernetes backend has no clock of its own to judge leases by: a node presumes an owner dead
+once the owner's lease heartbeat (or a lock's resourceVersion) has stood unchanged for the lease
+as measured by the node's own monotonic clock, from the first time that node read it.  The
+takeover tests below hold for it as they are because the taking client always reads the record
+(or lock) after the owner's last write and before sleeping: ``new.try_claim`` before the sleep in
+the takeover test, ``b.unlock`` after ``a``'s renewal in the lock test.  Keep that order when
+changing them: a client that first looks after the sleep must wait one more lease.
 """
 
 from __future__ import annotations
@@ -35,9 +45,10 @@ from mxfs.registry import (
     entry_name,
     open_registry,
 )
+from tests.kube_apiserver import KubeTarget, kube_apiserver_fixture, kube_target_fixture  # noqa: F401
 from tests.redis_server import RedisServer
 
-BACKENDS = ["sqlite", "redis"]
+BACKENDS = ["sqlite", "redis", "kubernetes"]
 
 # Long enough that a lease never expires by accident during a test.
 LONG_LEASE = 30.0
@@ -60,6 +71,11 @@ async def make_registry(request: pytest.FixtureRequest, tmp_path: Path) -> Async
         url = server.url()
         redis_admin = server.client()
         redis_admin.flushdb()
+    elif request.param == "kubernetes":
+        # Asked for here too, so that the other backends' runs start no stand-in; the namespace
+        # is dropped at teardown.
+        target: KubeTarget = request.getfixturevalue("kube_target")
+        url = target.url
     else:  # pragma: no cover - a backend listed without a branch here
         raise AssertionError(f"no store for backend {request.param}")
 

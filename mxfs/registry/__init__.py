@@ -2,8 +2,8 @@
 
 A backend lives in its own module, which defines ``async def open_url(url: str) -> Registry``
 (connecting eagerly) and is listed in ``_BACKENDS`` under each URL scheme it serves.  Backend
-modules are imported only when their scheme is used, so optional client libraries (redis,
-kubernetes) are needed only by those who use them.
+modules are imported only when their scheme is used, so optional client libraries (redis;
+httpx2 and PyYAML for kubernetes) are needed only by those who use them.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ _BACKENDS: dict[str, str] = {
     "sqlite": "mxfs.registry.sqlite",
     "redis": "mxfs.registry.redis",
     "rediss": "mxfs.registry.redis",
+    "kubernetes": "mxfs.registry.kubernetes",
 }
 
 _REDACTED = "***"

@@ -36,6 +36,13 @@ from mxfs.names import COMMIT_RE
 
 INCOMPLETE_SUFFIX = ".incomplete"
 TREE_FORMAT_VERSION = 1  # huggingface_hub's `trees/<commit>.json` format
+# The most any folder or file of the cache (and of the state beside it) is ever created with:
+# readable by the users of the mount and by programs that use the HF cache directly, writable by
+# the daemon alone, whatever the umask it was started with (systemd's default is 0022, but a
+# container or a shell may run it with 0000, and a blob anyone can write is served to everyone).
+# A stricter umask still applies.
+DIR_MODE = 0o755
+FILE_MODE = 0o644
 
 
 def repo_folder_name(repo_id: str) -> str:
@@ -50,12 +57,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old content or the new, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` that creates every missing level with :data:`DIR_MODE`.
+
+    ``Path.mkdir(parents=True, mode=...)`` applies ``mode`` to the last level only and gives the
+    parents it creates ``0777`` less the umask.
+    """
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        path.mkdir(mode=DIR_MODE, exist_ok=True)
+    except FileNotFoundError:
+        if path.parent == path:
+            raise
+        make_dirs(path.parent)
+        path.mkdir(mode=DIR_MODE, exist_ok=True)
+
+
+def atomic_write_text(path: Path, text: str, *, tmp_dir: Path | None = None) -> None:
+    """Write ``text`` to ``path`` so that readers see the old content or the new, never a mix.
+
+    ``tmp_dir`` (same filesystem) holds the temporary file when ``path``'s own folder must never
+    show a stray file: ``scan_cache_dir`` takes every file under ``refs/`` for a ref.
+    """
+    make_dirs(path.parent)
+    tmp = (tmp_dir or path.parent) / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        with open(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -84,7 +111,7 @@ class HubCache:
 
     def ensure_root(self) -> None:
         """Create the root (0755: readable by the users of the mount, writable only by the daemon)."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
+        make_dirs(self.root)
         tag = self.root / "CACHEDIR.TAG"
         if not tag.exists():
             # Tells backup tools not to archive a cache; huggingface_hub's scan skips this name.
@@ -175,10 +202,10 @@ class HubCache:
 
     def ensure_snapshot_dir(self, repo_id: str, commit: str) -> Path:
         repo = self.repo_dir(repo_id)
-        (repo / "blobs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        make_dirs(repo / "blobs")
+        make_dirs(repo / "refs")
         snapshot = self.snapshot_dir(repo_id, commit)
-        snapshot.mkdir(parents=True, exist_ok=True)
+        make_dirs(snapshot)
         return snapshot
 
     def create_incomplete(self, repo_id: str, etag: str, writer_id: str) -> tuple[Path, int]:
@@ -188,10 +215,27 @@ class HubCache:
         over from a dead one) never share a temporary file.
         """
         blobs = self.repo_dir(repo_id) / "blobs"
-        blobs.mkdir(parents=True, exist_ok=True)
+        make_dirs(blobs)
         path = blobs / f"{etag}.{writer_id}{INCOMPLETE_SUFFIX}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         return path, fd
+
+    def adopt_incomplete(self, repo_id: str, filename: str, etag: str, writer_id: str) -> Path | None:
+        """Rename an earlier partial file of this node to ``writer_id``'s name, to resume it.
+
+        Returns the new path, or None if the file is gone.  The modification time is refreshed so
+        that no sweep for dead writers' files mistakes the resumed file for abandoned.
+        """
+        blobs = self.repo_dir(repo_id) / "blobs"
+        old, new = blobs / filename, blobs / f"{etag}.{writer_id}{INCOMPLETE_SUFFIX}"
+        if not filename.startswith(f"{etag}.") or not filename.endswith(INCOMPLETE_SUFFIX) or "/" in filename:
+            return None
+        try:
+            os.rename(old, new)
+            os.utime(new)
+        except FileNotFoundError:
+            return None
+        return new
 
     def publish_blob(self, repo_id: str, etag: str, incomplete: Path, fd: int) -> Path:
         """Make a verified partial file the blob: fsync, rename, fsync the directory.
@@ -212,7 +256,7 @@ class HubCache:
     def link_snapshot(self, repo_id: str, commit: str, path: str, etag: str) -> None:
         """Point ``snapshots/<commit>/<path>`` at its blob with a relative symlink, atomically."""
         link = self.snapshot_file(repo_id, commit, path)
-        link.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(link.parent)
         target = os.path.relpath(self.blob_path(repo_id, etag), link.parent)
         with contextlib.suppress(FileNotFoundError):
             if os.readlink(link) == target:
@@ -223,7 +267,7 @@ class HubCache:
 
     def write_ref(self, repo_id: str, revision: str, commit: str) -> None:
         """Record that ``revision`` is ``commit``. Only for a snapshot that exists (scan rule)."""
-        atomic_write_text(self.ref_path(repo_id, revision), commit)
+        atomic_write_text(self.ref_path(repo_id, revision), commit, tmp_dir=self.repo_dir(repo_id))
 
     def write_tree(self, repo_id: str, commit: str, files: Iterable[TreeFileRecord]) -> None:
         """Write huggingface_hub's ``trees/<commit>.json`` so its offline mode knows the file list."""

@@ -18,11 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx2
 import trio
@@ -38,17 +40,33 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
+from mxfs import metrics
 from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, OfflineMiss
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Seconds to wait for a connection and between two reads of a body: a stalled connection is
-# given up on (and resumed) instead of holding a reader forever.
+
+def _seconds_from_env(name: str, default: float) -> float:
+    """A timeout from huggingface_hub's own variable when the user set one, else ``default``."""
+    try:
+        seconds = float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+    return seconds if seconds > 0 else default
+
+
+# Seconds to wait for a connection and between two reads of an answer: a stalled connection is
+# given up on (and retried or resumed) instead of holding a reader forever.  The variables are
+# huggingface_hub's (metadata requests, file downloads), so one setting serves both.
 CONNECT_TIMEOUT = 10.0
-READ_TIMEOUT = 30.0
+API_TIMEOUT = _seconds_from_env("HF_HUB_ETAG_TIMEOUT", 30.0)
+READ_TIMEOUT = _seconds_from_env("HF_HUB_DOWNLOAD_TIMEOUT", 30.0)
 CHUNK_SIZE = 1 << 20
+# A tree listing comes in pages (1000 entries each): a bound, so a server that keeps sending a
+# "next" link cannot keep a lookup busy forever.
+MAX_TREE_PAGES = 10_000
 
 
 @dataclass(frozen=True)
@@ -155,7 +173,8 @@ class HubClient:
         what = f"{repo_id}@{revision}"
         self._check_online(what)
         try:
-            info = self._api.model_info(repo_id, revision=revision, timeout=READ_TIMEOUT)
+            with metrics.hub_request("resolve"):
+                info = self._api.model_info(repo_id, revision=revision, timeout=API_TIMEOUT)
         except Exception as exc:
             raise _translate(exc, what) from exc
         if not info.sha:
@@ -168,7 +187,8 @@ class HubClient:
         what = f"{repo_id}@{commit[:12]}"
         self._check_online(what)
         try:
-            items = list(self._api.list_repo_tree(repo_id, recursive=True, revision=commit))
+            with metrics.hub_request("tree"):
+                items = self._tree_files(repo_id, commit)
         except Exception as exc:
             raise _translate(exc, what) from exc
         files = tuple(
@@ -188,6 +208,32 @@ class HubClient:
         )
         return RepoTree(repo_id, commit, commit_date, files)
 
+    def _tree_files(self, repo_id: str, commit: str) -> list[RepoFile]:
+        """Follow the tree listing's pages here rather than through ``HfApi.list_repo_tree``.
+
+        That method retries each page with its own backoff (five times, up to 8 s apart) and no
+        timeout: under :meth:`Hub.call`'s retries, a Hub answering 503 to tree listings kept a
+        lookup busy for two minutes before EIO, and one that stalled kept it forever.  Here each
+        request has a timeout and the only retries are :class:`Hub`'s.
+        """
+        url: str | None = f"{self.endpoint}/api/models/{repo_id}/tree/{quote(commit, safe='')}"
+        params: dict[str, str] | None = {"recursive": "true", "expand": "false"}
+        headers = build_hf_headers(token=self._token)
+        timeout = httpx2.Timeout(API_TIMEOUT, connect=CONNECT_TIMEOUT)
+        files: list[RepoFile] = []
+        for _ in range(MAX_TREE_PAGES):
+            if url is None:
+                return files
+            response = get_session().get(url, params=params, headers=headers, timeout=timeout)
+            hf_raise_for_status(response)
+            files += [RepoFile(**item) for item in response.json() if item.get("type") == "file"]
+            url = response.links.get("next", {}).get("url")
+            params = None  # the next link carries the query, cursor included
+            if url is not None and not url.startswith(f"{self.endpoint}/"):
+                # The request carries the token: never send it where the listing points elsewhere.
+                raise HubUnavailable(f"{repo_id}@{commit[:12]}: tree listing continues off the Hub at {url!r}")
+        raise HubUnavailable(f"{repo_id}@{commit[:12]}: tree listing has more than {MAX_TREE_PAGES} pages")
+
     @contextmanager
     def open_range(self, repo_id: str, commit: str, path: str, start: int, end: int) -> Iterator[RangeBody]:
         """Stream bytes ``[start, end)`` of a file.
@@ -205,7 +251,10 @@ class HubClient:
         headers["Accept-Encoding"] = "identity"
         timeout = httpx2.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT)
         try:
-            with get_session().stream("GET", url, headers=headers, timeout=timeout) as response:
+            with ExitStack() as stack:
+                # Latency up to the response headers: the body's duration is the file's size.
+                with metrics.hub_request("range"):
+                    response = stack.enter_context(get_session().stream("GET", url, headers=headers, timeout=timeout))
                 try:
                     hf_raise_for_status(response)
                 except Exception:
@@ -285,10 +334,16 @@ class Hub:
         return self.client.offline
 
     async def call(self, fn: Callable[..., T], *args: Any, what: str) -> T:
-        """Run ``fn(*args)`` in a thread, retrying transient failures with backoff."""
+        """Run ``fn(*args)`` in a thread, retrying transient failures with backoff.
+
+        A cancelled call (the daemon stopping) abandons its thread instead of waiting for it: a
+        request to a stalled Hub would otherwise hold up the exit for a whole timeout.  The calls
+        made here only read metadata, so nothing is left half-written; the thread ends by itself
+        at its timeout and its answer is dropped.
+        """
         for attempt in range(self.retry.attempts):
             try:
-                return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+                return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
             except Transient as exc:
                 if attempt + 1 == self.retry.attempts:
                     raise HubUnavailable(f"{exc} (gave up after {attempt + 1} attempts)") from exc

@@ -39,6 +39,13 @@ class RangeSet:
         i = bisect.bisect_right(self._starts, start) - 1
         return i >= 0 and self._ends[i] >= end
 
+    def contiguous_end(self, pos: int) -> int:
+        """The end of the present run of bytes that starts at or covers ``pos`` (``pos`` if none)."""
+        i = bisect.bisect_right(self._starts, pos) - 1
+        if i >= 0 and self._ends[i] > pos:
+            return self._ends[i]
+        return pos
+
     def missing(self, start: int, end: int) -> list[tuple[int, int]]:
         """The sub-ranges of ``[start, end)`` that are not present, in order."""
         gaps: list[tuple[int, int]] = []

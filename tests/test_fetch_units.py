@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -770,3 +771,36 @@ def test_acquire_fd_without_local_copy() -> None:
     state = FileState(HubFile("a", 10, "0" * 40))
     with pytest.raises(MxfsError):
         state.acquire_fd()
+
+
+@given(size=st.integers(0, 1 << 40), connections=st.integers(1, 64), largest_mib=st.integers(1, 1024))
+def test_chunk_size_keeps_the_download_window_a_fraction_of_the_file(size, connections, largest_mib) -> None:
+    from mxfs.fetch.download import CHUNKS_PER_CONNECTION, MIN_CHUNK, chunk_size_for
+
+    largest = largest_mib << 20
+    step = chunk_size_for(size, connections, largest)
+    assert min(largest, MIN_CHUNK) <= step <= largest
+    assert step % (1 << 20) == 0
+    if step < largest and step > MIN_CHUNK:
+        # Small enough that the connections' window is at most 1/CHUNKS_PER_CONNECTION of the file.
+        assert -(-size // step) >= connections * CHUNKS_PER_CONNECTION - connections
+
+
+def test_prefix_hasher_fed_in_pieces_matches_one_pass(tmp_path: Path) -> None:
+    from mxfs.fetch.download import PrefixHasher
+
+    data = random.Random(3).randbytes(3_000_001)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    file = HubFile("model.safetensors", len(data), "0" * 40, hashlib.sha256(data).hexdigest())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hasher = PrefixHasher(file)
+        for upto in (10, 1_000_000, 1_000_000, 2_999_999, len(data)):
+            hasher.feed(fd, upto)
+        assert hasher.matches()
+        short = PrefixHasher(file)
+        short.feed(fd, len(data) - 1)
+        assert not short.matches()
+    finally:
+        os.close(fd)

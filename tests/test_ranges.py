@@ -133,3 +133,13 @@ def test_clear_and_repr() -> None:
     assert rs.as_list() == []
     assert rs.total == 0
     assert not rs.covers(1, 2)
+
+
+def test_contiguous_end() -> None:
+    r = RangeSet([(0, 10), (20, 30)])
+    assert r.contiguous_end(0) == 10
+    assert r.contiguous_end(5) == 10
+    assert r.contiguous_end(10) == 10  # not present: nothing contiguous from here
+    assert r.contiguous_end(15) == 15
+    assert r.contiguous_end(20) == 30
+    assert RangeSet().contiguous_end(3) == 3

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import trio
 
+from mxfs import metrics
 from mxfs.cache import HubCache
 from mxfs.config import Settings
 from mxfs.errors import (
@@ -38,6 +39,7 @@ from mxfs.fetch.catalog import Catalog
 from mxfs.fetch.download import EntryDownload, LeaseLost
 from mxfs.fetch.entry import Entry, tree_record
 from mxfs.fetch.files import FileState, SharedFd, read_at
+from mxfs.fetch.partials import PartialMaps
 from mxfs.hub import Hub, HubFile
 from mxfs.names import ModelRef
 from mxfs.registry import AlreadyExists, Claimed, Record, Registry, RegistryError, Status, parse_entry_name
@@ -50,6 +52,8 @@ MAX_ATTEMPTS = 3
 REGISTRY_WARNING_INTERVAL = 30.0
 # Every node touches the entries it has open this often, so eviction elsewhere sees them in use.
 TOUCH_INTERVAL = 60.0
+# How long a stopping daemon tries to hand its running claims back.
+RELEASE_TIMEOUT = 2.0
 
 
 def _backoff(failures: int) -> float:
@@ -134,9 +138,13 @@ class OpenFile:
         end = min(offset + size, self.file.size)
         if offset >= end:
             return b""
-        if not state.readable(offset, end, self.strict):
+        # The read that reaches the end of a file waits for the verified blob even in fast mode:
+        # after it the kernel answers end-of-file by itself, so a checksum failure found later
+        # could never reach a reader that read the whole file.
+        strict = self.strict or end == self.file.size
+        if not state.readable(offset, end, strict):
             self.fetcher.ensure_started(self.ef)
-            await state.wait_readable(offset, end, self.strict)
+            await state.wait_readable(offset, end, strict)
         if not state.complete and not self.served_unverified:
             self.served_unverified = True
             self.epoch = state.corrupt_epoch
@@ -169,14 +177,16 @@ class Fetcher:
         self.cache = cache
         self.settings = settings
         self.hub: Hub = catalog.hub
+        self.partial_maps = PartialMaps(settings.state_dir)
         self.io_limiter = trio.CapacityLimiter(64)
         self.net_limiter = trio.CapacityLimiter(max(settings.connections * 4, 16))
         self._entries: dict[str, EntryFetch] = {}
         self._nursery: trio.Nursery | None = None
         self.bytes_read = 0
         self._registry_warned_at = -math.inf
-        # Set by the daemon: frees space (an eviction cycle) when a download finds the disk full.
-        self.on_disk_full: Callable[[], Awaitable[object]] | None = None
+        # Set by the daemon: frees space (an eviction cycle) when a download finds the disk full;
+        # called with the bytes the entry still needs.
+        self.on_disk_full: Callable[[int], Awaitable[object]] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -248,6 +258,10 @@ class Fetcher:
         blob = state.blob
         return blob is not None and await trio.to_thread.run_sync(os.path.exists, blob, limiter=self.io_limiter)
 
+    def downloads_running(self) -> bool:
+        """True while this node downloads any entry."""
+        return any(ef.download is not None for ef in self._entries.values())
+
     def open_entries(self) -> set[str]:
         """Registry names of entries with an open file on this node (eviction must spare them)."""
         return {name for name, ef in self._entries.items() if ef.handles > 0}
@@ -318,6 +332,7 @@ class Fetcher:
                     ef.role = "waiter"
                     await trio.sleep(self.settings.poll_interval)
                 except LeaseLost as exc:
+                    metrics.DOWNLOADS_FAILED.inc()
                     log.warning("%s", exc)
                 except (AccessDenied, NotFound) as exc:
                     # Waiting will not help: tell readers now.
@@ -329,7 +344,7 @@ class Fetcher:
                         self._fail(ef, exc, permanent=False)
                         return
                     log.warning("%s: %s; evicting unused models, then retrying", entry, exc)
-                    await self.on_disk_full()
+                    await self.on_disk_full(sum(s.file.size for s in ef.states.values() if not s.complete))
                 except MxfsError as exc:
                     ef.failures += 1
                     if ef.failures >= MAX_ATTEMPTS:
@@ -345,6 +360,9 @@ class Fetcher:
         finally:
             ef.running = False
             ef.role = None
+            if ef.error is None and not ef.complete and any(s.waiting for s in ef.states.values()):
+                # Files vanished while this task was finishing (see ``open``): readers wait for them.
+                self.ensure_started(ef)
 
     def _fail(self, ef: EntryFetch, exc: MxfsError, *, permanent: bool) -> None:
         ef.failures += 1
@@ -394,12 +412,14 @@ class Fetcher:
     async def _download(self, ef: EntryFetch, claim_id: str) -> None:
         entry = ef.entry
         log.info("%s: downloading %d files, %d bytes", entry, len(entry.files), entry.size)
+        metrics.DOWNLOADS_STARTED.inc()
         started = trio.current_time()
         download = ef.download = EntryDownload(
             entry,
             ef.states,
             claim_id,
             cache=self.cache,
+            partial_maps=self.partial_maps,
             client=self.hub.client,
             registry=self.registry,
             lease=self.settings.lease,
@@ -409,13 +429,27 @@ class Fetcher:
             io_limiter=self.io_limiter,
             retry=self.hub.retry,
         )
+        settled = False
         try:
             await download.run()
+            settled = True
+        except LeaseLost:
+            settled = True
+            raise
         except MxfsError as exc:
+            settled = True
+            metrics.DOWNLOADS_FAILED.inc()
             await self._finish(ef, claim_id, Status.ERROR, str(exc))
             raise
         finally:
             ef.download = None
+            if not settled:
+                # Cancelled: the daemon is stopping. Hand the claim back now rather than leave
+                # others (and our own restart, which resumes the partial files) waiting for the
+                # lease to run out.
+                with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
+                    await self._finish(ef, claim_id, Status.ERROR, "interrupted: the downloading daemon stopped")
+        metrics.DOWNLOADS_FINISHED.inc()
         await self._write_refs(ef)
         elapsed = max(trio.current_time() - started, 1e-6)
         log.info(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -23,6 +25,22 @@ async def read_at(fd: int, offset: int, size: int, limiter: trio.CapacityLimiter
     anyway (``keep_cache``), so the inline path bought nothing.
     """
     return await trio.to_thread.run_sync(os.pread, fd, size, offset, limiter=limiter)
+
+
+@dataclass(eq=False)
+class Stream:
+    """One HTTP range answer being written into the partial file: it has reached ``pos`` of ``end``.
+
+    Readers look at the streams to decide whether the bytes they wait for are about to arrive or
+    must be fetched on demand, and streams look at each other so two never write the same bytes.
+    """
+
+    pos: int
+    end: int
+    on_demand: bool = False
+
+    def will_reach(self, offset: int, within: int) -> bool:
+        return self.pos <= offset < self.end and offset - self.pos <= within
 
 
 class FileState:
@@ -45,6 +63,11 @@ class FileState:
         self.corrupt_epoch = 0
         self.waiting = 0
         self.wanted_offsets: set[int] = set()
+        # Range requests writing this file now (background chunks and on-demand reads).
+        self.streams: set[Stream] = set()
+        # Set by this node's download while it writes the file: a reader about to wait for
+        # ``[start, end)`` calls it, so missing bytes are fetched on demand (DESIGN section 5).
+        self.on_wait: Callable[[int, int], None] | None = None
         self._changed = trio.Event()
         self._fd: SharedFd | None = None
 
@@ -56,6 +79,10 @@ class FileState:
         """Wake every reader waiting on this file (they re-check what they wait for)."""
         self._changed.set()
         self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Wait for the next :meth:`notify`."""
+        await self._changed.wait()
 
     def set_blob(self, blob: Path, *, same_inode: bool = False) -> None:
         """The verified blob is in the cache. ``same_inode``: it is our own partial file, renamed."""
@@ -86,6 +113,10 @@ class FileState:
             while not self.readable(start, end, strict):
                 if self.error is not None:
                     raise self.error
+                # Asked again after every change: a stream that would have brought these bytes
+                # may have stopped, or the download may only now have started.
+                if self.on_wait is not None and not strict:
+                    self.on_wait(start, end)
                 await self._changed.wait()
         finally:
             self.waiting -= 1

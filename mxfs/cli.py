@@ -1,11 +1,19 @@
-"""``mxfs mount | status | prefetch``: the command line."""
+"""``mxfs mount | status | prefetch | gc | evict | pin | unpin | unmount``: the command line.
+
+Every command that works on the cache reads its settings the same way (DESIGN section 7):
+defaults, then ``/etc/mxfs/mxfs.toml`` (or ``--config``), then ``MXFS_*`` variables, then flags.
+Flags are plain strings here and go through the same parsers as the file and the environment
+(:mod:`mxfs.config`), so ``--lease 30x`` and ``MXFS_LEASE=30x`` fail with the same message.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,30 +21,89 @@ import trio
 
 from mxfs import __version__
 from mxfs.cache import HubCache
-from mxfs.config import ConfigError, Settings, format_size, parse_duration, parse_size
-from mxfs.daemon import make_evictor, open_services, serve
+from mxfs.config import OPTIONS, ConfigError, Settings, format_size, get_value, load_settings, toml_value
+from mxfs.daemon import apply_pins, make_evictor, match_entries, open_services, serve, unmount
 from mxfs.errors import MxfsError
-from mxfs.evict import Report, ours
-from mxfs.fetch import StateDir
+from mxfs.evict import Report
+from mxfs.fetch import Entry, Fetcher, StateDir
 from mxfs.names import parse_model_arg
-from mxfs.registry import Record, RegistryError, open_registry, parse_entry_name
+from mxfs.registry import Record, Registry, RegistryError, Status, open_registry, parse_entry_name, redact_url
 
 log = logging.getLogger("mxfs")
 
+# argparse destination -> config key.  A flag left out is None and does not override anything.
+FLAG_KEYS = {
+    "cache_dir": "cache_dir",
+    "state_dir": "state_dir",
+    "registry": "registry",
+    "revision": "revision",
+    "lease": "lease",
+    "negative_ttl": "negative_ttl",
+    "verify": "verify",
+    "connections": "connections",
+    "chunk_size": "chunk_size",
+    "poll_interval": "poll_interval",
+    "allow_other": "allow_other",
+    "uid": "uid",
+    "gid": "gid",
+    "metrics_address": "metrics_address",
+    "log_level": "log_level",
+    "token_file": "token_file",
+    "eviction_enabled": "eviction.enabled",
+    "check_interval": "eviction.check_interval",
+    "unused_threshold": "eviction.unused_threshold",
+    "max_models": "eviction.max_models",
+    "max_cache_size": "eviction.max_cache_size",
+    "min_free_space": "eviction.min_free_space",
+    "in_use_grace": "eviction.in_use_grace",
+}
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="settings file (default /etc/mxfs/mxfs.toml, if it exists)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the effective settings as TOML (secrets redacted) and exit"
+    )
+
 
 def _add_cache_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", type=Path, help="HF hub-cache root (default /var/cache/mxfs)")
-    parser.add_argument("--state-dir", type=Path, help="mxfs state: registry, listings (default /var/cache/mxfs-state)")
-    parser.add_argument("--registry", help="registry URL: sqlite:///path (default: in the state dir)")
+    _add_config_options(parser)
+    parser.add_argument("--cache-dir", help="HF hub-cache root (default /var/cache/mxfs)")
+    parser.add_argument("--state-dir", help="mxfs state: registry, listings (default /var/cache/mxfs-state)")
+    parser.add_argument("--registry", help="registry URL: sqlite:///path, redis://... (default: in the state dir)")
     parser.add_argument("--revision", help="revision shown as /<org>/<name> (default main)")
     parser.add_argument("--lease", help="download lease, e.g. 30s (default 30s)")
-    parser.add_argument("--verify", choices=("fast", "strict"), help="serve bytes before the checksum (fast) or not")
-    parser.add_argument("--log-level", default=None, help="debug, info, warning, error (default info)")
+    parser.add_argument("--negative-ttl", help="how long a name the Hub does not know stays unknown (default 30s)")
+    parser.add_argument("--verify", help="fast: serve bytes before the checksum; strict: only verified (default fast)")
+    parser.add_argument("--connections", help="parallel connections of one model's download (default 8)")
+    parser.add_argument("--chunk-size", help="size of one range request (default 64MiB)")
+    parser.add_argument("--poll-interval", help="how often a waiter checks another's download (default 0.5s)")
+    parser.add_argument("--token-file", help="file holding the Hub token (like HF_TOKEN); keep it mode 0600")
+    parser.add_argument("--log-level", help="debug, info, warning, error (default info)")
+
+
+def _add_mount_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-other",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let users other than the daemon's read the mount (default off)",
+    )
+    parser.add_argument("--uid", help="owner shown for files and folders, a number or a name (default: the daemon's)")
+    parser.add_argument("--gid", help="group shown for files and folders, a number or a name (default: the daemon's)")
+    parser.add_argument("--metrics-address", help="where /metrics listens, HOST:PORT; '' turns it off (127.0.0.1:9400)")
 
 
 def _add_eviction_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("eviction (sizes like 500GiB, durations like 7d; 'off' disables a rule)")
-    group.add_argument("--no-eviction", action="store_true", help="do not run the background eviction task")
+    group.add_argument(
+        "--no-eviction",
+        dest="eviction_enabled",
+        action="store_const",
+        const=False,
+        default=None,
+        help="do not run the background eviction task",
+    )
     group.add_argument("--check-interval", help="how often the eviction task runs (default 5m)")
     group.add_argument("--unused-threshold", help="evict models unused for this long (default 7d)")
     group.add_argument("--max-models", help="keep at most this many models (default off)")
@@ -45,47 +112,20 @@ def _add_eviction_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--in-use-grace", help="never evict a model used this recently (default 10m)")
 
 
-def _off(value: str) -> bool:
-    return value.strip().lower() in ("off", "none", "")
-
-
-def apply_eviction_args(settings: Settings, args: argparse.Namespace) -> None:
-    ev = settings.eviction
-    if getattr(args, "no_eviction", False):
-        ev.enabled = False
-    if getattr(args, "check_interval", None):
-        ev.check_interval = parse_duration(args.check_interval, "eviction.check_interval")
-    if getattr(args, "unused_threshold", None):
-        raw = args.unused_threshold
-        ev.unused_threshold = None if _off(raw) else parse_duration(raw, "eviction.unused_threshold")
-    if getattr(args, "max_models", None):
-        raw = args.max_models
-        if _off(raw):
-            ev.max_models = None
-        elif raw.isdigit():
-            ev.max_models = int(raw)
-        else:
-            raise ConfigError(f"eviction.max_models: expected a whole number or 'off', got {raw!r}")
-    if getattr(args, "max_cache_size", None):
-        raw = args.max_cache_size
-        ev.max_cache_size = None if _off(raw) else parse_size(raw, "eviction.max_cache_size")
-    if getattr(args, "min_free_space", None):
-        raw = args.min_free_space
-        ev.min_free_space = None if _off(raw) else parse_size(raw, "eviction.min_free_space")
-    if getattr(args, "in_use_grace", None):
-        ev.in_use_grace = parse_duration(args.in_use_grace, "eviction.in_use_grace")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mxfs", description="Hugging Face models as a lazy read-only filesystem")
     parser.add_argument("--version", action="version", version=f"mxfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     mount = sub.add_parser("mount", help="mount the model tree (stays in the foreground)")
-    mount.add_argument("mountpoint", type=Path)
-    mount.add_argument("--allow-other", action="store_true", default=None, help="let other users read the mount")
+    mount.add_argument("mountpoint", type=Path, nargs="?", help="where to mount (not needed with --print-config)")
     _add_cache_options(mount)
+    _add_mount_options(mount)
     _add_eviction_options(mount)
+
+    unmount_cmd = sub.add_parser("unmount", help="unmount a mount (also one left behind by a crashed daemon)")
+    unmount_cmd.add_argument("mountpoint", type=Path)
+    unmount_cmd.add_argument("--lazy", action="store_true", help="detach now even if files are open (umount -l)")
 
     status = sub.add_parser("status", help="list cache entries")
     status.add_argument("--json", action="store_true", help="one JSON object per entry, one per line")
@@ -113,27 +153,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    settings = Settings()
-    if args.cache_dir is not None:
-        settings.cache_dir = args.cache_dir.absolute()
-    if args.state_dir is not None:
-        settings.state_dir = args.state_dir.absolute()
-    if args.registry:
-        settings.registry = args.registry
-    if args.revision:
-        settings.revision = args.revision
-    if args.lease:
-        settings.lease = parse_duration(args.lease, "lease")
-    if args.verify:
-        settings.verify = args.verify
-    if getattr(args, "allow_other", None):
-        settings.allow_other = True
-    if args.log_level:
-        settings.log_level = args.log_level
-    apply_eviction_args(settings, args)
-    settings.validate()
-    return settings
+def _flag_spelling(dest: str, value: object) -> str:
+    if dest == "eviction_enabled":
+        return "--no-eviction"
+    if dest == "allow_other" and value is False:
+        return "--no-allow-other"
+    return "--" + dest.replace("_", "-")
+
+
+def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    """The effective settings: defaults < config file < ``MXFS_*`` environment < flags."""
+    flags: dict[str, tuple[object, str]] = {}
+    for dest, key in FLAG_KEYS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            flags[key] = (value, _flag_spelling(dest, value))
+    return load_settings(getattr(args, "config", None), env, flags)
+
+
+def render_config(settings: Settings, env: Mapping[str, str] | None = None) -> str:
+    """The settings as a TOML file that mxfs reads back; passwords and tokens are never shown."""
+    env = os.environ if env is None else env
+    lines = ["# mxfs effective settings: defaults < config file < MXFS_* environment < flags."]
+    lines.append(f"# config file: {settings.config_file or 'none'}")
+    if settings.token_file is not None:
+        lines.append("# Hub token: read from token_file when mxfs starts (never printed)")
+    elif env.get("HF_TOKEN"):
+        lines.append("# Hub token: HF_TOKEN from the environment (never printed)")
+    else:
+        lines.append("# Hub token: none set (huggingface_hub may still use a stored login)")
+    lines.append("")
+    section = ""
+    for option in OPTIONS:
+        table, _, name = option.key.rpartition(".")
+        if table != section:
+            lines += ["", f"[{table}]"]
+            section = table
+        value = get_value(settings, option.key)
+        if option.key == "registry":
+            value = redact_url(settings.registry_url)
+        text = toml_value(option, value)
+        origin = settings.sources.get(option.key)
+        if text is None:
+            line = f"# {name}: not set"
+        else:
+            line = f"{name} = {text}"
+        lines.append(f"{line:<50} # {origin}" if origin else line)
+    return "\n".join(lines) + "\n"
 
 
 def setup_logging(level: str) -> None:
@@ -148,13 +214,30 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "unmount":
+        # Needs no settings: it must work even when the config file is what broke the daemon.
+        setup_logging("info")
+        try:
+            print(unmount(args.mountpoint, lazy=args.lazy))
+        except OSError as exc:
+            print(f"mxfs: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
         print(f"mxfs: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        sys.stdout.write(render_config(settings))
+        return 0
+    if args.command == "mount" and args.mountpoint is None:
+        parser.error("mount: the following arguments are required: mountpoint")
     setup_logging(settings.log_level)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     try:
         if args.command == "mount":
             trio.run(serve, settings, args.mountpoint)
@@ -180,22 +263,48 @@ def main(argv: list[str] | None = None) -> int:
 # -- status ------------------------------------------------------------------------------------
 
 
-def _status_row(record: Record, refs: dict[str, list[str]]) -> dict[str, object]:
+def _status_row(record: Record, refs: dict[str, list[str]], progress: tuple[int, int] | None) -> dict[str, object]:
     try:
         repo_id, commit = parse_entry_name(record.model_name)
     except ValueError:
         repo_id, commit = record.model_name, ""
+    if record.status == Status.DOWNLOADED:
+        downloaded = record.size_bytes
+    else:
+        downloaded = progress[0] if progress else None
     return {
         "model": repo_id,
         "revision": ",".join(refs.get(commit, [])) or commit,
         "commit": commit,
         "status": record.status.value,
-        "size_bytes": record.size_bytes,
+        "size_bytes": record.size_bytes if record.size_bytes is not None else (progress[1] if progress else None),
+        "downloaded_bytes": downloaded,
         "created_at": record.created_at.isoformat(),
         "last_used_at": record.last_used_at.isoformat(),
         "pinned": record.pinned,
         "message": record.message,
     }
+
+
+def _download_progress(state: StateDir, cache: HubCache, record: Record) -> tuple[int, int] | None:
+    """(bytes of verified files in the cache, total bytes) of a download in progress, if known.
+
+    Counted from what any process can see, the tree listing in the state dir and the blobs in the
+    cache, so it works whichever process (or node, on a shared cache) downloads.  Whole files
+    only: a large file counts once it is complete.
+    """
+    if record.status != Status.DOWNLOADING:
+        return None
+    try:
+        repo_id, commit = parse_entry_name(record.model_name)
+    except ValueError:
+        return None
+    tree = state.read_tree(repo_id, commit)
+    if tree is None:
+        return None
+    total = sum(f.size for f in tree.files)
+    have = sum(f.size for f in tree.files if cache.has_blob(repo_id, f.etag))
+    return have, total
 
 
 def _ago(when: datetime) -> str:
@@ -206,65 +315,129 @@ def _ago(when: datetime) -> str:
     return f"{max(seconds, 0):.0f}s ago"
 
 
+def _status_table(rows: list[dict[str, object]], records: list[Record]) -> list[str]:
+    header = ("MODEL", "REVISION", "STATUS", "SIZE", "LAST USED", "PINNED")
+    lines = [header]
+    notes = []
+    for row, record in zip(rows, records, strict=True):
+        size, have = row["size_bytes"], row["downloaded_bytes"]
+        status = str(row["status"])
+        if record.status == Status.DOWNLOADING and isinstance(have, int) and isinstance(size, int) and size:
+            status = f"{status} {100 * have / size:.0f}%"
+            size_text = f"{format_size(have)} / {format_size(size)}"
+        else:
+            size_text = format_size(size) if isinstance(size, int) else "-"
+        revision = str(row["revision"])
+        revision = revision if len(revision) < 20 else revision[:12]
+        lines.append(
+            (str(row["model"]), revision, status, size_text, _ago(record.last_used_at), "yes" if row["pinned"] else "")
+        )
+        if record.status == Status.ERROR and record.message:
+            notes.append(f"{row['model']}@{revision}: {record.message}")
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in lines]
+    if notes:
+        out += ["", "errors:", *(f"  {note}" for note in notes)]
+    return out
+
+
 async def _status(settings: Settings, as_json: bool) -> int:
     registry = await open_registry(settings.registry_url)
     try:
-        records = await registry.list_by_last_used()
+        records = list(reversed(await registry.list_by_last_used()))  # most recently used first
     finally:
         await registry.aclose()
 
-    state = StateDir(settings.state_dir)
+    state, cache = StateDir(settings.state_dir), HubCache(settings.cache_dir)
 
     def rows() -> list[dict[str, object]]:
-        out = []
-        for record in reversed(records):  # most recently used first
-            repo = record.model_name.rsplit(":", 1)[-1]
-            out.append(_status_row(record, state.refs_by_commit(repo)))
-        return out
+        return [
+            _status_row(
+                record,
+                state.refs_by_commit(record.model_name.rsplit(":", 1)[-1]),
+                _download_progress(state, cache, record),
+            )
+            for record in records
+        ]
 
     table = await trio.to_thread.run_sync(rows)
     if as_json:
         for row in table:
             print(json.dumps(row))
         return 0
-    header = ("MODEL", "REVISION", "STATUS", "SIZE", "LAST USED", "PINNED")
-    lines = [header]
-    for row, record in zip(table, reversed(records), strict=True):
-        size = format_size(row["size_bytes"]) if isinstance(row["size_bytes"], int) else "-"
-        revision = str(row["revision"])
-        revision = revision if len(revision) < 20 else revision[:12]
-        lines.append(
-            (
-                str(row["model"]),
-                revision,
-                str(row["status"]),
-                size,
-                _ago(record.last_used_at),
-                "yes" if row["pinned"] else "",
-            )
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
-    total = sum(r.size_bytes or 0 for r in records)
-    print(f"\n{len(records)} entries, {format_size(total)}")
+    for line in _status_table(table, records):
+        print(line)
+    counts = {status: sum(r.status == status for r in records) for status in Status}
+    summary = ", ".join(f"{n} {status.value.lower()}" for status, n in counts.items() if n)
+    total = sum(r.size_bytes or 0 for r in records if r.status == Status.DOWNLOADED)
+    pinned = sum(r.pinned for r in records)
+    print(f"\n{len(records)} entries ({summary or 'none'}), {format_size(total)} cached, {pinned} pinned")
+    try:
+        disk = await trio.to_thread.run_sync(os.statvfs, settings.cache_dir)
+        print(f"cache {settings.cache_dir}: {format_size(disk.f_bavail * disk.f_frsize)} free")
+    except OSError:
+        pass
     return 0
 
 
 # -- prefetch ----------------------------------------------------------------------------------
 
 
+class ProgressReport:
+    """Progress of one download on stderr: a bar redrawn in place on a terminal, else a log line
+    every few seconds (a bar's carriage returns make a mess of journald and CI logs)."""
+
+    def __init__(self, label: str, tty: bool) -> None:
+        self.label = label
+        self.tty = tty
+        self.interval = 0.2 if tty else 5.0
+        self._drawn = False
+        self._start = trio.current_time()
+
+    def update(self, have: int, total: int) -> None:
+        pct = 100.0 * have / total if total else 100.0
+        elapsed = max(trio.current_time() - self._start, 1e-9)
+        rate = have / elapsed
+        if self.tty:
+            width = 30
+            filled = int(width * pct / 100)
+            eta = f" ETA {(total - have) / rate:.0f}s" if rate > 0 and have < total else ""
+            line = (
+                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {pct:5.1f}% "
+                f"{format_size(have)} / {format_size(total)} {format_size(rate)}/s{eta}"
+            )
+            sys.stderr.write(f"{line}\x1b[K")
+            sys.stderr.flush()
+            self._drawn = True
+        else:
+            log.info("%s: %.1f%% (%s of %s, %s/s)", self.label, pct, format_size(have), format_size(total),
+                     format_size(rate))  # fmt: skip
+
+    def close(self) -> None:
+        """End the bar's line, so the next message starts on a line of its own."""
+        if self._drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
 async def _prefetch(settings: Settings, models: list[str]) -> int:
     failed = 0
+    tty = sys.stderr.isatty()
     async with open_services(settings) as services:
         for text in models:
             try:
                 ref = parse_model_arg(text, settings.revision)
                 entry = await services.fetcher.lookup(ref)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_report_progress, services.fetcher, entry)
-                    await services.fetcher.prefetch(entry)
-                    nursery.cancel_scope.cancel()
+                report = ProgressReport(text, tty)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_report_progress, services.fetcher, entry, report)
+                        await services.fetcher.prefetch(entry)
+                        nursery.cancel_scope.cancel()
+                    if report.tty:  # the bar ends full; a log gets the "cached" line below instead
+                        report.update(*services.fetcher.progress(entry))
+                finally:
+                    report.close()
                 log.info("%s: cached (%s, %s)", text, entry.commit[:12], format_size(entry.size))
             except MxfsError as exc:
                 failed += 1
@@ -272,19 +445,10 @@ async def _prefetch(settings: Settings, models: list[str]) -> int:
     return 1 if failed else 0
 
 
-async def _report_progress(fetcher, entry) -> None:
-    tty = sys.stderr.isatty()
+async def _report_progress(fetcher: Fetcher, entry: Entry, report: ProgressReport) -> None:
     while True:
-        await trio.sleep(0.2 if tty else 5.0)
-        have, total = fetcher.progress(entry)
-        pct = 100.0 * have / total if total else 100.0
-        if tty:
-            width = 30
-            filled = int(width * pct / 100)
-            sys.stderr.write(f"\r{entry} [{'#' * filled}{'.' * (width - filled)}] {pct:5.1f}% {format_size(have)}")
-            sys.stderr.flush()
-        else:
-            log.info("%s: %.1f%% (%s of %s)", entry, pct, format_size(have), format_size(total))
+        await trio.sleep(report.interval)
+        report.update(*fetcher.progress(entry))
 
 
 # -- gc, evict, pin ------------------------------------------------------------------------------
@@ -306,6 +470,8 @@ def _print_report(report: Report) -> None:
 async def _gc(settings: Settings, dry_run: bool) -> int:
     registry = await open_registry(settings.registry_url)
     try:
+        # The config's pins hold wherever the config is read, not only while a daemon runs.
+        await apply_pins(settings, registry)
         report = await make_evictor(settings, registry, HubCache(settings.cache_dir)).cycle(dry_run=dry_run)
     finally:
         await registry.aclose()
@@ -313,35 +479,15 @@ async def _gc(settings: Settings, dry_run: bool) -> int:
     return 0
 
 
-async def _entry_names(settings: Settings, registry, models: list[str]) -> tuple[list[str], list[str]]:
-    """Registry names for ``org/name`` (every entry of the repo) or ``org/name@rev`` (that commit,
-    resolved from what this node recorded, so no Hub call is needed); and the arguments matching none."""
-    records = ours(await registry.list_by_last_used())
-    state, cache = StateDir(settings.state_dir), HubCache(settings.cache_dir)
-    names: list[str] = []
-    unmatched: list[str] = []
-    for text in models:
-        ref = parse_model_arg(text, settings.revision)
-        explicit = "@" in text
-        commit = None
-        if explicit:
-            commit = ref.revision if ref.pinned_to_commit else None
-            commit = commit or state.read_ref(ref.repo_id, ref.revision) or cache.read_ref(ref.repo_id, ref.revision)
-        found = [
-            r.model_name
-            for r in records
-            if parse_entry_name(r.model_name)[0] == ref.repo_id
-            and (not explicit or parse_entry_name(r.model_name)[1] == commit)
-        ]
-        names += found
-        if not found:
-            unmatched.append(text)
-    return names, unmatched
+async def _entry_names(settings: Settings, registry: Registry, models: list[str]) -> tuple[list[str], list[str]]:
+    records = await registry.list_by_last_used()
+    return await trio.to_thread.run_sync(match_entries, settings, records, models)
 
 
 async def _evict(settings: Settings, models: list[str], force: bool) -> int:
     registry = await open_registry(settings.registry_url)
     try:
+        await apply_pins(settings, registry)
         names, unmatched = await _entry_names(settings, registry, models)
         report = await make_evictor(settings, registry, HubCache(settings.cache_dir)).evict(names, force=force)
     finally:

@@ -3,17 +3,43 @@
 Durations: ``45s``, ``30m``, ``2h30m``, ``7d``, ``1.5h`` or plain seconds.  Sizes: ``500GiB``,
 ``10GB``, ``1.5MiB`` or plain bytes.  Parse errors name the key and the bad value, so a typo in
 ``/etc/mxfs/mxfs.toml`` is reported as such and not as a stack trace.
+
+Settings come from three layers, each overriding the one before: the TOML file
+(``/etc/mxfs/mxfs.toml`` or ``--config``), the environment (``MXFS_`` + the upper-cased key path
+joined by ``_``, e.g. ``MXFS_EVICTION_MAX_MODELS``) and command-line flags.  One table,
+:data:`OPTIONS`, lists every key with its parser, so the file, the environment and the flags
+accept the same spellings and an error always says which key, which value and which layer.
 """
 
 from __future__ import annotations
 
+import difflib
+import grp
+import json
+import logging
 import math
+import os
+import pwd
 import re
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mxfs.errors import InvalidName
+from mxfs.names import parse_model_arg, validate_revision
+
+log = logging.getLogger(__name__)
+
 DEFAULT_CACHE_DIR = Path("/var/cache/mxfs")
 DEFAULT_STATE_DIR = Path("/var/cache/mxfs-state")
+DEFAULT_CONFIG_FILE = Path("/etc/mxfs/mxfs.toml")
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9400"
+# Names a config file when no --config is given (handy where flags are awkward: containers).
+CONFIG_ENV = "MXFS_CONFIG"
+ENV_PREFIX = "MXFS_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -79,6 +105,28 @@ def format_size(n: int | float) -> str:
     raise AssertionError("unreachable")
 
 
+def format_duration(seconds: float) -> str:
+    """The shortest spelling :func:`parse_duration` reads back exactly: ``2h30m``, ``500ms``, ``7d``."""
+    if seconds != int(seconds):
+        ms = seconds * 1000
+        return f"{ms:.0f}ms" if ms == int(ms) else f"{seconds!r}s"
+    rest, parts = int(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(parts) or "0s"
+
+
+def format_exact_size(n: int) -> str:
+    """``500GiB`` / ``10GB`` when exact, else plain bytes: a spelling :func:`parse_size` reads back."""
+    for base, suffix in ((1024, "iB"), (1000, "B")):
+        for power, prefix in reversed(list(enumerate("KMGTP", start=1))):
+            if n and n % base**power == 0:
+                return f"{n // base**power}{prefix}{suffix}"
+    return str(n)
+
+
 @dataclass
 class EvictionSettings:
     """DESIGN section 6; ``None`` switches a rule off."""
@@ -90,6 +138,8 @@ class EvictionSettings:
     max_cache_size: int | None = None
     min_free_space: int | None = None
     in_use_grace: float = 600.0
+    # Models (``org/name`` or ``org/name@rev``) the daemon pins in the registry: never evicted.
+    pinned: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.check_interval <= 0:
@@ -116,21 +166,398 @@ class Settings:
     # How often a node that waits for another node's download looks at the registry and the cache.
     poll_interval: float = 0.5
     allow_other: bool = False
+    # Owner shown for every file and folder of the mount; None: the daemon's own user and group.
+    uid: int | None = None
+    gid: int | None = None
+    # Where /metrics listens (HOST:PORT, [IPv6]:PORT or :PORT); empty: no metrics server.
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
     log_level: str = "info"
+    # A file holding the Hub token (instead of HF_TOKEN in the environment, which leaks into
+    # `systemctl show` and /proc/<pid>/environ); read when the daemon starts, never logged.
+    token_file: Path | None = None
     eviction: EvictionSettings = field(default_factory=lambda: EvictionSettings())
     extra: dict[str, object] = field(default_factory=dict)
+    # Where each value that is not a default came from ("flag --lease", "environment MXFS_LEASE",
+    # "file /etc/mxfs/mxfs.toml"), for error messages and --print-config.
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # The config file that was read, if any.
+    config_file: Path | None = None
+    # Problems worth a log line but not a refusal to start (an unknown MXFS_ variable); the CLI
+    # logs them once logging is set up.
+    warnings: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def registry_url(self) -> str:
         return self.registry or f"sqlite://{(self.state_dir / 'registry.db').absolute()}"
 
     def validate(self) -> None:
-        self.eviction.validate()
-        if self.verify not in ("fast", "strict"):
-            raise ConfigError(f"verify: expected 'fast' or 'strict', got {self.verify!r}")
-        if self.lease <= 0:
-            raise ConfigError(f"lease: must be positive, got {self.lease!r}")
-        if self.connections < 1:
-            raise ConfigError(f"connections: must be at least 1, got {self.connections!r}")
-        if self.chunk_size < 1024 * 1024:
-            raise ConfigError(f"chunk_size: must be at least 1MiB, got {self.chunk_size!r}")
+        try:
+            self.eviction.validate()
+            if self.verify not in ("fast", "strict"):
+                raise ConfigError(f"verify: expected 'fast' or 'strict', got {self.verify!r}")
+            if self.lease <= 0:
+                raise ConfigError(f"lease: must be positive, got {self.lease!r}")
+            if self.connections < 1:
+                raise ConfigError(f"connections: must be at least 1, got {self.connections!r}")
+            if self.chunk_size < 1024 * 1024:
+                raise ConfigError(f"chunk_size: must be at least 1MiB, got {self.chunk_size!r}")
+        except ConfigError as exc:
+            key = str(exc).split(":", 1)[0]
+            if key in self.sources:
+                raise ConfigError(f"{exc} (from {self.sources[key]})") from None
+            raise
+
+    def read_token(self) -> str | None:
+        """The Hub token from ``token_file`` (None when unset); warns if others may read the file.
+
+        Read at start-up rather than at config time so that commands which never talk to the Hub
+        (``status``, ``gc``) do not need to be able to read it.
+        """
+        if self.token_file is None:
+            return None
+        where = self.sources.get("token_file", "config")
+        try:
+            with open(self.token_file, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                token = f.read().decode("utf-8", "replace").strip()
+        except OSError as exc:
+            reason = f"cannot read {str(self.token_file)!r}: {exc.strerror}"
+            raise ConfigError(f"token_file: {reason} (from {where})") from None
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
+            log.warning(
+                "token_file %s is readable by its group or by everyone (mode %04o); chmod 600 it",
+                self.token_file,
+                stat.S_IMODE(mode),
+            )
+        if not token:
+            raise ConfigError(f"token_file: {str(self.token_file)!r} is empty (from {where})")
+        return token
+
+
+# -- the keys -------------------------------------------------------------------------------------
+
+Parser = Callable[[object, str], object]
+_OFF = ("off", "none", "")
+
+
+def _text(raw: object, key: str) -> str:
+    if not isinstance(raw, str):
+        raise ConfigError(f"{key}: expected a string, got {raw!r}")
+    return raw.strip()
+
+
+def _path(raw: object, key: str) -> Path:
+    text = _text(raw, key)
+    if not text:
+        raise ConfigError(f"{key}: expected a path, got {raw!r}")
+    return Path(text).expanduser().absolute()
+
+
+def _optional(parse: Parser) -> Parser:
+    """``"off"`` (or ``false``, or empty) switches the setting off: None."""
+
+    def parse_optional(raw: object, key: str) -> object:
+        if raw is False or (isinstance(raw, str) and raw.strip().lower() in _OFF):
+            return None
+        return parse(raw, key)
+
+    return parse_optional
+
+
+def _bool(raw: object, key: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+    raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+
+
+def _int(minimum: int) -> Parser:
+    def parse_int(raw: object, key: str) -> int:
+        if isinstance(raw, str) and re.fullmatch(r"[+-]?\d+", raw.strip()):
+            value = int(raw.strip())
+        elif isinstance(raw, int) and not isinstance(raw, bool):
+            value = raw
+        else:
+            raise ConfigError(f"{key}: expected a whole number, got {raw!r}")
+        if value < minimum:
+            raise ConfigError(f"{key}: must be at least {minimum}, got {raw!r}")
+        return value
+
+    return parse_int
+
+
+def _duration(*, positive: bool) -> Parser:
+    def parse(raw: object, key: str) -> float:
+        if not isinstance(raw, str | int | float):
+            raise ConfigError(f"{key}: expected a duration such as 30s, 5m, 2h30m or 7d, got {raw!r}")
+        seconds = parse_duration(raw, key)
+        if positive and seconds <= 0:
+            raise ConfigError(f"{key}: must be positive, got {raw!r}")
+        return seconds
+
+    return parse
+
+
+def _size(minimum: int = 0, spelled: str = "") -> Parser:
+    def parse(raw: object, key: str) -> int:
+        if not isinstance(raw, str | int | float):
+            raise ConfigError(f"{key}: expected a size such as 500GiB, 10GB or 1048576, got {raw!r}")
+        size = parse_size(raw, key)
+        if size < minimum:
+            raise ConfigError(f"{key}: must be at least {spelled or minimum}, got {raw!r}")
+        return size
+
+    return parse
+
+
+def _choice(*values: str) -> Parser:
+    def parse(raw: object, key: str) -> str:
+        text = _text(raw, key).lower()
+        if text not in values:
+            raise ConfigError(f"{key}: expected one of {', '.join(values)}, got {raw!r}")
+        return text
+
+    return parse
+
+
+def _revision(raw: object, key: str) -> str:
+    try:
+        return validate_revision(_text(raw, key))
+    except InvalidName:
+        raise ConfigError(f"{key}: not a valid branch, tag or commit name, got {raw!r}") from None
+
+
+def _models(raw: object, key: str) -> list[str]:
+    """A TOML array of ``org/name[@rev]``, or (environment, flags) one comma-separated string."""
+    if isinstance(raw, str):
+        items: list[object] = [part for part in raw.split(",") if part.strip()]
+    elif isinstance(raw, list):
+        items = raw
+    else:
+        raise ConfigError(f'{key}: expected a list of models such as ["org/name", "org/other@v1"], got {raw!r}')
+    models = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{key}: expected a model name such as org/name or org/name@v1, got {item!r}")
+        try:
+            parse_model_arg(item.strip(), "main")
+        except InvalidName:
+            raise ConfigError(f"{key}: expected a model name such as org/name or org/name@v1, got {item!r}") from None
+        models.append(item.strip())
+    return models
+
+
+def split_address(text: str, key: str = "metrics_address") -> tuple[str | None, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (every interface) into (host or None, port)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT such as 127.0.0.1:9400 or [::1]:9400, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"{key}: put an IPv6 address in brackets, e.g. [::1]:9400, got {text!r}")
+    return host or None, int(port)
+
+
+def _address(raw: object, key: str) -> str:
+    text = _text(raw, key)
+    if text:
+        split_address(text, key)
+    return text
+
+
+def _owner(database: str) -> Parser:
+    """A user (``database="user"``) or group id, by number or by name; resolved once, here."""
+
+    def parse(raw: object, key: str) -> int:
+        if isinstance(raw, int) or (isinstance(raw, str) and re.fullmatch(r"[+-]?\d+", raw.strip())):
+            return _int(0)(raw, key)
+        name = _text(raw, key)
+        try:
+            return pwd.getpwnam(name).pw_uid if database == "user" else grp.getgrnam(name).gr_gid
+        except KeyError:
+            raise ConfigError(f"{key}: no {database} named {raw!r}") from None
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its key path in the file, how to read a value, and what it means."""
+
+    key: str
+    kind: str  # how --print-config spells a value: path, text, bool, int, duration, size, models
+    parse: Parser
+    help: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.upper().replace(".", "_")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("cache_dir", "path", _path, "the Hugging Face hub cache that holds the files"),
+    Option("state_dir", "path", _path, "mxfs's own state: SQLite registry, resolved revisions, tree listings"),
+    Option("registry", "text", _text, "registry URL: sqlite:///path, redis://..., rediss://..."),
+    Option("revision", "text", _revision, "the revision /<org>/<name> shows"),
+    Option("lease", "duration", _duration(positive=True), "download lease; the owner renews it every third of it"),
+    Option(
+        "negative_ttl", "duration", _duration(positive=False), "how long a name the Hub does not know stays unknown"
+    ),
+    Option(
+        "verify", "text", _choice("fast", "strict"), "fast: serve bytes as they arrive; strict: only verified files"
+    ),
+    Option("connections", "int", _int(1), "parallel HTTP connections of one model's download"),
+    Option("chunk_size", "size", _size(1024 * 1024, "1MiB"), "size of one range request of a large file"),
+    Option(
+        "poll_interval", "duration", _duration(positive=True), "how often a waiter looks at another node's download"
+    ),
+    Option("allow_other", "bool", _bool, "let users other than the daemon's read the mount (pods running as non-root)"),
+    Option("uid", "int", _optional(_owner("user")), "owner shown for files and folders (default: the daemon's user)"),
+    Option("gid", "int", _optional(_owner("group")), "group shown for files and folders (default: the daemon's group)"),
+    Option("metrics_address", "text", _address, "where Prometheus /metrics listens; empty: off"),
+    Option("log_level", "text", _choice(*LOG_LEVELS), "debug, info, warning, error"),
+    Option("token_file", "path", _optional(_path), "a file holding the Hub token (like HF_TOKEN); keep it mode 0600"),
+    Option("eviction.enabled", "bool", _bool, "run the background eviction task"),
+    Option("eviction.check_interval", "duration", _duration(positive=True), "how often the eviction task runs"),
+    Option(
+        "eviction.unused_threshold",
+        "duration",
+        _optional(_duration(positive=False)),
+        "evict models unused for this long",
+    ),
+    Option("eviction.max_models", "int", _optional(_int(0)), "keep at most this many models"),
+    Option("eviction.max_cache_size", "size", _optional(_size()), "keep the cache's blobs below this size"),
+    Option("eviction.min_free_space", "size", _optional(_size()), "keep this much free on the cache's disk"),
+    Option("eviction.in_use_grace", "duration", _duration(positive=False), "never evict a model used this recently"),
+    Option("eviction.pinned", "models", _models, "models never evicted (org/name, or org/name@rev)"),
+)
+OPTIONS_BY_KEY = {option.key: option for option in OPTIONS}
+OPTIONS_BY_ENV = {option.env: option for option in OPTIONS}
+
+
+def toml_value(option: Option, value: object) -> str | None:
+    """``value`` as a TOML literal that ``option`` parses back; None for an unset optional value."""
+    if value is None:
+        # An eviction rule that is off says so; an unset uid, gid or token_file is just absent.
+        return '"off"' if option.key.startswith("eviction.") else None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if option.kind == "duration" and isinstance(value, int | float):
+        return json.dumps(format_duration(value))
+    if option.kind == "size" and isinstance(value, int):
+        return json.dumps(format_exact_size(value))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return json.dumps([str(item) for item in value])
+    # A JSON string (or array of strings) is also a valid TOML basic string (or array).
+    return json.dumps(str(value))
+
+
+def get_value(settings: Settings, key: str) -> object:
+    target: object = settings
+    for part in key.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def _set_value(settings: Settings, key: str, value: object) -> None:
+    *parents, name = key.split(".")
+    target: object = settings
+    for part in parents:
+        target = getattr(target, part)
+    setattr(target, name, value)
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, OPTIONS_BY_KEY, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def read_config_file(path: Path) -> dict[str, object]:
+    """The file's settings by dotted key; unknown keys and TOML syntax errors are ConfigErrors."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    values: dict[str, object] = {}
+    for key, value in data.items():
+        if key == "eviction":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: eviction: expected a table ([eviction]), got {value!r}")
+            for sub, sub_value in value.items():
+                values[f"eviction.{sub}"] = sub_value
+        else:
+            values[key] = value
+    for key in values:
+        if key not in OPTIONS_BY_KEY:
+            raise _unknown(key, str(path))
+    return values
+
+
+def load_settings(
+    config: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, tuple[object, str]] | None = None,
+) -> Settings:
+    """Defaults, then the config file, then ``MXFS_*`` variables, then flags; validated.
+
+    ``config`` is ``--config`` (a missing file is an error); without it ``$MXFS_CONFIG`` (also
+    required to exist) or ``/etc/mxfs/mxfs.toml`` (optional: no file means defaults).  ``flags``
+    maps a key to (value, the flag's spelling) for the error messages.
+    """
+    env = os.environ if env is None else env
+    settings = Settings()
+    layers: list[tuple[dict[str, object], Callable[[str], str]]] = []
+
+    path, explicit = config, config is not None
+    if path is None and env.get(CONFIG_ENV):
+        path, explicit = Path(env[CONFIG_ENV]), True
+    path = path or DEFAULT_CONFIG_FILE
+    try:
+        file_values = read_config_file(path)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {str(path)!r} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc.strerror}") from None
+    else:
+        settings.config_file = file_path = path.absolute()
+        layers.append((file_values, lambda _key: f"file {file_path}"))
+
+    env_values: dict[str, object] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        option = OPTIONS_BY_ENV.get(name)
+        if option is None:
+            settings.warnings.append(f"ignoring unknown environment variable {name}")
+            continue
+        env_values[option.key] = value
+    layers.append((env_values, lambda key: f"environment {OPTIONS_BY_KEY[key].env}"))
+
+    flag_values = {key: value for key, (value, _flag) in (flags or {}).items()}
+    flag_names = {key: flag for key, (_value, flag) in (flags or {}).items()}
+    layers.append((flag_values, lambda key: f"flag {flag_names[key]}"))
+
+    for values, where in layers:
+        for key, raw in values.items():
+            option = OPTIONS_BY_KEY.get(key)
+            if option is None:
+                raise _unknown(key, where(key))
+            try:
+                value = option.parse(raw, key)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (from {where(key)})") from None
+            _set_value(settings, key, value)
+            settings.sources[key] = where(key)
+    settings.validate()
+    return settings

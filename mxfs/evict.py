@@ -15,6 +15,7 @@ only, never the open-file rule.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import trio
 
+from mxfs import metrics
 from mxfs.cache import HubCache, repo_folder_name
 from mxfs.config import format_size
 from mxfs.registry import Record, Registry, RegistryError, Status, parse_entry_name
@@ -272,6 +274,10 @@ class Evictor:
                 # A failing cycle (a cache file system error, say) must not take the mount down.
                 log.exception("eviction cycle failed; trying again at the next interval")
 
+    def usage(self) -> CacheUsage:
+        """Bytes the cache holds and bytes free on its disk now (blocking: call it from a thread)."""
+        return self._usage(self.cache)
+
     def request_cycle(self) -> None:
         """Ask for a cycle now (a download hit ENOSPC)."""
         self._wakeup.set()
@@ -280,7 +286,15 @@ class Evictor:
         on_disk = await trio.to_thread.run_sync(entries_with_open_blobs, self.cache, records, limiter=self.limiter)
         return set(self._open_entries()) | on_disk
 
-    async def cycle(self, *, dry_run: bool = False) -> Report:
+    async def make_room(self, needed: int) -> Report:
+        """A download found the disk full: a cycle that also frees ``needed`` bytes if it can.
+
+        Without a ``min_free_space`` rule a full disk would otherwise evict nothing; with one, the
+        larger of the two wins.  Protected entries (pinned, open, recently used) stay.
+        """
+        return await self.cycle(need_free=needed)
+
+    async def cycle(self, *, dry_run: bool = False, need_free: int = 0) -> Report:
         """One sweep under the registry's eviction lock; returns what it evicted (or would)."""
         async with self._lock:
             ttl = max(self.check_interval, 600.0)
@@ -288,20 +302,24 @@ class Evictor:
                 log.debug("eviction: another node is sweeping")
                 return Report(dry_run=dry_run)
             try:
-                report = await self._sweep(dry_run)
+                report = await self._sweep(dry_run, need_free)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.registry.unlock(EVICTION_LOCK, self._owner)
         self.last_report = report
+        metrics.record_evictions(report, cycle=True)
         return report
 
-    async def _sweep(self, dry_run: bool) -> Report:
+    async def _sweep(self, dry_run: bool, need_free: int = 0) -> Report:
         records = ours(await self.registry.list_by_last_used())
         usage = await trio.to_thread.run_sync(self._usage, self.cache, limiter=self.limiter)
         sizes = await trio.to_thread.run_sync(self._sizes, records, limiter=self.limiter)
         open_names = await self._protected_names(records)
+        rules = self.rules
+        if need_free > (rules.min_free_space or 0):
+            rules = dataclasses.replace(rules, min_free_space=need_free)
         victims = select_victims(
-            records, now=datetime.now(UTC), rules=self.rules, usage=usage, sizes=sizes, open_entries=open_names
+            records, now=datetime.now(UTC), rules=rules, usage=usage, sizes=sizes, open_entries=open_names
         )
         report = Report(dry_run=dry_run)
         for victim in victims:
@@ -352,6 +370,7 @@ class Evictor:
             report.evicted.append(Victim(record, Reason.MANUAL, freed))
             report.bytes_freed += freed
         self._log(report, None)
+        metrics.record_evictions(report, cycle=False)
         return report
 
     def _log(self, report: Report, usage: CacheUsage | None) -> None:

@@ -15,6 +15,7 @@ is read-only: every write-type request is ``EROFS``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -22,7 +23,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -58,24 +59,60 @@ def fuse_handler(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except (InvalidName, NotFound, NameTooLong, ReadOnly) as exc:
-            log.debug("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(errno_for(exc)) from None
-        except AccessDenied as exc:
-            log.warning("%s", exc)
-            raise pyfuse3.FUSEError(errno_for(exc)) from None
-        except (MxfsError, OSError) as exc:
-            log.warning("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(errno_for(exc)) from None
-        except Exception:
-            log.exception("unexpected error in %s; answering EIO", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        ops = args[0]
+        assert isinstance(ops, MxfsOperations)
+        with ops.requests.track() as scope:
+            try:
+                return await fn(*args, **kwargs)
+            except pyfuse3.FUSEError:
+                raise
+            except (InvalidName, NotFound, NameTooLong, ReadOnly) as exc:
+                log.debug("%s: %s", fn.__name__, exc)
+                raise pyfuse3.FUSEError(errno_for(exc)) from None
+            except AccessDenied as exc:
+                log.warning("%s", exc)
+                raise pyfuse3.FUSEError(errno_for(exc)) from None
+            except (MxfsError, OSError) as exc:
+                log.warning("%s: %s", fn.__name__, exc)
+                raise pyfuse3.FUSEError(errno_for(exc)) from None
+            except Exception:
+                log.exception("unexpected error in %s; answering EIO", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        assert scope.cancelled_caught
+        raise pyfuse3.FUSEError(errno.EINTR)  # the daemon is stopping
 
     return wrapper
+
+
+class InFlight:
+    """The requests being answered, so that stopping the daemon can end them.
+
+    ``pyfuse3.main()`` returns only once every request in flight is answered, so a lookup
+    waiting for a stalled Hub would hold the exit for its whole timeout and retries (DESIGN
+    section 11 promises an exit within 10 s of SIGTERM).  :meth:`cancel_all` answers them with
+    ``EINTR`` instead; requests arriving after it are answered so at once.
+    """
+
+    def __init__(self) -> None:
+        self._scopes: set[trio.CancelScope] = set()
+        self.stopping = False
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[trio.CancelScope]:
+        scope = trio.CancelScope()
+        if self.stopping:
+            scope.cancel()
+        self._scopes.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._scopes.discard(scope)
+
+    def cancel_all(self) -> None:
+        self.stopping = True
+        for scope in self._scopes:
+            scope.cancel()
 
 
 def read_only(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -112,7 +149,9 @@ class MxfsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, fetcher: Fetcher, default_revision: str = "main") -> None:
+    def __init__(
+        self, fetcher: Fetcher, default_revision: str = "main", *, uid: int | None = None, gid: int | None = None
+    ) -> None:
         super().__init__()
         self.fetcher = fetcher
         self.default_revision = default_revision
@@ -122,7 +161,10 @@ class MxfsOperations(pyfuse3.Operations):
         self._handles: dict[int, OpenFile] = {}
         self._dir_handles: dict[int, list[tuple[str, Node]]] = {}
         self._fh = itertools.count(1)
-        self._uid, self._gid = os.getuid(), os.getgid()
+        self.requests = InFlight()
+        # The owner every node shows (settings uid/gid); by default the daemon's own.
+        self._uid = os.getuid() if uid is None else uid
+        self._gid = os.getgid() if gid is None else gid
         self._started = time.time_ns()
 
     # -- inodes -------------------------------------------------------------------------------

@@ -74,7 +74,9 @@ def mxfs_mount(tmp_path: Path, hub: FakeHub) -> Iterator[Callable[..., MountedFs
         cache_dir = cache_dir or tmp_path / "cache"
         state_dir = state_dir or tmp_path / f"state{n}"
         log_path = tmp_path / f"mxfs{n}.log"
-        full_env = {**os.environ, **hub.env(), "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Metrics off unless a test asks (--metrics-address): daemons of one test, or of tests run
+        # side by side, would all want the default port.
+        full_env = {**os.environ, **hub.env(), "PYTHONUNBUFFERED": "1", "MXFS_METRICS_ADDRESS": "", **(env or {})}
         cmd = [
             sys.executable, "-m", "mxfs", "mount", str(mountpoint),
             "--cache-dir", str(cache_dir), "--state-dir", str(state_dir), "--log-level", "debug", *args,

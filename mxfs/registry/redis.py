@@ -53,6 +53,7 @@ import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from mxfs import metrics
 from mxfs.registry import redact_url
 from mxfs.registry.base import (
     PROVIDER,
@@ -538,6 +539,7 @@ class RedisRegistry:
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         except (redis.RedisError, OSError) as exc:
+            metrics.REGISTRY_ERRORS.inc()
             raise RegistryError(f"registry {self.url_for_logs}: {exc}") from exc
 
     async def _script(self, script: Any, keys: list[str], args: list[Any]) -> Any:

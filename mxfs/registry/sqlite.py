@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
+from mxfs import metrics
 from mxfs.registry.base import (
     PROVIDER,
     AlreadyExists,
@@ -299,6 +300,7 @@ class SqliteRegistry:
         try:
             return await trio.to_thread.run_sync(fn, self._conn, limiter=self._limiter)
         except sqlite3.Error as exc:
+            metrics.REGISTRY_ERRORS.inc()
             raise RegistryError(f"registry {self.url_for_logs}: {exc}") from exc
 
     async def _write(self, sql: str, params: dict[str, Any]) -> int:

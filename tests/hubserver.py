@@ -308,8 +308,10 @@ class Fault:
         method: str | Iterable[str] | None,
         on: str | Iterable[str] | None,
         params: dict[str, Any],
+        path: str | None = None,
     ) -> None:
         self._hub = hub
+        self.path = path
         self.kind = kind
         self.repo_id = repo_id
         self.filename = filename
@@ -346,8 +348,10 @@ class Fault:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def _matches(self, method: str, kind: str, repo_id: str | None, filename: str | None) -> bool:
+    def _matches(self, method: str, kind: str, repo_id: str | None, filename: str | None, path: str = "") -> bool:
         if self.methods is not None and method not in self.methods:
+            return False
+        if self.path is not None and not fnmatch.fnmatchcase(path, self.path):
             return False
         if self.on is not None and kind not in self.on:
             return False
@@ -358,7 +362,12 @@ class Fault:
     def __repr__(self) -> str:
         scope = ", ".join(
             f"{k}={v!r}"
-            for k, v in (("repo_id", self.repo_id), ("filename", self.filename), ("times", self.times))
+            for k, v in (
+                ("repo_id", self.repo_id),
+                ("filename", self.filename),
+                ("path", self.path),
+                ("times", self.times),
+            )
             if v is not None
         )
         return f"<Fault {self.kind} {self.params} {scope} hits={self.hits}>"
@@ -570,7 +579,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _apply_request_faults(self) -> None:
         rec = self._rec
-        faults = self.hub._take_faults("request", rec.method, rec.kind, rec.repo_id, rec.filename)
+        faults = self.hub._take_faults("request", rec.method, rec.kind, rec.repo_id, rec.filename, rec.path)
         for f in faults:
             rec.faults.append(f.kind)
         for f in faults:
@@ -794,7 +803,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         start, length, status = 0, size, 200
         headers["Accept-Ranges"] = "bytes"
         range_header = self.headers.get("Range")
-        if range_header and self.hub._take_faults("range", rec.method, rec.kind, rec.repo_id, rec.filename):
+        if range_header and self.hub._take_faults("range", rec.method, rec.kind, rec.repo_id, rec.filename, rec.path):
             rec.faults.append("ignore_range")
             range_header = None
         if range_header:
@@ -813,7 +822,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._start(status, headers, length, final=True)
             return
         plan = _BodyPlan()
-        for f in self.hub._take_faults("body", rec.method, rec.kind, rec.repo_id, rec.filename):
+        for f in self.hub._take_faults("body", rec.method, rec.kind, rec.repo_id, rec.filename, rec.path):
             rec.faults.append(f.kind)
             p = f.params
             if f.kind in ("cut", "truncate") and (plan.stop_after is None or p["after"] < plan.stop_after):
@@ -1491,6 +1500,7 @@ class FakeHub:
         times: int | None = None,
         method: str | Iterable[str] | None = None,
         on: str | Iterable[str] | None = None,
+        path: str | None = None,
         **params: Any,
     ) -> Fault:
         """Add a fault; returns its handle (``.hits``, ``.remove()``, context manager).
@@ -1498,7 +1508,8 @@ class FakeHub:
         Scope: ``repo_id`` and ``filename`` are globs (a request without a repo/filename never matches a
         scoped fault); ``times=N`` stops after N applications; ``method`` ("GET"/"HEAD"/...); ``on``:
         request kinds among "api", "resolve", "cdn" (default: all for error/delay/down, resolve+cdn for
-        body faults).  Kinds and params:
+        body faults); ``path``: a glob on the raw request target, query included (e.g. ``"*/tree/*"``
+        for tree listings only).  Kinds and params:
 
         * ``error``: ``status=500, error_code=None, message=None, headers=None, retry_after=None``
         * ``delay``: ``seconds``; with ``after=N`` stall once N body bytes are sent instead of before
@@ -1527,7 +1538,7 @@ class FakeHub:
                 raise TypeError(f"{kind!r} fault needs {name}=")
         if times is not None and times < 0:
             raise ValueError("times must be >= 0")
-        fault = Fault(self, kind, repo_id, filename, times, method, on, merged)
+        fault = Fault(self, kind, repo_id, filename, times, method, on, merged, path)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -1550,12 +1561,12 @@ class FakeHub:
                 self._faults.remove(fault)
 
     def _take_faults(
-        self, phase: str, method: str, kind: str, repo_id: str | None, filename: str | None
+        self, phase: str, method: str, kind: str, repo_id: str | None, filename: str | None, path: str = ""
     ) -> list[Fault]:
         taken: list[Fault] = []
         with self._lock:
             for f in self._faults:
-                if f.phase != phase or not f.active or not f._matches(method, kind, repo_id, filename):
+                if f.phase != phase or not f.active or not f._matches(method, kind, repo_id, filename, path):
                     continue
                 if f.kind in ("error", "down") and any(t.kind in ("error", "down") for t in taken):
                     continue

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,3 +98,21 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
         timeout=timeout,
         check=False,
     )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout}s: {what}")
+        time.sleep(0.05)
+
+
+def partial_files(root: Path) -> list[str]:
+    """Names of the ``*.incomplete`` download files left under ``root``.
+
+    os.walk skips directories that vanish mid-walk (the evictor deletes whole repo folders
+    while a test looks), where ``Path.rglob`` raises FileNotFoundError.
+    """
+    return [name for _, _, names in os.walk(root) for name in names if name.endswith(".incomplete")]

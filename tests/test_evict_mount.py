@@ -16,7 +16,7 @@ import pytest
 from huggingface_hub import scan_cache_dir
 
 from tests.hubserver import FakeHub
-from tests.mounting import MountedFs, requires_fuse, run_cli
+from tests.mounting import MountedFs, partial_files, requires_fuse, run_cli, wait_until
 
 pytestmark = requires_fuse
 
@@ -49,17 +49,9 @@ def registry_models(mount: MountedFs) -> list[str]:
     return [json.loads(line)["model"] for line in out.stdout.splitlines()]
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.1)
-
-
 def assert_scan_clean(mount: MountedFs) -> None:
     # A read can finish before its file is verified and linked: wait for downloads to settle.
-    wait_until(lambda: not list(mount.cache_dir.rglob("*.incomplete")))
+    wait_until(lambda: not partial_files(mount.cache_dir), what="downloads settled")
     info = scan_cache_dir(mount.cache_dir)
     assert info.warnings == []
     for repo in info.repos:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,7 +65,11 @@ def test_sentence_transformers_loads_through_the_mount(hub_process: str, mxfs_mo
     through = SentenceTransformer(str(mounted), device="cpu").encode(SENTENCES, convert_to_tensor=True)
     assert through.shape == (3, 384)
     assert torch.equal(direct, through)
-    assert os.getxattr(mounted / "model.safetensors", "user.mxfs.status") == b"cached"
+    # The model loaded from bytes as they arrived; the verified blob is published right after.
+    deadline = time.monotonic() + 30
+    while os.getxattr(mounted / "model.safetensors", "user.mxfs.status") != b"cached":
+        assert time.monotonic() < deadline, "the download did not complete"
+        time.sleep(0.05)
 
 
 def test_transformers_from_pretrained_through_the_mount(hub_process: str, mxfs_mount, model_dir: Path) -> None:

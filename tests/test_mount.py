@@ -12,6 +12,7 @@ import json
 import os
 import random
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -387,6 +388,11 @@ def test_vanished_files_are_downloaded_again(hub: FakeHub, new_repo_id, mxfs_mou
     for rel, data in files.items():
         assert hub.bytes_served(repo, rel) == 2 * len(data), rel
     assert "vanished from the cache" in mount.log()
+    # Reads return as soon as their bytes are there; the snapshot is whole once every file is cached.
+    deadline = time.monotonic() + 30
+    while any(os.getxattr(mount / repo / rel, "user.mxfs.status") != b"cached" for rel in files):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert scan_cache_dir(mount.cache_dir).warnings == []
     status = run_cli("status", "--json", "--state-dir", str(mount.state_dir))
     assert json.loads(status.stdout)["status"] == "DOWNLOADED"

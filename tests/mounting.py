@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from huggingface_hub import HFCacheInfo, scan_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,3 +117,22 @@ def partial_files(root: Path) -> list[str]:
     while a test looks), where ``Path.rglob`` raises FileNotFoundError.
     """
     return [name for _, _, names in os.walk(root) for name in names if name.endswith(".incomplete")]
+
+
+def settled_scan(cache_dir: Path, timeout: float = 5.0) -> HFCacheInfo:
+    """``huggingface_hub.scan_cache_dir`` that tolerates the evictor working at the same time.
+
+    A folder deleted mid-scan raises FileNotFoundError or shows up as a warning for an instant;
+    scan again until a scan is clean or ``timeout`` passes, then return the last one.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = scan_cache_dir(cache_dir)
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if not info.warnings or time.monotonic() > deadline:
+                return info
+        time.sleep(0.05)

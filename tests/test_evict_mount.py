@@ -13,10 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from huggingface_hub import scan_cache_dir
 
 from tests.hubserver import FakeHub
-from tests.mounting import MountedFs, partial_files, requires_fuse, run_cli, wait_until
+from tests.mounting import MountedFs, partial_files, requires_fuse, run_cli, settled_scan, wait_until
 
 pytestmark = requires_fuse
 
@@ -40,7 +39,7 @@ def read(path: Path) -> bytes:
 
 
 def cached_repos(mount: MountedFs) -> set[str]:
-    return {r.repo_id for r in scan_cache_dir(mount.cache_dir).repos if r.revisions}
+    return {r.repo_id for r in settled_scan(mount.cache_dir).repos if r.revisions}
 
 
 def registry_models(mount: MountedFs) -> list[str]:
@@ -52,7 +51,7 @@ def registry_models(mount: MountedFs) -> list[str]:
 def assert_scan_clean(mount: MountedFs) -> None:
     # A read can finish before its file is verified and linked: wait for downloads to settle.
     wait_until(lambda: not partial_files(mount.cache_dir), what="downloads settled")
-    info = scan_cache_dir(mount.cache_dir)
+    info = settled_scan(mount.cache_dir)
     assert info.warnings == []
     for repo in info.repos:
         for revision in repo.revisions:

@@ -32,10 +32,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from huggingface_hub import scan_cache_dir
 
 from tests.hubserver import FakeHub
-from tests.mounting import MountedFs, partial_files, requires_fuse, run_cli, wait_until
+from tests.mounting import MountedFs, partial_files, requires_fuse, run_cli, settled_scan, wait_until
 
 pytestmark = requires_fuse
 
@@ -161,7 +160,7 @@ def blob_matches_its_name(blob: Path) -> bool:
 def assert_cache_sound(cache_dir: Path, *, settle: float = 20.0) -> None:
     """No partial file left, no dangling link or ref, and every blob's bytes match its name."""
     wait_until(lambda: not partial_files(cache_dir), settle, "partial files cleaned up")
-    info = scan_cache_dir(cache_dir)
+    info = settled_scan(cache_dir)
     assert info.warnings == [], info.warnings
     for path in cache_dir.rglob("*"):
         if path.is_symlink():
@@ -635,7 +634,7 @@ def test_daemon_killed_mid_download_then_restarted(hub: FakeHub, new_repo_id, mx
 
 def assert_cache_sound_now(cache_dir: Path) -> None:
     """What a crash leaves: partial files maybe, but no corrupt blob and no dangling link."""
-    info = scan_cache_dir(cache_dir)
+    info = settled_scan(cache_dir)
     assert info.warnings == [], info.warnings
     for path in cache_dir.rglob("*"):
         if path.is_symlink():

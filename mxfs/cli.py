@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("models", nargs="+", metavar="MODEL[@REV]", help="without @REV: every cached revision")
         _add_cache_options(cmd)
+
+    refresh = sub.add_parser(
+        "refresh", help="re-resolve branches or tags on the Hub; running daemons follow within seconds"
+    )
+    refresh.add_argument("models", nargs="+", metavar="MODEL[@REV]", help="without @REV: the default revision")
+    _add_cache_options(refresh)
     return parser
 
 
@@ -252,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             return trio.run(_evict, settings, args.models, args.force)
         if args.command in ("pin", "unpin"):
             return trio.run(_pin, settings, args.models, args.command == "pin")
+        if args.command == "refresh":
+            return trio.run(_refresh, settings, args.models)
     except (MxfsError, RegistryError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 1
@@ -511,3 +519,32 @@ async def _pin(settings: Settings, models: list[str], pinned: bool) -> int:
     for text in unmatched:
         print(f"{text}: not in the cache", file=sys.stderr)
     return 1 if unmatched else 0
+
+
+# -- refresh -------------------------------------------------------------------------------------
+
+
+async def _refresh(settings: Settings, models: list[str]) -> int:
+    """Re-resolve each revision and record it; daemons on this state dir follow the record.
+
+    Nothing is downloaded: the model directory shows the new commit's tree at once and its files
+    are fetched when opened, like any other lookup.  The old commit stays cached (and served to
+    whoever has it open) until eviction takes it.
+    """
+    failed = 0
+    async with open_services(settings) as services:
+        for text in models:
+            try:
+                ref = parse_model_arg(text, settings.revision)
+                previous, entry = await services.fetcher.catalog.refresh(ref)
+            except MxfsError as exc:
+                failed += 1
+                log.error("%s: %s", text, exc)
+                continue
+            if previous == entry.commit:
+                print(f"{ref}: unchanged ({entry.commit[:12]})")
+            elif previous is None:
+                print(f"{ref}: {entry.commit[:12]}")
+            else:
+                print(f"{ref}: {previous[:12]} -> {entry.commit[:12]}")
+    return 1 if failed else 0

@@ -420,6 +420,25 @@ async def _keep_pins(
         await trio.sleep(interval)
 
 
+# How soon a running daemon follows ``mxfs refresh`` (one small file read per resolved ref).
+REF_POLL_INTERVAL = 2.0
+
+
+async def _follow_refreshes(
+    catalog: Catalog, ops: MxfsOperations, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Move model directories to the commits recorded in the state dir (``mxfs refresh``).
+
+    The CLI and the daemon share nothing but the state directory, so the record is the message:
+    polling it keeps ``refresh`` working whether zero, one or several daemons run on the node.
+    """
+    task_status.started()
+    while True:
+        await trio.sleep(REF_POLL_INTERVAL)
+        if moved := await catalog.follow_recorded_refs():
+            ops.forget_model_dirs(moved)
+
+
 # -- the mount ---------------------------------------------------------------------------------
 
 
@@ -493,6 +512,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
             async with trio.open_nursery() as nursery:
                 await nursery.start(_stop_on_signals, ops)
                 await nursery.start(_return_memory_when_idle, services.fetcher)
+                await nursery.start(_follow_refreshes, services.fetcher.catalog, ops)
                 if listeners:
                     nursery.start_soon(metrics.serve, listeners, services)
                 if settings.eviction.pinned:

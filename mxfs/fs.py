@@ -23,7 +23,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -203,6 +203,25 @@ class MxfsOperations(pyfuse3.Operations):
         return self._child(
             parent, name, lambda ino: Node(ino, kind, parent.inode, name, entry=entry, path=path, file=file)
         )
+
+    def forget_model_dirs(self, refs: Iterable[ModelRef]) -> None:
+        """Give the names of model directories whose revision moved new inodes (``mxfs refresh``).
+
+        A directory never mixes two commits: the old inode keeps its entry, so open files and
+        a shell sitting in it go on seeing the old commit, while the next lookup of the name
+        makes a new inode on the new commit.  The kernel is told to drop its cached name now
+        rather than when the model timeout ends.
+        """
+        root = self._nodes[pyfuse3.ROOT_INODE]
+        for ref in refs:
+            org_inode = root.children.get(ref.repo_id.split("/", 1)[0])
+            if org_inode is None:
+                continue
+            org_node = self._nodes[org_inode]
+            for name, inode in list(org_node.children.items()):
+                if self._nodes[inode].ref == ref:
+                    del org_node.children[name]
+                    pyfuse3.invalidate_entry_async(org_inode, name.encode(), ignore_enoent=True)
 
     async def _resolve(self, node: Node) -> Entry:
         """The entry of a model directory (resolved at most once, on first use)."""

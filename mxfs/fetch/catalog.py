@@ -3,8 +3,12 @@
 A revision is resolved to a commit once (per daemon run) on first lookup, before anything is
 claimed.  Resolutions and tree listings are kept in the state directory, so a daemon started
 while the Hub is unreachable (or with ``HF_HUB_OFFLINE=1``) still lists and serves every cached
-entry.  An existing huggingface_hub cache mounted as is works offline too: its ``refs/`` and
-``trees/`` (or, failing that, its snapshot links) describe what it holds.
+entry.  The recorded resolution is also how a resolution moves while daemons run: ``mxfs
+refresh`` re-resolves against the Hub and records the new commit, and every daemon on that state
+directory follows the record (:meth:`Catalog.follow_recorded_refs`).
+
+An existing huggingface_hub cache mounted as is works offline too: its ``refs/`` and ``trees/``
+(or, failing that, its snapshot links) describe what it holds.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 import trio
 
 from mxfs.cache import HubCache, atomic_write_text
-from mxfs.errors import HubUnavailable, MxfsError, NotFound, OfflineMiss
+from mxfs.errors import HubUnavailable, InvalidName, MxfsError, NotFound, OfflineMiss
 from mxfs.fetch.entry import Entry
 from mxfs.hub import Hub, HubFile, RepoTree, Resolved
 from mxfs.names import COMMIT_RE, ModelRef
@@ -165,15 +169,71 @@ class Catalog:
                 if commit is None:
                     raise
                 log.warning("%s: Hub unavailable (%s); using cached resolution %s", ref, exc, commit[:12])
-        entry = self._by_commit.get((ref.repo_id, commit))
-        if entry is None:
-            tree = await self._tree(ref.repo_id, commit, resolved)
-            entry = self._by_commit.setdefault((ref.repo_id, commit), Entry(tree))
+        entry = await self._entry_at(ref.repo_id, commit, resolved)
         if not ref.pinned_to_commit:
             await trio.to_thread.run_sync(
                 self.state.write_ref, ref.repo_id, ref.revision, commit, limiter=self.io_limiter
             )
         return entry
+
+    async def _entry_at(self, repo_id: str, commit: str, resolved: Resolved | None) -> Entry:
+        """The one :class:`Entry` of ``repo_id`` at ``commit`` (its tree listed on first use)."""
+        entry = self._by_commit.get((repo_id, commit))
+        if entry is None:
+            tree = await self._tree(repo_id, commit, resolved)
+            entry = self._by_commit.setdefault((repo_id, commit), Entry(tree))
+        return entry
+
+    async def refresh(self, ref: ModelRef) -> tuple[str | None, Entry]:
+        """Re-resolve ``ref`` against the Hub and record the answer: ``(previous commit, entry)``.
+
+        Unlike a first lookup this never falls back to a recorded resolution: a refresh that
+        cannot reach the Hub raises (HubUnavailable / OfflineMiss) and changes nothing.
+        """
+        if ref.pinned_to_commit:
+            raise InvalidName(f"{ref}: a commit never moves; refresh a branch or tag")
+        previous = await trio.to_thread.run_sync(
+            self.state.read_ref, ref.repo_id, ref.revision, limiter=self.io_limiter
+        )
+        resolved = await self.hub.resolve(ref.repo_id, ref.revision)
+        entry = await self._entry_at(ref.repo_id, resolved.commit, resolved)
+        await trio.to_thread.run_sync(
+            self.state.write_ref, ref.repo_id, ref.revision, resolved.commit, limiter=self.io_limiter
+        )
+        self._by_ref[ref] = entry
+        self._misses.pop(ref, None)
+        return previous, entry
+
+    async def follow_recorded_refs(self) -> list[ModelRef]:
+        """Move every resolved ref whose recorded commit changed under us; return those moved.
+
+        The record changes when ``mxfs refresh`` re-resolves a revision, or when another daemon
+        sharing this state directory resolved it later (and so more recently) than we did.  A
+        ref whose new commit cannot be listed (Hub down, listing not recorded) stays where it is
+        and is tried again next time.
+        """
+        movable = [(ref, entry) for ref, entry in self._by_ref.items() if not ref.pinned_to_commit]
+        if not movable:
+            return []
+
+        def recorded() -> list[str | None]:
+            return [self.state.read_ref(ref.repo_id, ref.revision) for ref, _ in movable]
+
+        commits = await trio.to_thread.run_sync(recorded, limiter=self.io_limiter)
+        moved = []
+        for (ref, entry), commit in zip(movable, commits, strict=True):
+            if commit is None or commit == entry.commit:
+                continue
+            try:
+                new = await self._entry_at(ref.repo_id, commit, None)
+            except MxfsError as exc:
+                log.warning("%s: recorded resolution moved to %s, not followed yet: %s", ref, commit[:12], exc)
+                continue
+            if self._by_ref.get(ref) is entry:  # not moved by a lookup or refresh meanwhile
+                self._by_ref[ref] = new
+                moved.append(ref)
+                log.info("%s: now %s (was %s)", ref, commit[:12], entry.commit[:12])
+        return moved
 
     async def _offline_ref(self, ref: ModelRef) -> str | None:
         def read() -> str | None:

@@ -1,0 +1,101 @@
+"""``mxfs refresh``: a branch moved on the Hub reaches a running mount without a restart.
+
+A model directory is resolved to a commit once per daemon run; ``refresh`` re-resolves it and
+every daemon on the node follows, giving the directory name a new inode on the new commit while
+files already open keep reading the old one (a directory never mixes two commits).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.hubserver import FakeHub
+from tests.mounting import MountedFs, requires_fuse, run_cli, wait_until
+
+pytestmark = requires_fuse
+
+V1 = {"config.json": b'{"v": 1}', "weights.bin": os.urandom(3 << 20), "only-in-v1.txt": b"one"}
+V2_CONFIG = b'{"v": 2}'
+
+
+def revision_of(path: Path) -> str:
+    return os.getxattr(path, "user.mxfs.revision").decode()
+
+
+def refresh(mount: MountedFs, hub: FakeHub, *models: str, env: dict[str, str] | None = None):
+    dirs = ["--cache-dir", str(mount.cache_dir), "--state-dir", str(mount.state_dir)]
+    return run_cli("refresh", *models, *dirs, env={**hub.env(), **(env or {})})
+
+
+def test_refresh_moves_a_running_mount_to_the_new_commit(hub: FakeHub, new_repo_id, mxfs_mount) -> None:
+    repo = new_repo_id()
+    org, name = repo.split("/")
+    old = hub.add_repo(repo, V1)
+    mount = mxfs_mount()
+    model = mount / org / name
+    pinned_name = mount / org / f"{name}@main"
+    assert (model / "config.json").read_bytes() == V1["config.json"]
+    assert revision_of(pinned_name) == old
+    held = open(model / "weights.bin", "rb")  # held open across the refresh
+    try:
+        assert held.read(16) == V1["weights.bin"][:16]
+
+        new = hub.commit(repo, {"config.json": V2_CONFIG, "added-in-v2.txt": b"two"}, delete=["only-in-v1.txt"])
+        # Resolved once per run: the Hub moving does not move the mount by itself.
+        assert revision_of(model) == old
+        assert (model / "config.json").read_bytes() == V1["config.json"]
+
+        done = refresh(mount, hub, repo)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"{repo}@main: {old[:12]} -> {new[:12]}"
+
+        wait_until(lambda: revision_of(model) == new, 15, "the daemon follows the refresh")
+        assert revision_of(pinned_name) == new  # name@main is the same ref, so it moved too
+        assert (model / "config.json").read_bytes() == V2_CONFIG
+        assert sorted(os.listdir(model)) == ["added-in-v2.txt", "config.json", "weights.bin"]
+        with pytest.raises(OSError) as gone:
+            os.stat(model / "only-in-v1.txt")
+        assert gone.value.errno == errno.ENOENT
+
+        # The file opened before the refresh still reads the old commit's bytes, to the end.
+        held.seek(0)
+        assert held.read() == V1["weights.bin"]
+    finally:
+        held.close()
+
+    again = refresh(mount, hub, repo)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == f"{repo}@main: unchanged ({new[:12]})"
+
+
+def test_refresh_of_a_commit_or_with_the_hub_unreachable_changes_nothing(
+    hub: FakeHub, new_repo_id, mxfs_mount
+) -> None:
+    repo = new_repo_id()
+    org, name = repo.split("/")
+    old = hub.add_repo(repo, V1)
+    mount = mxfs_mount()
+    model = mount / org / name
+    assert revision_of(model) == old
+    hub.commit(repo, {"config.json": V2_CONFIG})
+
+    by_commit = refresh(mount, hub, f"{repo}@{old}")
+    assert by_commit.returncode == 1
+    assert "a commit never moves" in by_commit.stderr
+
+    offline = refresh(mount, hub, repo, env={"HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 1
+    assert repo in offline.stderr
+
+    unknown = refresh(mount, hub, f"{org}/no-such-model")
+    assert unknown.returncode == 1
+
+    # A failed refresh records nothing: the mount stays on its commit.
+    recorded = (mount.state_dir / "repos" / repo.replace("/", "--") / "refs" / "main").read_text().strip()
+    assert recorded == old
+    assert revision_of(model) == old
+    assert (model / "config.json").read_bytes() == V1["config.json"]

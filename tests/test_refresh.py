@@ -72,9 +72,7 @@ def test_refresh_moves_a_running_mount_to_the_new_commit(hub: FakeHub, new_repo_
     assert again.stdout.strip() == f"{repo}@main: unchanged ({new[:12]})"
 
 
-def test_refresh_of_a_commit_or_with_the_hub_unreachable_changes_nothing(
-    hub: FakeHub, new_repo_id, mxfs_mount
-) -> None:
+def test_refresh_of_a_commit_or_with_the_hub_unreachable_changes_nothing(hub: FakeHub, new_repo_id, mxfs_mount) -> None:
     repo = new_repo_id()
     org, name = repo.split("/")
     old = hub.add_repo(repo, V1)

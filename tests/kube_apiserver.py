@@ -247,6 +247,19 @@ class ApiError(Exception):
         return body
 
 
+@dataclass(frozen=True)
+class _Overload:
+    code: int
+    method: str | None
+    retry_after: int | None
+    after_apply: bool
+
+    def error(self) -> ApiError:
+        reason = "TooManyRequests" if self.code == 429 else "InternalError"
+        details = {"retryAfterSeconds": self.retry_after} if self.retry_after is not None else None
+        return ApiError(self.code, reason, "the server is overloaded (stand-in)", details)
+
+
 @dataclass
 class Call:
     """One authenticated request, as RBAC sees it."""
@@ -304,6 +317,7 @@ class KubeApiServer:
         self.calls: list[Call] = []
         self.cert_users: list[str] = []  # subjects of the client certificates seen
         self.forbidden: set[tuple[str, str, str | None]] = set()  # (verb, plural, namespace or None: all)
+        self._overloads: list[_Overload] = []  # answers that replace the next requests' answers
         self._objects: dict[tuple[str, str, str], dict[str, Any]] = {}  # (plural, namespace, name)
         # (plural, namespace, name, what another writer does to the object)
         self._interference: list[tuple[str, str, str, Callable[[dict[str, Any]], None]]] = []
@@ -404,6 +418,29 @@ class KubeApiServer:
         """Answer ``verb`` on ``plural`` (in ``namespace``, or anywhere) with 403, like a Role without it."""
         self.forbidden.add((verb, plural, namespace))
 
+    def overload(
+        self,
+        times: int,
+        code: int = 429,
+        *,
+        method: str | None = None,
+        retry_after: int | None = None,
+        after_apply: bool = False,
+    ) -> None:
+        """Answer the next ``times`` requests (of ``method`` only, if given) with ``code``.
+
+        ``code`` is 429 TooManyRequests or a 5xx.  ``retry_after`` adds ``Retry-After`` and
+        ``details.retryAfterSeconds``, as API priority and fairness does.  ``after_apply``: carry
+        the request out first and lose only its answer, like a server that timed out after etcd
+        committed the write.
+        """
+        with self._lock:
+            self._overloads += [_Overload(code, method, retry_after, after_apply)] * times
+
+    def clear_overloads(self) -> None:
+        with self._lock:
+            self._overloads.clear()
+
     def verbs(self, namespace: str | None = None) -> set[tuple[str, str, str]]:
         """``(group, plural, verb)`` of every request so far (in ``namespace``, if given)."""
         with self._lock:
@@ -462,8 +499,17 @@ class KubeApiServer:
     def handle(
         self, method: str, target: str, headers: dict[str, str], body: bytes, peer_subject: str | None
     ) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            overload = next((o for o in self._overloads if o.method in (None, method)), None)
+            if overload is not None:
+                self._overloads.remove(overload)
         try:
-            return self._handle(method, target, headers, body, peer_subject)
+            if overload is not None and not overload.after_apply:
+                raise overload.error()
+            answer = self._handle(method, target, headers, body, peer_subject)
+            if overload is not None:
+                raise overload.error()
+            return answer
         except ApiError as exc:
             return exc.code, exc.status()
 
@@ -742,6 +788,9 @@ class _Handler(BaseHTTPRequestHandler):
         code, payload = self.server.api.handle(self.command, self.path, headers, body, self.peer_subject)
         data = json.dumps(payload).encode()
         self.send_response(code)
+        retry_after = (payload.get("details") or {}).get("retryAfterSeconds")
+        if retry_after is not None:
+            self.send_header("Retry-After", str(retry_after))
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -804,4 +853,5 @@ def kube_target_fixture(
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     yield KubeTarget(kube_apiserver, namespace, kubeconfig, {"KUBECONFIG": str(kubeconfig)})
+    kube_apiserver.clear_overloads()
     kube_apiserver.drop_namespace(namespace)

@@ -32,6 +32,7 @@ from trio.testing import MockClock
 
 from mxfs.registry import AlreadyExists, Claimed, RegistryError, Status, entry_name, open_registry
 from mxfs.registry.kubernetes import KubernetesRegistry
+from mxfs.registry.kubernetes import api as kube_api
 from mxfs.registry.kubernetes import config as kube_config
 from mxfs.registry.kubernetes.config import load_config, load_kubeconfig
 from mxfs.registry.kubernetes.registry import (
@@ -589,6 +590,71 @@ async def test_an_unreachable_server(
         await registry.aclose()
     with pytest.raises(RegistryError, match="is closed"):
         await registry.get_status(_name())
+
+
+# -- an overloaded or failing API server: retried, bounded -----------------------------------------
+
+
+@pytest.fixture
+def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kube_api, "RETRY_BACKOFF", 0.01)
+
+
+def _requests(target: KubeTarget, verb: str) -> int:
+    return sum(c.verb == verb and c.namespace == target.namespace for c in target.server.calls)
+
+
+async def test_throttling_and_server_errors_are_retried(
+    kube_target: KubeTarget, open_kube: OpenKube, quick_backoff: None
+) -> None:
+    registry = await open_kube()
+    name = _name()
+    kube_target.server.overload(2, 429, retry_after=0)
+    kube_target.server.overload(1, 503, method="POST")
+    assert await registry.try_claim(name, "owner", LONG_LEASE) == Claimed()
+    assert _stored(kube_target, name)["status"]["claimId"] == "owner"
+    kube_target.server.overload(1, 500, method="PUT")
+    assert await registry.finish_claim(name, "owner", Status.DOWNLOADED, size_bytes=10)
+    assert await registry.get_status(name) is Status.DOWNLOADED
+
+
+async def test_retry_after_is_honoured(kube_target: KubeTarget, open_kube: OpenKube) -> None:
+    registry = await open_kube()
+    kube_target.server.overload(1, 429, retry_after=1)
+    started = time.monotonic()
+    assert await registry.get_record(_name()) is None
+    assert time.monotonic() - started >= 0.9, "retried before the server's Retry-After"
+
+
+async def test_a_write_applied_before_its_answer_was_lost_counts_as_done(
+    kube_target: KubeTarget, open_kube: OpenKube, quick_backoff: None
+) -> None:
+    owner, other = await open_kube(), await open_kube()
+    name = _name()
+    # The create lands, its answer is lost, the retry meets our own object (409 AlreadyExists).
+    kube_target.server.overload(1, 504, method="POST", after_apply=True)
+    assert await owner.try_claim(name, "owner", LONG_LEASE) == Claimed()
+    assert await other.try_claim(name, "other", LONG_LEASE) == AlreadyExists(Status.DOWNLOADING)
+    # Same for a fenced update: the retry's 409 is our own write.
+    kube_target.server.overload(1, 503, method="PUT", after_apply=True)
+    assert await owner.refresh_claim(name, "owner", LONG_LEASE)
+    kube_target.server.overload(1, 503, method="PUT", after_apply=True)
+    assert await owner.finish_claim(name, "owner", Status.DOWNLOADED, size_bytes=10)
+    status = _stored(kube_target, name)["status"]
+    assert status["phase"] == "Downloaded" and status["sizeBytes"] == 10
+    assert not await owner.finish_claim(name, "owner", Status.ERROR), "a finished claim cannot finish again"
+
+
+async def test_a_server_that_stays_overloaded_is_an_error_after_bounded_retries(
+    kube_target: KubeTarget, open_kube: OpenKube, quick_backoff: None
+) -> None:
+    registry = await open_kube()
+    before = _requests(kube_target, "get")
+    kube_target.server.overload(kube_api.MAX_RETRIES + 1, 503)
+    with pytest.raises(RegistryError, match=r"503"):
+        await registry.get_record(_name())
+    assert _requests(kube_target, "get") == before  # every try was turned away before reaching the store
+    assert await registry.get_record(_name()) is None  # and the next call works again
 
 
 # -- lost races: 409 and re-read -----------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,13 @@ PAGE_SIZE = 500
 # The kubelet rewrites a projected service account token well before it expires; re-reading it
 # this often (as client-go does) always sends a valid one.
 TOKEN_REREAD_INTERVAL = 60.0
+# Answers that mean "not now": 429 from API priority and fairness when the server sheds load, and
+# 5xx while an API server restarts or etcd elects a leader.  Retried a few times, waiting what
+# the server's Retry-After asks (capped) or a jittered backoff; then the caller gets the error.
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_RETRIES = 4
+RETRY_BACKOFF = 0.25
+MAX_RETRY_AFTER = 5.0
 
 
 @dataclass(frozen=True)
@@ -200,7 +208,41 @@ class KubeApi:
         params: dict[str, str] | None = None,
         json_body: dict[str, Any] | None = None,
     ) -> httpx2.Response:
-        """Send one request; a 401 re-reads a rotated token and tries once more."""
+        """Send one request; a 401 re-reads a rotated token and tries once more.
+
+        Overload and server errors are retried (:data:`RETRIED_STATUSES`), writes included: a
+        write is either fenced by its resourceVersion or a create, so one that was applied
+        before its answer got lost comes back as a 409 the caller already handles by re-reading.
+        """
+        for attempt in range(MAX_RETRIES + 1):
+            response = await self._authorized(method, path, params, json_body)
+            if response.status_code not in RETRIED_STATUSES or attempt == MAX_RETRIES:
+                return response
+            delay = self._retry_delay(response, attempt)
+            log.debug(
+                "%s: %s %s answered %d; retrying in %.2fs", self._where, method, path, response.status_code, delay
+            )
+            metrics.REGISTRY_ERRORS.inc()
+            await trio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _retry_delay(response: httpx2.Response, attempt: int) -> float:
+        try:
+            asked = float(response.headers.get("Retry-After", ""))
+        except ValueError:
+            asked = -1.0
+        if asked >= 0:
+            return min(asked, MAX_RETRY_AFTER)
+        return RETRY_BACKOFF * 2**attempt * random.uniform(0.5, 1.0)
+
+    async def _authorized(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None,
+        json_body: dict[str, Any] | None,
+    ) -> httpx2.Response:
         response = await self._send(method, path, params, json_body, await self._token.get())
         if response.status_code == 401 and self._token.rereadable:
             response = await self._send(method, path, params, json_body, await self._token.get(fresh=True))

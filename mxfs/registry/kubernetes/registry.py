@@ -287,15 +287,40 @@ def _record(obj: dict[str, Any]) -> Record:
 
 
 @dataclass(frozen=True)
+class _Write:
+    """One write of an entry object, and the status it leaves (None: it deletes the object).
+
+    Calling it returns False when the object changed since the read (409) or vanished (404).
+    """
+
+    send: Callable[[], Awaitable[bool]]
+    leaves: dict[str, Any] | None
+
+    async def __call__(self) -> bool:
+        return await self.send()
+
+    def shows_in(self, obj: dict[str, Any] | None) -> bool:
+        """Whether ``obj``, read after this write seemed to lose, is what the write itself left.
+
+        The API client retries a 5xx or 429; when the first try was applied and only its answer
+        was lost, the retry meets our own change as a 409 (or a 404 after a delete).  Our
+        statuses carry millisecond timestamps and our claim id, so another writer leaving the
+        very same status is not a coincidence to worry about.
+        """
+        if self.leaves is None:
+            return obj is None
+        return obj is not None and obj.get("status") == self.leaves
+
+
+@dataclass(frozen=True)
 class _Plan(Generic[T]):
     """What a decision made on one read amounts to: a result, and the write it needs (if any).
 
-    ``write`` returns False when the object changed since the read (409) or vanished (404); the
-    decision is then made again on a fresh read.
+    When the write loses a race the decision is made again on a fresh read.
     """
 
     result: T
-    write: Callable[[], Awaitable[bool]] | None = None
+    write: _Write | None = None
 
 
 def _done(result: T) -> _Plan[T]:
@@ -370,16 +395,21 @@ class KubernetesRegistry:
 
     async def _change(self, name: str, decide: Callable[[dict[str, Any] | None], _Plan[T]]) -> T:
         """Read the entry, decide, write; on a lost race (409/404) read again and decide again."""
+        lost: _Plan[T] | None = None
         for attempt in range(MAX_ATTEMPTS):
-            plan = decide(await self._read(name))
+            obj = await self._read(name)
+            if lost is not None and lost.write is not None and lost.write.shows_in(obj):
+                return lost.result  # it was applied after all; only its answer went missing
+            plan = decide(obj)
             if plan.write is None or await plan.write():
                 return plan.result
+            lost = plan
             if attempt:
                 # Several writers on one object: spread them out a little.
                 await trio.sleep(random.uniform(0, 0.005 * min(attempt, 20)))
         raise RegistryError(f"registry {self.url_for_logs}: {name}: gave up after {MAX_ATTEMPTS} conflicting writes")
 
-    def _create(self, name: str, status: dict[str, Any]) -> Callable[[], Awaitable[bool]]:
+    def _create(self, name: str, status: dict[str, Any]) -> _Write:
         body = {
             "apiVersion": ENTRIES.api_version,
             "kind": ENTRIES.kind,
@@ -395,23 +425,23 @@ class KubernetesRegistry:
         async def create() -> bool:
             return await self._api.create(ENTRIES, body) is not None
 
-        return create
+        return _Write(create, status)
 
-    def _replace(self, obj: dict[str, Any], changes: dict[str, Any]) -> Callable[[], Awaitable[bool]]:
+    def _replace(self, obj: dict[str, Any], changes: dict[str, Any]) -> _Write:
         body = _with_status(obj, changes)
 
         async def replace() -> bool:
             return await self._api.replace(ENTRIES, body) is not None
 
-        return replace
+        return _Write(replace, body["status"])
 
-    def _delete(self, obj: dict[str, Any]) -> Callable[[], Awaitable[bool]]:
+    def _delete(self, obj: dict[str, Any]) -> _Write:
         metadata = obj["metadata"]
 
         async def delete() -> bool:
             return await self._api.delete(ENTRIES, metadata["name"], metadata.get("resourceVersion"))
 
-        return delete
+        return _Write(delete, None)
 
     def _to_record(self, obj: dict[str, Any]) -> Record:
         try:

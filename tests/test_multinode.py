@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import signal
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from tests.hubserver import FakeHub
 from tests.mounting import MountedFs, requires_fuse
 from tests.redis_server import RedisServer
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = requires_fuse
 
@@ -159,3 +162,64 @@ def test_registry_outage_keeps_cached_models_served(
                 raise
             time.sleep(1.0)
     assert read(node / cached / "config.json") == b'{"c": 1}'
+
+
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", re.M)
+
+
+def logged_at(log: str, text: str) -> datetime:
+    """When the daemon logged the first line containing ``text`` (its logging timestamps)."""
+    for line in log.splitlines():
+        if text in line and (match := LOG_TIME.match(line)):
+            return datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f")
+    raise AssertionError(f"no log line with {text!r}")
+
+
+def test_owner_cut_off_from_the_registry_stops_writing_before_another_node_takes_over(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, make_redis_server: Callable[..., RedisServer]
+) -> None:
+    server = make_redis_server()
+    repo = new_repo_id()
+    data = random.Random(15).randbytes(12_000_000)
+    hub.add_repo(repo, {"config.json": b"{}", "model.safetensors": data})
+    slow = hub.inject("slow", repo_id=repo, filename="model.safetensors", bytes_per_second=2_000_000)
+    with TcpProxy(server.port) as partition:
+        # The owner reaches Redis through the proxy; the other node directly.
+        owner = mxfs_mount(
+            "--registry", f"redis://127.0.0.1:{partition.port}/0", "--lease", "3s",
+            cache_dir=tmp_path / "shared-cache", state_dir=tmp_path / "owner-state",
+        )  # fmt: skip
+        other = mxfs_mount(
+            "--registry", server.url(), "--lease", "3s",
+            cache_dir=tmp_path / "shared-cache", state_dir=tmp_path / "other-state",
+        )  # fmt: skip
+        owner.allowed_log.append("lease")
+        assert read(owner / repo / "config.json") == b"{}"
+        assert "downloading 2 files" in owner.log()
+        time.sleep(0.5)  # mid-download, with a renewed lease
+
+        partition.freeze()  # renewals now hang: neither an answer nor an error
+        results: list[bytes] = []
+        reader = threading.Thread(target=lambda: results.append(read(other / repo / "model.safetensors")))
+        reader.start()
+        deadline = time.monotonic() + 30
+        while "downloading 2 files" not in other.log():
+            assert time.monotonic() < deadline, "the other node never took over"
+            time.sleep(0.1)
+        slow.remove()
+        reader.join(60)
+        assert not reader.is_alive()
+        assert results == [data]
+        partition.thaw()
+
+        # The owner gave up on its own clock, before its lease could lapse and be taken over.
+        stopped = logged_at(owner.log(), "could not renew the lease in time")
+        took_over = logged_at(other.log(), "downloading 2 files")
+        assert stopped < took_over, (stopped, took_over)
+        assert read(owner / repo / "model.safetensors") == data
+    blobs = tmp_path / "shared-cache" / f"models--{repo.replace('/', '--')}" / "blobs"
+    deadline = time.monotonic() + 20
+    while list(blobs.glob("*.incomplete")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not list(blobs.glob("*.incomplete"))
+    assert (blobs / hashlib.sha256(data).hexdigest()).read_bytes() == data

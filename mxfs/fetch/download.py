@@ -40,10 +40,11 @@ from mxfs.errors import (
 )
 from mxfs.fetch.entry import Entry, tree_record
 from mxfs.fetch.files import FileState, Stream
+from mxfs.fetch.lease import LeaseKeeper
 from mxfs.fetch.partials import PartialMap, PartialMaps
 from mxfs.hub import HubClient, HubFile, RetryPolicy, Transient
 from mxfs.ranges import RangeSet
-from mxfs.registry import Registry, RegistryError
+from mxfs.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class EntryDownload:
         self._fds: dict[FileState, int] = {}
         self._verify_failures: dict[FileState, int] = {}
         self._hashers: dict[FileState, PrefixHasher] = {}
-        self.lease_lost = False
+        self.lease_keeper = LeaseKeeper(registry, entry.name, claim_id, lease, str(entry))
         self.bytes_downloaded = 0
         self.bytes_on_demand = 0
         self._workers = 0
@@ -197,7 +198,7 @@ class EntryDownload:
         try:
             with domain_errors_ungrouped():
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._keep_lease, nursery.cancel_scope)
+                    nursery.start_soon(self.lease_keeper.run, nursery.cancel_scope)
                     nursery.start_soon(self._save_maps_periodically)
                     await self._download_all()
                     nursery.cancel_scope.cancel()
@@ -205,34 +206,10 @@ class EntryDownload:
             keep = False
             raise
         finally:
-            await self._close_partials(keep=keep and not self.lease_lost)
-        if self.lease_lost:
+            await self._close_partials(keep=keep and not self.lease_keeper.lost)
+        if self.lease_keeper.lost:
             raise LeaseLost(f"{self.entry}: lease lost, stopped writing")
         await trio.to_thread.run_sync(self.remove_dead_partials, limiter=self.io_limiter)
-
-    # -- lease ------------------------------------------------------------------------------
-
-    async def _keep_lease(self, download_scope: trio.CancelScope) -> None:
-        """Renew every lease/3; stop the download the moment the lease can no longer be trusted."""
-        last_renewed = trio.current_time()
-        while True:
-            await trio.sleep(self.lease / 3)
-            try:
-                renewed = await self.registry.refresh_claim(self.entry.name, self.claim_id, self.lease)
-            except RegistryError as exc:
-                # Keep a margin: the registry's clock, not ours, decides when the lease expires.
-                if trio.current_time() - last_renewed < self.lease * 0.8:
-                    log.warning("%s: lease renewal failed (%s); retrying", self.entry, exc)
-                    continue
-                log.error("%s: could not renew the lease in time (%s); stopping the download", self.entry, exc)
-                renewed = False
-            if not renewed:
-                if not self.lease_lost:
-                    log.warning("%s: lost the download lease to another node; stopping", self.entry)
-                self.lease_lost = True
-                download_scope.cancel()
-                return
-            last_renewed = trio.current_time()
 
     # -- planning ---------------------------------------------------------------------------
 

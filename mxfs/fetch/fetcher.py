@@ -33,6 +33,7 @@ from mxfs.errors import (
     DiskFull,
     MxfsError,
     NotFound,
+    OfflineMiss,
     RegistryUnavailable,
 )
 from mxfs.fetch.catalog import Catalog
@@ -324,6 +325,9 @@ class Fetcher:
                     if await self._all_cached(ef):
                         await self._publish_complete(ef)
                         return
+                    if self.hub.offline:
+                        # Cache only: nothing to claim, nothing to wait for, nothing to retry.
+                        raise OfflineMiss(f"{entry}: HF_HUB_OFFLINE is set and not all of its files are cached")
                     claim_id = uuid.uuid4().hex
                     if await self._try_acquire(ef, claim_id):
                         ef.role = "owner"
@@ -334,7 +338,7 @@ class Fetcher:
                 except LeaseLost as exc:
                     metrics.DOWNLOADS_FAILED.inc()
                     log.warning("%s", exc)
-                except (AccessDenied, NotFound) as exc:
+                except (AccessDenied, NotFound, OfflineMiss) as exc:
                     # Waiting will not help: tell readers now.
                     self._fail(ef, exc, permanent=True)
                     return

@@ -60,10 +60,11 @@ async def test_a_healthy_registry_keeps_the_download_going(autojump_clock: trio.
     registry = Registry("ok")
     keeper = keeper_for(registry)
     start = trio.current_time()
-    assert await download_under(keeper, 10 * LEASE) is None
+    # Ends between two renewals: at a renewal's instant the order of the two would be a toss-up.
+    assert await download_under(keeper, 10.5 * LEASE) is None
     assert not keeper.lost
     gaps = [b - a for a, b in zip([start, *registry.calls], registry.calls, strict=False)]
-    assert len(registry.calls) == 29
+    assert len(registry.calls) == 31
     assert all(gap == pytest.approx(LEASE * RENEW_FRACTION) for gap in gaps)
 
 

@@ -41,6 +41,7 @@ def test_refresh_moves_a_running_mount_to_the_new_commit(hub: FakeHub, new_repo_
     assert (model / "config.json").read_bytes() == V1["config.json"]
     assert revision_of(pinned_name) == old
     held = open(model / "weights.bin", "rb")  # held open across the refresh
+    old_dir = os.open(model, os.O_RDONLY | os.O_DIRECTORY)  # like a shell whose cwd is the model
     try:
         assert held.read(16) == V1["weights.bin"][:16]
 
@@ -61,11 +62,16 @@ def test_refresh_moves_a_running_mount_to_the_new_commit(hub: FakeHub, new_repo_
             os.stat(model / "only-in-v1.txt")
         assert gone.value.errno == errno.ENOENT
 
-        # The file opened before the refresh still reads the old commit's bytes, to the end.
+        # The file opened before the refresh still reads the old commit's bytes, to the end,
+        # and the directory opened before it still shows the old commit's tree.
         held.seek(0)
         assert held.read() == V1["weights.bin"]
+        assert sorted(os.listdir(old_dir)) == ["config.json", "only-in-v1.txt", "weights.bin"]
+        with open(f"/proc/self/fd/{old_dir}/only-in-v1.txt", "rb") as f:
+            assert f.read() == b"one"
     finally:
         held.close()
+        os.close(old_dir)
 
     again = refresh(mount, hub, repo)
     assert again.returncode == 0, again.stderr

@@ -223,3 +223,26 @@ def test_owner_cut_off_from_the_registry_stops_writing_before_another_node_takes
         time.sleep(0.2)
     assert not list(blobs.glob("*.incomplete"))
     assert (blobs / hashlib.sha256(data).hexdigest()).read_bytes() == data
+
+
+def test_a_waiting_node_is_woken_when_the_download_finishes(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # The other node polls only once a minute: it is the finish message on Redis that wakes it.
+    redis_server.client().flushdb()
+    repo = new_repo_id()
+    data = random.Random(16).randbytes(6_000_000)
+    hub.add_repo(repo, {"config.json": b"{}", "model.safetensors": data})
+    slow = hub.inject("slow", repo_id=repo, filename="model.safetensors", bytes_per_second=3_000_000)
+    owner, waiter = start_nodes(mxfs_mount, tmp_path, redis_server.url(), 2, "--poll-interval", "60s")
+    assert read(owner / repo / "config.json") == b"{}"
+    assert "downloading 2 files" in owner.log()
+    started = time.monotonic()
+    results = parallel(
+        [lambda: read(owner / repo / "model.safetensors"), lambda: read(waiter / repo / "model.safetensors")]
+    )
+    slow.remove()
+    assert results == [data, data]
+    assert time.monotonic() - started < 30, "the waiting node slept through the finish"
+    assert "downloading" not in waiter.log()
+    assert hub.bytes_served(repo, "model.safetensors") == len(data)

@@ -497,6 +497,49 @@ async def test_finishing_publishes_the_entry_name(
         subscriber.close()
 
 
+async def test_listen_finished_hears_every_node_and_survives_a_restart(
+    make_redis_server: Callable[..., RedisServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_backend, "MAX_RESUBSCRIBE_DELAY", 0.5)
+    server = make_redis_server()
+    listener, writer = await open_registry(server.url()), await open_registry(server.url())
+    assert isinstance(listener, RedisRegistry) and isinstance(writer, RedisRegistry)
+    heard: list[str] = []
+    arrived = trio.Event()
+
+    def on_finished(name: str) -> None:
+        heard.append(name)
+        arrived.set()
+
+    async def finish(name: str) -> None:
+        """Finish ``name`` from the other client until the listener hears it (its subscription
+        may still be on its way: a message published before it is in place is not delivered)."""
+        nonlocal arrived
+        arrived = trio.Event()
+        with trio.fail_after(15):
+            while name not in heard:
+                await writer.set_status(name, Status.DOWNLOADED)
+                with trio.move_on_after(0.5):
+                    await arrived.wait()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(listener.listen_finished, on_finished)
+            assert await writer.try_claim(_name(0), "owner", LONG_LEASE) == Claimed()
+            assert await writer.finish_claim(_name(0), "owner", Status.DOWNLOADED)
+            await finish(_name(0))
+            # Redis restarts: the listener subscribes again by itself.
+            await trio.to_thread.run_sync(server.stop)
+            await trio.sleep(0.5)
+            await trio.to_thread.run_sync(server.start)
+            await finish(_name(1))
+            assert set(heard) == {_name(0), _name(1)}
+            nursery.cancel_scope.cancel()
+    finally:
+        await listener.aclose()
+        await writer.aclose()
+
+
 # -- races between nodes -------------------------------------------------------------------------
 
 

@@ -43,7 +43,16 @@ from mxfs.fetch.files import FileState, SharedFd, read_at
 from mxfs.fetch.partials import PartialMaps
 from mxfs.hub import Hub, HubFile
 from mxfs.names import ModelRef
-from mxfs.registry import AlreadyExists, Claimed, Record, Registry, RegistryError, Status, parse_entry_name
+from mxfs.registry import (
+    AlreadyExists,
+    Claimed,
+    FinishNotifier,
+    Record,
+    Registry,
+    RegistryError,
+    Status,
+    parse_entry_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +192,8 @@ class Fetcher:
         self.net_limiter = trio.CapacityLimiter(max(settings.connections * 4, 16))
         self._entries: dict[str, EntryFetch] = {}
         self._nursery: trio.Nursery | None = None
+        # Waiters of entries another node downloads, woken when the registry says it finished.
+        self._finished: dict[str, trio.Event] = {}
         self.bytes_read = 0
         self._registry_warned_at = -math.inf
         # Set by the daemon: frees space (an eviction cycle) when a download finds the disk full;
@@ -196,8 +207,25 @@ class Fetcher:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._touch_open_entries)
+            if isinstance(self.registry, FinishNotifier):
+                await nursery.start(self.registry.listen_finished, self._finished_elsewhere)
             task_status.started()
             await trio.sleep_forever()
+
+    def _finished_elsewhere(self, name: str) -> None:
+        """The registry says ``name`` finished (on any node): wake its waiters now."""
+        if (event := self._finished.pop(name, None)) is not None:
+            event.set()
+
+    async def _wait_for_news(self, name: str) -> None:
+        """Wait until the entry finishes somewhere (where the registry can tell) or a poll interval passes.
+
+        The poll interval still paces a waiter: files the owner completes one by one appear in
+        the shared cache without any message.
+        """
+        event = self._finished.setdefault(name, trio.Event())
+        with trio.move_on_after(self.settings.poll_interval):
+            await event.wait()
 
     # -- names --------------------------------------------------------------------------------
 
@@ -334,7 +362,7 @@ class Fetcher:
                         await self._download(ef, claim_id)
                         return
                     ef.role = "waiter"
-                    await trio.sleep(self.settings.poll_interval)
+                    await self._wait_for_news(entry.name)
                 except LeaseLost as exc:
                     metrics.DOWNLOADS_FAILED.inc()
                     log.warning("%s", exc)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 PROVIDER = "HuggingFace"
 
@@ -187,3 +188,18 @@ class Registry(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class FinishNotifier(Protocol):
+    """A registry that can say when an entry finishes on any node (Redis: pub/sub).
+
+    Optional: waiters poll the registry anyway, so a backend without it (SQLite, whose waiters
+    share the owner's node, or Kubernetes) only makes them notice a finish one poll later.
+    """
+
+    async def listen_finished(self, on_finished: Callable[[str], None], *, task_status: Any = ...) -> None:
+        """Call ``on_finished(entry name)`` for each entry finished DOWNLOADED or ERROR, until
+        cancelled; ``task_status.started()`` at once (a registry that is down must not hold up
+        the caller), then keep (re)subscribing in the background."""
+        ...

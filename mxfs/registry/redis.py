@@ -40,6 +40,7 @@ Redis is back; until then calls raise :class:`RegistryError`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -73,6 +74,9 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = f"mx:model:{PROVIDER}:"
 LRU_KEY = "mxfs:lru"
 FINISHED_CHANNEL = "mxfs:finished"
+# How long one wait for a finish message lasts before the listener looks up (and can be cancelled).
+LISTEN_WAIT = 1.0
+MAX_RESUBSCRIBE_DELAY = 30.0
 LOCK_PREFIX = "mxfs:lock:"
 
 # Worker threads and pooled connections per registry: one connection per thread, so no call ever
@@ -453,6 +457,12 @@ def _record(name: str, fields: dict[str, str]) -> Record:
         raise ValueError(f"field {exc.args[0]!r} is missing") from None
 
 
+def _close_pubsub(pubsub: Any, pool: redis.ConnectionPool) -> None:
+    with contextlib.suppress(redis.RedisError, OSError):
+        pubsub.close()
+    pool.disconnect()
+
+
 def _check_url(url: str) -> None:
     """ValueError unless ``url`` is ``redis[s]://[[user]:password@]host[:port][/db]``."""
     shown = redact_url(url)
@@ -682,6 +692,41 @@ class RedisRegistry:
 
     async def unlock(self, name: str, owner: str) -> bool:
         return await self._script(self._unlock, [f"{LOCK_PREFIX}{name}"], [owner]) == 1
+
+    async def listen_finished(
+        self, on_finished: Callable[[str], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Call ``on_finished(name)`` for every entry any node finishes, until cancelled.
+
+        A subscribed connection can do nothing else, so it is one of its own, outside the pool
+        the registry calls share.  A lost subscription is made again with backoff; meanwhile
+        waiters poll, so a finish is noticed later, never missed.
+        """
+        task_status.started()
+        failures = 0
+        while not self._closed:
+            pool = redis.ConnectionPool(
+                connection_class=self._pool.connection_class, max_connections=1, **self._pool.connection_kwargs
+            )
+            pubsub = redis.Redis(connection_pool=pool).pubsub(ignore_subscribe_messages=True)
+            try:
+                await trio.to_thread.run_sync(pubsub.subscribe, FINISHED_CHANNEL)
+                if failures:
+                    log.info("registry %s: subscribed to %s again", self.url_for_logs, FINISHED_CHANNEL)
+                failures = 0
+                while not self._closed:
+                    # Returns within LISTEN_WAIT without a message, so cancelling this waits that long at most.
+                    message = await trio.to_thread.run_sync(pubsub.get_message, True, LISTEN_WAIT)
+                    if message is not None and message.get("type") == "message":
+                        on_finished(str(message["data"]))
+            except (redis.RedisError, OSError) as exc:
+                failures += 1
+                delay = min(2.0**failures, MAX_RESUBSCRIBE_DELAY)
+                log.debug("registry %s: %s lost (%s); again in %.0fs", self.url_for_logs, FINISHED_CHANNEL, exc, delay)
+                await trio.sleep(delay)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_close_pubsub, pubsub, pool)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -15,6 +15,7 @@ is read-only: every write-type request is ``EROFS``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -30,6 +31,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from mxfs import metrics
 from mxfs.errors import AccessDenied, InvalidName, MxfsError, NameTooLong, NotFound, ReadOnly, errno_for
 from mxfs.fetch import Entry, Fetcher, OpenFile
 from mxfs.hub import HubFile
@@ -158,6 +160,9 @@ class MxfsOperations(pyfuse3.Operations):
         self._inodes = itertools.count(pyfuse3.ROOT_INODE + 1)
         root = Node(pyfuse3.ROOT_INODE, "root", pyfuse3.ROOT_INODE)
         self._nodes: dict[int, Node] = {root.inode: root}
+        # How many times the kernel was given each inode (lookup and readdir replies), minus
+        # what it forgot: a node is dropped at zero.
+        self._lookups: collections.Counter[int] = collections.Counter()
         self._handles: dict[int, OpenFile] = {}
         self._dir_handles: dict[int, list[tuple[str, Node]]] = {}
         self._fh = itertools.count(1)
@@ -182,6 +187,7 @@ class MxfsOperations(pyfuse3.Operations):
             node = make(next(self._inodes))
             self._nodes[node.inode] = node
             parent.children[name] = node.inode
+            metrics.INODES.set(len(self._nodes))
             return node
         return self._nodes[inode]
 
@@ -230,6 +236,59 @@ class MxfsOperations(pyfuse3.Operations):
             node.entry = await self.fetcher.lookup(node.ref)
         return node.entry
 
+    def _reply_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """The attributes of a lookup reply: the kernel now holds one more reference to ``node``."""
+        self._lookups[node.inode] += 1
+        return self._attrs(node)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """Drop the inodes the kernel no longer knows, so the table holds what is in use.
+
+        Without this every name ever looked up (any org a script probed, every file of every
+        model ever listed) would stay in memory for the life of the mount.  An inode dropped
+        here gets a new number if the name is looked up again; numbers are never reused.
+        pyfuse3 forbids any exception here, FUSEError included: there is no request to fail.
+        """
+        try:
+            self._forget(inode_list)
+        except Exception:
+            log.exception("forget failed; those inodes stay in memory")
+
+    def _forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        try:
+            self._forget_each(inode_list)
+        finally:
+            metrics.INODES.set(len(self._nodes))
+
+    def _forget_each(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            left = self._lookups.get(inode, 0) - count
+            if left > 0:
+                self._lookups[inode] = left
+                continue
+            self._lookups.pop(inode, None)
+            node = self._nodes.get(inode)
+            if node is None or node.inode == pyfuse3.ROOT_INODE:
+                continue
+            del self._nodes[inode]
+            parent = self._nodes.get(node.parent)
+            if parent is not None and parent.children.get(node.name) == inode:
+                del parent.children[node.name]
+            self._drop_unreferenced(node)
+
+    def _drop_unreferenced(self, node: Node) -> None:
+        """Remove the children of a dropped node that the kernel never held (readdir built them
+        but did not return them); those it holds stay until their own forget."""
+        for inode in node.children.values():
+            child = self._nodes.get(inode)
+            if child is not None and self._lookups.get(inode, 0) == 0:
+                del self._nodes[inode]
+                self._drop_unreferenced(child)
+
+    @property
+    def inode_count(self) -> int:
+        return len(self._nodes)
+
     # -- attributes ---------------------------------------------------------------------------
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -269,11 +328,11 @@ class MxfsOperations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         text = _decode(name)
         if text == ".":
-            return self._attrs(parent)
+            return self._reply_entry(parent)
         if text == "..":
-            return self._attrs(self._node(parent.parent))
+            return self._reply_entry(self._node(parent.parent))
         child = await self._lookup(parent, text)
-        return self._attrs(child)
+        return self._reply_entry(child)
 
     async def _lookup(self, parent: Node, name: str) -> Node:
         check_component_length(name)
@@ -332,8 +391,11 @@ class MxfsOperations(pyfuse3.Operations):
         listing = self._dir_handles.get(fh, [])
         for index in range(start_id, len(listing)):
             name, node = listing[index]
+            # Forgotten since opendir: the kernel is about to know it again, so it must resolve.
+            self._nodes.setdefault(node.inode, node)
             if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(node), index + 1):
                 break
+            self._lookups[node.inode] += 1  # an entry readdir returns is looked up, for the kernel
 
     @fuse_handler
     async def releasedir(self, fh: int) -> None:

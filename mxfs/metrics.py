@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.context_managers import Timer
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -79,6 +79,7 @@ EVICTION_CYCLES = Counter(
 REGISTRY_ERRORS = Counter(
     "mxfs_registry_errors_total", "Registry calls that failed (unreachable, or an error answer).", registry=EVENTS
 )
+INODES = Gauge("mxfs_inodes", "Inodes the mount keeps: those the kernel holds, plus the root.", registry=EVENTS)
 
 # Labelled series exist from the start: a rate() over a series that appears late misses its first step.
 for _kind in HUB_KINDS:

@@ -333,7 +333,8 @@ class Suite:
     def mxfs(self, cache: Path, state: Path, tag: str) -> Daemon:
         mnt = self.fresh(f"mnt-{tag}")
         argv = [PY, "-m", "mxfs", "mount", str(mnt), "--cache-dir", str(cache), "--state-dir", str(state),
-                "--no-eviction", "--log-level", os.environ.get("BENCH_MXFS_LOG", "warning")]  # fmt: skip
+                "--no-eviction", "--log-level", os.environ.get("BENCH_MXFS_LOG", "warning"),
+                *os.environ.get("BENCH_MXFS_ARGS", "").split()]  # fmt: skip
         return Daemon(argv, mnt, self.work / f"mxfs-{tag}.log", env=self.env)
 
     def passthrough(self, src: Path) -> Daemon:

@@ -804,3 +804,16 @@ def test_prefix_hasher_fed_in_pieces_matches_one_pass(tmp_path: Path) -> None:
         assert not short.matches()
     finally:
         os.close(fd)
+
+
+def test_verified_bytes_are_readable_before_the_blob_is_published(tmp_path: Path) -> None:
+    # Strict reads (and the read that reaches the end of a file) need verified bytes, not a
+    # durable blob: they must not wait for the fsync that publication does.
+    state = FileState(HubFile("model.bin", 10, "b" * 40))
+    state.partial = tmp_path / "model.bin.incomplete"
+    state.present.add(0, 10)
+    assert state.readable(0, 10, strict=False)
+    assert not state.readable(0, 10, strict=True)
+    state.verified = True
+    assert state.readable(0, 10, strict=True)
+    assert not state.complete  # not published yet: keep_cache and the blob pin wait for that

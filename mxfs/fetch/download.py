@@ -316,6 +316,7 @@ class EntryDownload:
             raise _disk_error(exc, f"{self.entry}/{file.path}") from exc
         state.adopt_fd(read_fd)
         state.partial = path
+        state.verified = False
         state.present = resume[1].present() if resume is not None else RangeSet()
         if resume is not None:
             log.info(
@@ -587,6 +588,10 @@ class EntryDownload:
             return
         partial = state.partial
         assert partial is not None
+        # Verified: readers waiting for verified bytes read the partial file (the blob's inode
+        # to be) while it is made durable and renamed.
+        state.verified = True
+        state.notify()
 
         def publish() -> Path:
             blob = self.cache.publish_blob(self.entry.repo_id, file.etag, partial, fd)

@@ -56,6 +56,11 @@ class FileState:
         self.file = file
         self.blob: Path | None = None  # set once the verified blob is in the cache
         self.partial: Path | None = None  # the partial file while this node downloads it
+        # The partial file passed its checksum and is about to become the blob.  Reads that must
+        # see verified bytes (strict mode, and every read that reaches the end of the file) go
+        # ahead now: waiting for the blob would make them wait for its fsync too, seconds for a
+        # large file on a slow disk, for durability that only matters after a crash.
+        self.verified = False
         self.present = RangeSet()
         self.error: MxfsError | None = None
         # Bumped when a finished download fails its checksum: handles that were served bytes of
@@ -101,7 +106,9 @@ class FileState:
     def readable(self, start: int, end: int, strict: bool) -> bool:
         if self.blob is not None:
             return True
-        return not strict and self.partial is not None and self.present.covers(start, end)
+        if self.partial is None:
+            return False
+        return self.verified or (not strict and self.present.covers(start, end))
 
     async def wait_readable(self, start: int, end: int, strict: bool) -> None:
         """Return once ``[start, end)`` can be read; raise the file's error if it fails first."""

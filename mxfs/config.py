@@ -158,7 +158,7 @@ class Settings:
     revision: str = "main"
     lease: float = 30.0
     negative_ttl: float = 30.0
-    # "fast": serve range bytes as they arrive; "strict": only bytes of a verified blob.
+    # "fast": serve range bytes as they arrive; "strict": only bytes of a copy that passed its checksum.
     verify: str = "fast"
     # Parallel HTTP connections of one entry's download, and the size of one range request.
     connections: int = 8

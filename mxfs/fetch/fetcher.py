@@ -148,7 +148,7 @@ class OpenFile:
         end = min(offset + size, self.file.size)
         if offset >= end:
             return b""
-        # The read that reaches the end of a file waits for the verified blob even in fast mode:
+        # The read that reaches the end of a file waits for verified bytes even in fast mode:
         # after it the kernel answers end-of-file by itself, so a checksum failure found later
         # could never reach a reader that read the whole file.
         strict = self.strict or end == self.file.size

@@ -29,9 +29,13 @@ def payload(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def range_starts(hub: FakeHub, repo: str, filename: str) -> list[int]:
+def range_starts(hub: FakeHub, repo: str, filename: str, kind: str | None = None) -> list[int]:
+    """Where the range requests for ``filename`` started (``kind``: only "resolve" requests,
+    the ones the daemon makes; an LFS file's are each followed by a "cdn" one)."""
     starts = []
     for record in hub.requests("GET", repo_id=repo, filename=filename):
+        if kind is not None and record.kind != kind:
+            continue
         if record.range and record.range.startswith("bytes="):
             starts.append(int(record.range.removeprefix("bytes=").split("-", 1)[0]))
     return starts
@@ -162,3 +166,23 @@ def test_connections_grow_while_each_one_is_the_limit(hub: FakeHub, new_repo_id,
     assert peak >= 4, peak
     with open(mount / repo / "model.safetensors", "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+
+
+def test_a_reader_following_the_download_opens_no_requests_of_its_own(hub: FakeHub, new_repo_id, mxfs_mount) -> None:
+    # 40 MiB in 8 MiB ranges over one connection, a reader reading along as the bytes land: at
+    # each range boundary the worker goes on with the next range (the reader puts it first),
+    # so no extra request starts there when the reader arrives first.
+    repo = new_repo_id()
+    data = payload(40 * MiB, seed=6)
+    hub.add_repo(repo, {"config.json": b"{}", "model.safetensors": data})
+    hub.inject("slow", repo_id=repo, filename="model.safetensors", bytes_per_second=16_000_000)
+    mount = mxfs_mount("--connections", "1", "--chunk-size", "8MiB")
+    with open(mount / repo / "model.safetensors", "rb") as f:
+        whole = f.read()
+    assert whole == data
+    starts = sorted(range_starts(hub, repo, "model.safetensors", kind="resolve"))
+    # Every range is fetched from its start, by its own request (the first read may also have
+    # fetched its first bytes on demand, before the background download was under way).
+    assert {i * 8 * MiB for i in range(5)} <= set(starts), [s / MiB for s in starts]
+    assert all(start % (8 * MiB) == 0 for start in starts if start >= 8 * MiB), [s / MiB for s in starts]
+    assert hub.bytes_served(repo, "model.safetensors") <= len(data) + SOCKET_SLACK

@@ -491,7 +491,7 @@ class EntryDownload:
         if not gaps:
             return
         first = gaps[0][0]
-        if any(stream.will_reach(first, NEAR) for stream in state.streams):
+        if any(stream.will_reach(first, NEAR) or stream.hands_over_at(first, NEAR) for stream in state.streams):
             return
         # Start at the aligned offset below, unless bytes there are present already.
         lo = state.present.missing(first - first % ON_DEMAND_ALIGN, first + 1)[-1][0]

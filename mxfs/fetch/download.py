@@ -427,6 +427,9 @@ class EntryDownload:
                         )
                     finally:
                         state.streams.discard(stream)
+                        # Readers that counted on this stream (or on its worker going on with the
+                        # next range) look again: they may need a request of their own now.
+                        state.notify()
             except Transient as exc:
                 failures += 1
                 if failures >= self.retry.attempts:

@@ -43,10 +43,10 @@ class Stream:
         return self.pos <= offset < self.end and offset - self.pos <= within
 
     def hands_over_at(self, offset: int, within: int) -> bool:
-        """A background range about to end right where ``offset`` begins: its worker goes on with
-        the next range, which a reader waiting there puts first in line, so a reader following
-        the download across a range boundary need not open a request of its own."""
-        return not self.on_demand and self.end == offset and offset - self.pos <= within
+        """A background range about to end just before ``offset``: its worker goes on with the
+        next range, which a reader waiting there puts first in line, so a reader following the
+        download across a range boundary need not open a request of its own."""
+        return not self.on_demand and self.end <= offset and offset - self.pos <= within
 
 
 class FileState:

@@ -16,6 +16,7 @@ readers as domain errors (EIO, EACCES, ENOSPC), with a backoff before the next a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -259,16 +260,21 @@ class Fetcher:
         """Open a file for reading: returns at once, the download (if any) starts in the background."""
         ef = self.entry_fetch(entry)
         state = ef.states[path]
-        if state.complete and not await self._blob_still_there(ef, state):
+        pinned = None
+        if state.complete and await self._blob_still_there(ef, state):
+            # An open() of a local file: cheap, and it must not race the state from a thread.
+            # It is also the check that counts: eviction (here or on another node) may have
+            # taken the blob since it was seen above.
+            with contextlib.suppress(FileNotFoundError):
+                pinned = state.acquire_fd()
+        if state.complete and pinned is None:
             log.warning("%s: %s vanished from the cache; fetching it again", entry, path)
             for s in ef.states.values():
                 s.blob = None
                 s.retire_fd()
             ef.reset_done()
         handle = OpenFile(self, ef, state, strict=self.settings.verify == "strict")
-        if state.complete:
-            # An open() of a local file: cheap, and it must not race the state from a thread.
-            handle.pinned = state.acquire_fd()
+        handle.pinned = pinned
         ef.handles += 1
         self._spawn(self._touch, entry)
         if not state.complete:

@@ -98,3 +98,17 @@ def mxfs_mount(tmp_path: Path, hub: FakeHub) -> Iterator[Callable[..., MountedFs
     if problems:
         logs = "\n\n".join(m.log()[-5000:] for m in mounts)
         pytest.fail("daemon logged errors:\n" + "\n".join(problems) + "\n\nlog tail:\n" + logs)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs for the cache: a disk that really fills up, with a real statvfs."""
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)

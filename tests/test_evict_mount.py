@@ -3,16 +3,12 @@ the cache left scan-clean, and evicted models fetched again on the next open."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from tests.hubserver import FakeHub
 from tests.mounting import MountedFs, partial_files, requires_fuse, run_cli, settled_scan, wait_until
@@ -118,21 +114,6 @@ def test_max_cache_size(hub: FakeHub, new_repo_id, mxfs_mount) -> None:
     assert cached_repos(mount) == set(list(models)[2:])
     assert "reason size" in mount.log()
     assert_scan_clean(mount)
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 24 MiB tmpfs as the cache's filesystem, so the free-space rule sees a real statvfs."""
-    where = tmp_path / "tmpfs"
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(where)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        with contextlib.suppress(Exception):
-            subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_min_free_space_on_a_small_disk(hub: FakeHub, new_repo_id, mxfs_mount, small_tmpfs: Path) -> None:

@@ -504,20 +504,6 @@ def test_offline_mode_never_calls_the_hub(hub: FakeHub, new_repo_id, mxfs_mount)
 # -- local faults ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 24 MiB tmpfs to hold the cache, so that the disk really fills up."""
-    where = tmp_path / "small-disk"
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(where)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
-
-
 def make_models(hub: FakeHub, new_repo_id: Callable[[], str], sizes: list[int], seed: int) -> dict[str, bytes]:
     rnd = random.Random(seed)
     models = {}
@@ -530,7 +516,7 @@ def make_models(hub: FakeHub, new_repo_id: Callable[[], str], sizes: list[int], 
 
 
 def test_disk_full_evicts_retries_then_enospc_with_no_partial_blob(
-    hub: FakeHub, new_repo_id, mxfs_mount, small_disk: Path
+    hub: FakeHub, new_repo_id, mxfs_mount, small_tmpfs: Path
 ) -> None:
     models = make_models(hub, new_repo_id, [12_000_000, 15_000_000, 30_000_000], seed=26)
     first, second, too_big = models
@@ -538,7 +524,7 @@ def test_disk_full_evicts_retries_then_enospc_with_no_partial_blob(
     # download hit ENOSPC.
     mount = mxfs_mount(
         "--min-free-space", "20MiB", "--check-interval", "1h", "--in-use-grace", "0", "--unused-threshold", "off",
-        cache_dir=small_disk / "cache",
+        cache_dir=small_tmpfs / "cache",
     )  # fmt: skip
     mount.allowed_log.append("")
     assert read(mount / first / "model.safetensors") == models[first]
@@ -562,12 +548,12 @@ def test_disk_full_evicts_retries_then_enospc_with_no_partial_blob(
 
 
 def test_disk_full_makes_room_without_a_free_space_rule(
-    hub: FakeHub, new_repo_id, mxfs_mount, small_disk: Path
+    hub: FakeHub, new_repo_id, mxfs_mount, small_tmpfs: Path
 ) -> None:
     models = make_models(hub, new_repo_id, [12_000_000, 15_000_000], seed=27)
     first, second = models
     mount = mxfs_mount(
-        "--check-interval", "1h", "--in-use-grace", "0", "--unused-threshold", "off", cache_dir=small_disk / "cache"
+        "--check-interval", "1h", "--in-use-grace", "0", "--unused-threshold", "off", cache_dir=small_tmpfs / "cache"
     )
     mount.allowed_log.append("")
     assert read(mount / first / "model.safetensors") == models[first]

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from tests.hubserver import FakeHub
-from tests.mounting import MountedFs, requires_fuse
+from tests.mounting import MountedFs, partial_files, requires_fuse, wait_until
 from tests.redis_server import RedisServer
 from tests.tcp_proxy import TcpProxy
 
@@ -36,6 +36,14 @@ def start_nodes(mxfs_mount: Callable[..., MountedFs], tmp_path: Path, url: str, 
     return [
         mxfs_mount("--registry", url, *args, cache_dir=cache, state_dir=tmp_path / f"node{i}-state") for i in range(n)
     ]
+
+
+def assert_blob_settled(cache: Path, repo: str, data: bytes, timeout: float) -> None:
+    """No partial file left in ``repo``'s blobs (a dead or stopped writer's included) within
+    ``timeout``, and its blob holds exactly ``data``."""
+    blobs = cache / f"models--{repo.replace('/', '--')}" / "blobs"
+    wait_until(lambda: not partial_files(blobs), timeout, "partial files cleaned up")
+    assert (blobs / hashlib.sha256(data).hexdigest()).read_bytes() == data
 
 
 def parallel(fns: list[Callable[[], object]], timeout: float = 120) -> list[object]:
@@ -112,13 +120,7 @@ def test_killed_owner_is_taken_over_after_its_lease(
     assert "downloading 2 files" in second.log()
     assert hashlib.sha256(read(second / repo / "model.safetensors")).hexdigest() == hashlib.sha256(data).hexdigest()
     # No corrupt blob, no dangling link; the dead owner's partial file is gone once the new owner is done.
-    cache = tmp_path / "shared-cache"
-    blobs = cache / f"models--{repo.replace('/', '--')}" / "blobs"
-    deadline = time.monotonic() + 10
-    while list(blobs.glob("*.incomplete")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not list(blobs.glob("*.incomplete"))
-    assert (blobs / hashlib.sha256(data).hexdigest()).read_bytes() == data
+    assert_blob_settled(tmp_path / "shared-cache", repo, data, timeout=10)
     first.cleanup()
 
 
@@ -217,12 +219,7 @@ def test_owner_cut_off_from_the_registry_stops_writing_before_another_node_takes
         took_over = logged_at(other.log(), "downloading 2 files")
         assert stopped < took_over, (stopped, took_over)
         assert read(owner / repo / "model.safetensors") == data
-    blobs = tmp_path / "shared-cache" / f"models--{repo.replace('/', '--')}" / "blobs"
-    deadline = time.monotonic() + 20
-    while list(blobs.glob("*.incomplete")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not list(blobs.glob("*.incomplete"))
-    assert (blobs / hashlib.sha256(data).hexdigest()).read_bytes() == data
+    assert_blob_settled(tmp_path / "shared-cache", repo, data, timeout=20)
 
 
 def test_a_waiting_node_is_woken_when_the_download_finishes(

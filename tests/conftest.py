@@ -63,20 +63,23 @@ def mxfs_mount(tmp_path: Path, hub: FakeHub) -> Iterator[Callable[..., MountedFs
 
     def start(
         *args: str,
+        mountpoint: Path | None = None,
         cache_dir: Path | None = None,
         state_dir: Path | None = None,
         env: dict[str, str] | None = None,
         wait: bool = True,
     ) -> MountedFs:
         n = next(numbers)
-        mountpoint = tmp_path / f"mnt{n}"
-        mountpoint.mkdir()
+        mountpoint = mountpoint or tmp_path / f"mnt{n}"
+        mountpoint.mkdir(exist_ok=True)
         cache_dir = cache_dir or tmp_path / "cache"
         state_dir = state_dir or tmp_path / f"state{n}"
         log_path = tmp_path / f"mxfs{n}.log"
         # Metrics off unless a test asks (--metrics-address): daemons of one test, or of tests run
-        # side by side, would all want the default port.
-        full_env = {**os.environ, **hub.env(), "PYTHONUNBUFFERED": "1", "MXFS_METRICS_ADDRESS": "", **(env or {})}
+        # side by side, would all want the default port.  systemd's variables only where a test
+        # sets them: the daemon must not notify whatever runs the tests.
+        base = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        full_env = {**base, **hub.env(), "PYTHONUNBUFFERED": "1", "MXFS_METRICS_ADDRESS": "", **(env or {})}
         cmd = [
             sys.executable, "-m", "mxfs", "mount", str(mountpoint),
             "--cache-dir", str(cache_dir), "--state-dir", str(state_dir), "--log-level", "debug", *args,

@@ -78,14 +78,15 @@ def _is_stale(path: Path) -> bool:
 
 
 def wait_for_mount(mount: MountedFs, timeout: float = 20.0) -> None:
+    """Until the daemon has mounted: the mount point is a mount and the daemon says so (a dead
+    mount left on the mount point by an earlier daemon also looks mounted)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.ismount(mount.mountpoint):
-            return
+    while not (os.path.ismount(mount.mountpoint) and "mounted at" in mount.log()):
         if mount.proc.poll() is not None:
             raise AssertionError(f"mxfs exited with {mount.proc.returncode} before mounting:\n{mount.log()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"mxfs did not mount within {timeout}s:\n{mount.log()}")
         time.sleep(0.05)
-    raise AssertionError(f"mxfs did not mount within {timeout}s:\n{mount.log()}")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

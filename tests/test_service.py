@@ -35,7 +35,7 @@ from mxfs.fetch import StateDir
 from mxfs.hub import HubFile, RepoTree
 from mxfs.registry import Record, Status, entry_name, parse_entry_name
 from tests.hubserver import FakeHub
-from tests.mounting import REPO_ROOT, MountedFs, requires_fuse, run_cli, wait_for_mount
+from tests.mounting import REPO_ROOT, MountedFs, requires_fuse, run_cli
 
 NOBODY = 65534
 
@@ -113,46 +113,14 @@ def public_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def start_daemon(tmp_path: Path, hub: FakeHub) -> Iterator[Callable[..., MountedFs]]:
-    """``mxfs mount MOUNTPOINT`` in a subprocess, on a mount point the test chooses."""
-    mounts: list[MountedFs] = []
-    numbers = itertools.count()
+def start_daemon(mxfs_mount: Callable[..., MountedFs], tmp_path: Path) -> Callable[..., MountedFs]:
+    """``mxfs mount MOUNTPOINT`` on a mount point the test chooses; the daemons of a test share
+    one cache and state dir, as the restarts of one service do."""
 
     def start(mountpoint: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> MountedFs:
-        n = next(numbers)
-        mountpoint.mkdir(exist_ok=True)
-        cache_dir, state_dir = tmp_path / "cache", tmp_path / "state"
-        log_path = tmp_path / f"mxfs{n}.log"
-        base = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        full_env = {**base, **hub.env(), "PYTHONUNBUFFERED": "1", **(env or {})}
-        cmd = [
-            sys.executable, "-m", "mxfs", "mount", str(mountpoint), "--cache-dir", str(cache_dir),
-            "--state-dir", str(state_dir), "--log-level", "debug", "--metrics-address", "", *args,
-        ]  # fmt: skip
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT)
-        mount = MountedFs(mountpoint, cache_dir, state_dir, proc, log_path)
-        mounts.append(mount)
-        if wait:
-            wait_for_mount(mount)
-            # A dead mount left on the mount point also looks mounted: wait for the daemon's word.
-            deadline = time.monotonic() + 20
-            while "mounted at" not in mount.log():
-                assert proc.poll() is None, f"mxfs exited with {proc.returncode}:\n{mount.log()}"
-                assert time.monotonic() < deadline, f"mxfs did not mount within 20s:\n{mount.log()}"
-                time.sleep(0.05)
-        return mount
+        return mxfs_mount(*args, mountpoint=mountpoint, state_dir=tmp_path / "state", env=env, wait=wait)
 
-    yield start
-
-    problems = []
-    for mount in mounts:
-        mount.cleanup()
-        problems += mount.bad_log_lines()
-    if problems:
-        pytest.fail(
-            "daemon logged errors:\n" + "\n".join(problems) + "\n\n" + "\n".join(m.log()[-3000:] for m in mounts)
-        )
+    return start
 
 
 def read(path: Path) -> bytes:

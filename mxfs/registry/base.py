@@ -12,6 +12,7 @@ expired and was taken over can no longer publish anything.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +85,24 @@ class StatusCounts:
 
 class RegistryError(Exception):
     """The registry could not be reached or answered with an error (not a semantic refusal)."""
+
+
+def check_seconds(what: str, seconds: float) -> float:
+    """A lease or lock time: a positive, finite number of seconds; ValueError otherwise."""
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{what} must be a positive number of seconds, got {seconds!r}")
+    return float(seconds)
+
+
+def lease_ms(seconds: float) -> int:
+    """A lease (or lock ttl) in whole milliseconds, at least one, as the backends store it."""
+    return max(1, round(check_seconds("lease", seconds) * 1000))
+
+
+def check_final(status: Status) -> None:
+    """``finish_claim`` publishes an outcome: DOWNLOADED or ERROR, nothing else."""
+    if status not in (Status.DOWNLOADED, Status.ERROR):
+        raise ValueError(f"a claim finishes as DOWNLOADED or ERROR, not {status}")
 
 
 class Registry(Protocol):

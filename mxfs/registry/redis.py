@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -65,6 +64,8 @@ from mxfs.registry.base import (
     RegistryError,
     Status,
     StatusCounts,
+    check_final,
+    lease_ms,
 )
 
 T = TypeVar("T")
@@ -416,12 +417,6 @@ def _key(name: str) -> str:
     return KEY_PREFIX + name
 
 
-def _lease_ms(lease: float) -> int:
-    if not (math.isfinite(lease) and lease > 0):
-        raise ValueError(f"lease must be a positive number of seconds, got {lease!r}")
-    return max(1, round(lease * 1000))
-
-
 def _us(when: datetime) -> int:
     """``when`` in whole microseconds since the epoch (a datetime holds nothing finer)."""
     if when.tzinfo is None:
@@ -646,14 +641,14 @@ class RedisRegistry:
         )
 
     async def try_claim(self, name: str, claim_id: str, lease: float) -> ClaimOutcome:
-        args = [name, claim_id, _lease_ms(lease), PROVIDER]
+        args = [name, claim_id, lease_ms(lease), PROVIDER]
         result = await self._script(self._claim, [_key(name), LRU_KEY], args)
         if result[0] == 1:
             return Claimed()
         return AlreadyExists(self._status(name, result[1]))
 
     async def refresh_claim(self, name: str, claim_id: str, lease: float) -> bool:
-        return await self._script(self._refresh, [_key(name)], [claim_id, _lease_ms(lease)]) == 1
+        return await self._script(self._refresh, [_key(name)], [claim_id, lease_ms(lease)]) == 1
 
     async def finish_claim(
         self,
@@ -663,8 +658,7 @@ class RedisRegistry:
         message: str | None = None,
         size_bytes: int | None = None,
     ) -> bool:
-        if status not in (Status.DOWNLOADED, Status.ERROR):
-            raise ValueError(f"a claim finishes as DOWNLOADED or ERROR, not {status}")
+        check_final(status)
         args = [
             name,
             claim_id,
@@ -677,7 +671,7 @@ class RedisRegistry:
         return await self._script(self._finish, [_key(name), LRU_KEY], args) == 1
 
     async def try_retake(self, name: str, claim_id: str, lease: float, from_status: Status) -> bool:
-        args = [name, claim_id, _lease_ms(lease), Status(from_status).value]
+        args = [name, claim_id, lease_ms(lease), Status(from_status).value]
         return await self._script(self._retake, [_key(name), LRU_KEY], args) == 1
 
     async def try_reset_error_for_retry(self, name: str, claim_id: str, lease: float) -> bool:

@@ -19,7 +19,6 @@ stored value in :meth:`SqliteRegistry.delete_if_unchanged`.
 
 from __future__ import annotations
 
-import math
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -41,6 +40,8 @@ from mxfs.registry.base import (
     RegistryError,
     Status,
     StatusCounts,
+    check_final,
+    lease_ms,
 )
 
 T = TypeVar("T")
@@ -196,12 +197,6 @@ def _to_ms(when: datetime) -> int | None:
     return None if rest else ms
 
 
-def _lease_ms(lease: float) -> int:
-    if not (math.isfinite(lease) and lease > 0):
-        raise ValueError(f"lease must be a positive number of seconds, got {lease!r}")
-    return max(1, round(lease * 1000))
-
-
 def _record(row: tuple[Any, ...]) -> Record:
     name, provider, status, created, last_used, message, claim_id, lease, pinned, size = row
     return Record(
@@ -354,7 +349,7 @@ class SqliteRegistry:
         )
 
     async def try_claim(self, name: str, claim_id: str, lease: float) -> ClaimOutcome:
-        params = {"name": name, "provider": PROVIDER, "claim_id": claim_id, "lease_ms": _lease_ms(lease)}
+        params = {"name": name, "provider": PROVIDER, "claim_id": claim_id, "lease_ms": lease_ms(lease)}
 
         def claim(conn: sqlite3.Connection) -> ClaimOutcome:
             # One transaction, so the status reported to a loser is the one that made it lose.
@@ -367,7 +362,7 @@ class SqliteRegistry:
         return await self._run(claim)
 
     async def refresh_claim(self, name: str, claim_id: str, lease: float) -> bool:
-        params = {"name": name, "claim_id": claim_id, "lease_ms": _lease_ms(lease)}
+        params = {"name": name, "claim_id": claim_id, "lease_ms": lease_ms(lease)}
         return await self._write(_REFRESH_CLAIM, params) == 1
 
     async def finish_claim(
@@ -378,8 +373,7 @@ class SqliteRegistry:
         message: str | None = None,
         size_bytes: int | None = None,
     ) -> bool:
-        if status not in (Status.DOWNLOADED, Status.ERROR):
-            raise ValueError(f"a claim finishes as DOWNLOADED or ERROR, not {status}")
+        check_final(status)
         params = {
             "name": name,
             "claim_id": claim_id,
@@ -393,7 +387,7 @@ class SqliteRegistry:
         params = {
             "name": name,
             "claim_id": claim_id,
-            "lease_ms": _lease_ms(lease),
+            "lease_ms": lease_ms(lease),
             "from_status": Status(from_status).value,
         }
         return await self._write(_TRY_RETAKE, params) == 1
@@ -405,7 +399,7 @@ class SqliteRegistry:
         return await self._write(_SET_PINNED, {"name": name, "pinned": int(pinned)}) == 1
 
     async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
-        return await self._write(_TRY_LOCK, {"name": name, "owner": owner, "ttl_ms": _lease_ms(ttl)}) == 1
+        return await self._write(_TRY_LOCK, {"name": name, "owner": owner, "ttl_ms": lease_ms(ttl)}) == 1
 
     async def unlock(self, name: str, owner: str) -> bool:
         return await self._write(_UNLOCK, {"name": name, "owner": owner}) == 1

@@ -71,6 +71,8 @@ from mxfs.registry.base import (
     RegistryError,
     Status,
     StatusCounts,
+    check_final,
+    check_seconds,
 )
 from mxfs.registry.kubernetes.api import KubeApi, Resource
 from mxfs.registry.kubernetes.config import ClusterConfig, load_config
@@ -162,12 +164,6 @@ def parse_time(value: Any) -> datetime:
     if when.tzinfo is None:
         raise ValueError(f"timestamp {value!r} has no offset")
     return when.astimezone(UTC)
-
-
-def _check_seconds(what: str, seconds: float) -> float:
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"{what} must be a positive number of seconds, got {seconds!r}")
-    return float(seconds)
 
 
 # -- liveness on the local clock -----------------------------------------------------------------
@@ -506,7 +502,7 @@ class KubernetesRegistry:
     # -- claims ------------------------------------------------------------------------------------
 
     async def try_claim(self, name: str, claim_id: str, lease: float) -> ClaimOutcome:
-        lease = _check_seconds("lease", lease)
+        lease = check_seconds("lease", lease)
 
         def decide(obj: dict[str, Any] | None) -> _Plan[ClaimOutcome]:
             now = _now()
@@ -543,7 +539,7 @@ class KubernetesRegistry:
         return self._observe(obj["metadata"]["name"], obj) >= duration
 
     async def refresh_claim(self, name: str, claim_id: str, lease: float) -> bool:
-        lease = _check_seconds("lease", lease)
+        lease = check_seconds("lease", lease)
 
         def decide(obj: dict[str, Any] | None) -> _Plan[bool]:
             if not self._owns(obj, claim_id):
@@ -570,8 +566,7 @@ class KubernetesRegistry:
         message: str | None = None,
         size_bytes: int | None = None,
     ) -> bool:
-        if status not in (Status.DOWNLOADED, Status.ERROR):
-            raise ValueError(f"a claim finishes as DOWNLOADED or ERROR, not {status}")
+        check_final(status)
 
         def decide(obj: dict[str, Any] | None) -> _Plan[bool]:
             if not self._owns(obj, claim_id):
@@ -590,7 +585,7 @@ class KubernetesRegistry:
         return await self._change(name, decide)
 
     async def try_retake(self, name: str, claim_id: str, lease: float, from_status: Status) -> bool:
-        lease = _check_seconds("lease", lease)
+        lease = check_seconds("lease", lease)
         from_status = Status(from_status)
 
         def decide(obj: dict[str, Any] | None) -> _Plan[bool]:
@@ -665,7 +660,7 @@ class KubernetesRegistry:
     # -- locks -------------------------------------------------------------------------------------
 
     async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
-        ttl = _check_seconds("ttl", ttl)
+        ttl = check_seconds("ttl", ttl)
         lease_name = lock_object_name(name)
         for _ in range(MAX_ATTEMPTS):
             self._check_open()

@@ -13,7 +13,6 @@ Expose the fixtures to a test module through ``tests/conftest.py``::
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,19 +23,14 @@ from urllib.parse import quote
 import pytest
 import redis
 
+from tests.scrape import free_port
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 STARTUP_TIMEOUT = 10.0
 
 
 def redis_server_available() -> bool:
     return Path(REDIS_SERVER).is_file()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RedisServer:
@@ -49,7 +43,7 @@ class RedisServer:
     def __init__(self, password: str | None = None, tls: bool = False) -> None:
         self.password = password
         self.tls = tls
-        self.port = _free_port()
+        self.port = free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="mxfs-redis-")
         self.dir = Path(self._tmp.name)
         self.ca_file = self.dir / "cert.pem"

@@ -8,8 +8,6 @@ looks names up through a real mount and lets the kernel forget them (``drop_cach
 from __future__ import annotations
 
 import os
-import socket
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from mxfs.hub import HubFile, RepoTree
 from mxfs.names import ModelRef
 from tests.hubserver import FakeHub
 from tests.mounting import MountedFs, requires_fuse, wait_until
+from tests.scrape import free_port, http_scrape, parse, value
 
 ROOT = pyfuse3.ROOT_INODE
 COMMIT = "a" * 40
@@ -81,18 +80,10 @@ async def test_forget_of_unknown_inodes_raises_nothing() -> None:
     assert ops.inode_count == 1
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        for line in answer.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"no {name} in the metrics")
+def inodes(port: int) -> float:
+    found = value(parse(http_scrape(port)), "mxfs_inodes")
+    assert found is not None, "no mxfs_inodes in the metrics"
+    return found
 
 
 @requires_fuse
@@ -101,17 +92,17 @@ def test_the_kernel_forgetting_names_empties_the_table(hub: FakeHub, new_repo_id
     hub.add_repo(repo, {"config.json": b"{}", **{f"shard-{i:03}.bin": b"x" for i in range(50)}})
     port = free_port()
     mount: MountedFs = mxfs_mount("--metrics-address", f"127.0.0.1:{port}")
-    baseline = metric(port, "mxfs_inodes")
+    baseline = inodes(port)
     # Probing names (a script checking which orgs exist) and listing a model both add inodes.
     for i in range(200):
         os.stat(mount / f"probe-{i}")
     assert len(os.listdir(mount / repo)) == 51
-    assert metric(port, "mxfs_inodes") >= baseline + 250
+    assert inodes(port) >= baseline + 250
 
     def forgotten() -> bool:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("2\n")  # drop dentries and inodes: the kernel sends FORGET for each
-        return metric(port, "mxfs_inodes") <= baseline + 5
+        return inodes(port) <= baseline + 5
 
     wait_until(forgotten, 20, "the daemon dropped what the kernel forgot")
     # Everything still resolves afterwards.

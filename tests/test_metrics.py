@@ -8,7 +8,6 @@ exact value the Hub's own request log implies.
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import os
 import platform
 import socket
@@ -30,24 +29,12 @@ from mxfs.hub import HubClient
 from mxfs.registry import Record, RegistryError, Status, entry_name
 from tests.hubserver import FakeHub
 from tests.mounting import MountedFs, requires_fuse
+from tests.scrape import free_port, http_scrape, parse, value
 
 COMMIT = "a" * 40
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-
-
-def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a scrape, keyed by (sample name, sorted labels)."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: dict, name: str, **labels: str) -> float | None:
-    return samples.get((name, tuple(sorted(labels.items()))))
 
 
 def event(name: str, **labels: str) -> float:
@@ -223,12 +210,6 @@ async def test_bad_address_is_a_config_error() -> None:
         await metrics.listen("::1:9400")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 async def request(port: int, raw: bytes, host: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
     """Send ``raw`` and read the whole answer (the server closes after one response)."""
     with trio.fail_after(10):
@@ -322,17 +303,6 @@ async def test_ipv6_loopback(services: Services, nursery: trio.Nursery) -> None:
 
 
 # -- a real mount -------------------------------------------------------------------------------------
-
-
-def http_scrape(port: int) -> str:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        response = conn.getresponse()
-        assert response.status == 200
-        return response.read().decode()
-    finally:
-        conn.close()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:

@@ -193,7 +193,9 @@ class Fetcher:
         self.net_limiter = trio.CapacityLimiter(max(settings.connections * 4, 16))
         self._entries: dict[str, EntryFetch] = {}
         self._nursery: trio.Nursery | None = None
-        # Waiters of entries another node downloads, woken when the registry says it finished.
+        # Waiters of entries another node downloads, woken when the registry says it finished
+        # (where it can: Redis pub/sub).
+        self._finish_notifier = registry if isinstance(registry, FinishNotifier) else None
         self._finished: dict[str, trio.Event] = {}
         self.bytes_read = 0
         self._registry_warned_at = -math.inf
@@ -208,8 +210,8 @@ class Fetcher:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._touch_open_entries)
-            if isinstance(self.registry, FinishNotifier):
-                await nursery.start(self.registry.listen_finished, self._finished_elsewhere)
+            if self._finish_notifier is not None:
+                await nursery.start(self._finish_notifier.listen_finished, self._finished_elsewhere)
             task_status.started()
             await trio.sleep_forever()
 
@@ -224,6 +226,10 @@ class Fetcher:
         The poll interval still paces a waiter: files the owner completes one by one appear in
         the shared cache without any message.
         """
+        if self._finish_notifier is None:
+            # Nothing would ever set an event: keep none (they would pile up per entry).
+            await trio.sleep(self.settings.poll_interval)
+            return
         event = self._finished.setdefault(name, trio.Event())
         with trio.move_on_after(self.settings.poll_interval):
             await event.wait()

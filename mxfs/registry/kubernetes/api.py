@@ -214,9 +214,9 @@ class KubeApi:
         write is either fenced by its resourceVersion or a create, so one that was applied
         before its answer got lost comes back as a 409 the caller already handles by re-reading.
         """
-        for attempt in range(MAX_RETRIES + 1):
+        for attempt in range(MAX_RETRIES):
             response = await self._authorized(method, path, params, json_body)
-            if response.status_code not in RETRIED_STATUSES or attempt == MAX_RETRIES:
+            if response.status_code not in RETRIED_STATUSES:
                 return response
             delay = self._retry_delay(response, attempt)
             log.debug(
@@ -224,7 +224,7 @@ class KubeApi:
             )
             metrics.REGISTRY_ERRORS.inc()
             await trio.sleep(delay)
-        raise AssertionError("unreachable")
+        return await self._authorized(method, path, params, json_body)  # the last try, whatever it answers
 
     @staticmethod
     def _retry_delay(response: httpx2.Response, attempt: int) -> float:

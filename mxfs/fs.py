@@ -229,6 +229,32 @@ class MxfsOperations(pyfuse3.Operations):
                     del org_node.children[name]
                     pyfuse3.invalidate_entry_async(org_inode, name.encode(), ignore_enoent=True)
 
+    async def drop_discarded_pages(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Drop the kernel's cached pages of every file whose copy was discarded unverified.
+
+        Readers of such a copy were served its bytes, and the kernel may hold them in the
+        inode's page cache, which later reads and mmaps use without asking the daemon.  Dropping
+        them makes those readers ask again (and fail: their handles are tainted), and keeps a
+        later open of the verified file (``keep_cache``) from ever seeing them.
+        """
+        discards = self.fetcher.discarded_copies()
+        task_status.started()
+        async for entry_name, path in discards:
+            for node in list(self._nodes.values()):
+                if node.kind == "file" and node.path == path and node.entry and node.entry.name == entry_name:
+                    await self._invalidate_pages(node.inode)
+
+    async def _invalidate_pages(self, inode: int) -> None:
+        try:
+            # In a thread: the kernel waits for reads in flight on the inode's pages, and those
+            # are answered by this very event loop.
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # the kernel has forgotten the inode: nothing cached
+                log.warning("could not drop the cached pages of inode %d: %s", inode, exc)
+        else:
+            log.info("dropped the kernel's cached pages of inode %d (its copy failed verification)", inode)
+
     async def _resolve(self, node: Node) -> Entry:
         """The entry of a model directory (resolved at most once, on first use)."""
         if node.entry is None:

@@ -380,7 +380,7 @@ _FAULT_PARAMS: dict[str, dict[str, Any]] = {
     "cut": {"after": None, "reset": True, "linger": 0.05},
     "truncate": {"after": None},
     "ignore_range": {},
-    "corrupt": {"offset": 0, "length": 1},
+    "corrupt": {"offset": 0, "length": 1, "covering": False},
     "down": {"reset": False},
 }
 _FAULT_REQUIRED = {
@@ -822,7 +822,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._start(status, headers, length, final=True)
             return
         plan = _BodyPlan()
-        for f in self.hub._take_faults("body", rec.method, rec.kind, rec.repo_id, rec.filename, rec.path):
+        span = (start, start + length)
+        for f in self.hub._take_faults("body", rec.method, rec.kind, rec.repo_id, rec.filename, rec.path, span):
             rec.faults.append(f.kind)
             p = f.params
             if f.kind in ("cut", "truncate") and (plan.stop_after is None or p["after"] < plan.stop_after):
@@ -1518,7 +1519,9 @@ class FakeHub:
         * ``cut``: ``after`` body bytes then close with a TCP RST (``reset=False``: FIN)
         * ``truncate``: ``after`` body bytes (Content-Length still the full length) then FIN
         * ``ignore_range``: answer 200 with the full body although ``Range`` was sent
-        * ``corrupt``: flip ``length`` bytes at absolute file ``offset`` (same length)
+        * ``corrupt``: flip ``length`` bytes at absolute file ``offset`` (same length); with
+          ``covering=True`` only answers that carry those bytes count as hits, so ``times=1``
+          corrupts exactly the first copy of them that the Hub sends
         * ``down``: close the connection without answering (``reset=True`` for an RST)
 
         Body faults (slow/cut/truncate/corrupt/delay+after) act on file content only (resolve/cdn,
@@ -1561,13 +1564,24 @@ class FakeHub:
                 self._faults.remove(fault)
 
     def _take_faults(
-        self, phase: str, method: str, kind: str, repo_id: str | None, filename: str | None, path: str = ""
+        self,
+        phase: str,
+        method: str,
+        kind: str,
+        repo_id: str | None,
+        filename: str | None,
+        path: str = "",
+        span: tuple[int, int] | None = None,
     ) -> list[Fault]:
         taken: list[Fault] = []
         with self._lock:
             for f in self._faults:
                 if f.phase != phase or not f.active or not f._matches(method, kind, repo_id, filename, path):
                     continue
+                if f.kind == "corrupt" and f.params["covering"] and span is not None:
+                    lo, hi = f.params["offset"], f.params["offset"] + f.params["length"]
+                    if not (span[0] < hi and lo < span[1]):
+                        continue  # this answer does not carry the bytes to corrupt: no hit
                 if f.kind in ("error", "down") and any(t.kind in ("error", "down") for t in taken):
                     continue
                 f.hits += 1

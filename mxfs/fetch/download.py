@@ -173,7 +173,6 @@ class EntryDownload:
         self._hashers: dict[FileState, PrefixHasher] = {}
         self.lease_keeper = LeaseKeeper(registry, entry.name, claim_id, lease, str(entry))
         self.bytes_downloaded = 0
-        self.bytes_on_demand = 0
         self._workers = 0
         self._worker_limit = 1
         self._closed = False  # set when the attempt ends: late callbacks of abandoned streams are ignored
@@ -314,6 +313,8 @@ class EntryDownload:
             path, fd, read_fd = await trio.to_thread.run_sync(create, limiter=self.io_limiter)
         except OSError as exc:
             raise _disk_error(exc, f"{self.entry}/{file.path}") from exc
+        if resume is None and state.exposed:
+            state.discard_copy()  # readers had bytes of a copy that is not resumed
         state.adopt_fd(read_fd)
         state.partial = path
         state.verified = False
@@ -451,36 +452,62 @@ class EntryDownload:
         fd = os.dup(self._fds[state])
         path = state.file.path
         try:
+            limit = trio.from_thread.run_sync(self._write_limit, state, stream)
+            if limit <= stream.pos:
+                return
             with self.client.open_range(self.entry.repo_id, self.entry.commit, path, stream.pos, stream.end) as body:
                 for data in body.chunks():
+                    # Never write over bytes that are present (a reader may have been served
+                    # them) or that another stream is bringing: the bytes readers got and the
+                    # bytes that are hashed must be the same bytes.
+                    length = min(len(data), limit - stream.pos)
+                    if length <= 0:
+                        return
                     try:
-                        os.pwrite(fd, data, stream.pos)
+                        os.pwrite(fd, data[:length] if length < len(data) else data, stream.pos)
                     except OSError as exc:
                         raise _disk_error(exc, f"{self.entry}/{path}") from exc
-                    if not trio.from_thread.run_sync(self._landed, state, stream, len(data)):
+                    limit = trio.from_thread.run_sync(self._landed, state, stream, length)
+                    if length < len(data):
                         return
                     # Stop promptly when the download is cancelled (lease lost, daemon stopping).
                     trio.from_thread.check_cancelled()
         finally:
             os.close(fd)
 
-    def _landed(self, state: FileState, stream: Stream, length: int) -> bool:
-        """Record bytes written by ``stream``; False if it should stop here."""
+    def _landed(self, state: FileState, stream: Stream, length: int) -> int:
+        """Record bytes written by ``stream``; returns how far it may write next (see _write_limit)."""
         if self._closed:
-            return False  # an abandoned stream: its bytes belong to no present map any more
+            return 0  # an abandoned stream: its bytes belong to no present map any more
         start = stream.pos
         stream.pos += length
         state.present.add(start, stream.pos)
         self.bytes_downloaded += length
         metrics.DOWNLOADED_BYTES.inc(length)
-        if stream.on_demand:
-            self.bytes_on_demand += length
         state.notify()
+        return self._write_limit(state, stream)
+
+    def _write_limit(self, state: FileState, stream: Stream) -> int:
+        """Where ``stream`` must stop writing: its end, the next present byte, or the next byte
+        another stream writes. 0 or less than its position: stop now."""
+        if self._closed:
+            return 0
         pos = stream.pos
-        if pos >= stream.end or state.present.covers(pos, pos + 1):
-            return False
-        # A background stream yields to an on-demand one that has the bytes ahead in hand.
-        return stream.on_demand or not any(other.on_demand and other.pos <= pos < other.end for other in state.streams)
+        if pos >= stream.end:
+            return pos
+        gap = state.present.missing(pos, stream.end)
+        if not gap or gap[0][0] != pos:
+            return pos  # the byte at pos is present already
+        limit = gap[0][1]
+        for other in state.streams:
+            if other is stream:
+                continue
+            if other.pos > pos:
+                limit = min(limit, other.pos)
+            elif other.on_demand and not stream.on_demand and other.pos <= pos < other.end:
+                # A background stream yields to an on-demand one that has the bytes ahead in hand.
+                return pos
+        return limit
 
     # -- on-demand ranges ---------------------------------------------------------------------
 
@@ -572,8 +599,7 @@ class EntryDownload:
         ok = await self._verified(state)
         if not ok:
             failures = self._verify_failures[state] = self._verify_failures.get(state, 0) + 1
-            state.corrupt_epoch += 1
-            state.present.clear()
+            state.discard_copy()
             await trio.to_thread.run_sync(self.partial_maps.remove, self.entry.repo_id, file.etag)
             log.warning(
                 "%s/%s: downloaded bytes do not match the Hub's checksum (attempt %d of %d); discarded",
@@ -656,15 +682,22 @@ class EntryDownload:
             finally:
                 os.close(fd)
 
+        kept = partial_map is not None and bool(partial_map.ranges)
         try:
             await trio.to_thread.run_sync(close, limiter=self.io_limiter)
         except OSError as exc:
+            kept = False
             log.warning("%s/%s: could not put the partial file away: %s", self.entry, state.file.path, exc)
         state.on_wait = None
         state.partial = None
-        state.present.clear()
         state.retire_fd()
-        state.notify()
+        if kept:
+            # The next attempt of this node resumes this very copy (its map records every byte
+            # present now, so every byte any reader got): same generation.
+            state.present.clear()
+            state.notify()
+        else:
+            state.discard_copy()
 
 
 def chunk_size_for(size: int, connections: int, largest: int) -> int:

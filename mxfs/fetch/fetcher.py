@@ -32,6 +32,7 @@ from mxfs.config import Settings
 from mxfs.errors import (
     AccessDenied,
     DiskFull,
+    IntegrityError,
     MxfsError,
     NotFound,
     OfflineMiss,
@@ -74,9 +75,12 @@ def _backoff(failures: int) -> float:
 class EntryFetch:
     """This node's view of one entry: per-file state, who downloads it, and what went wrong."""
 
-    def __init__(self, entry: Entry) -> None:
+    def __init__(self, entry: Entry, discards: trio.MemorySendChannel[tuple[str, str]] | None = None) -> None:
         self.entry = entry
         self.states = {path: FileState(f) for path, f in entry.files.items()}
+        for state in self.states.values():
+            state.entry_name = entry.name
+            state.discards = discards
         self.running = False
         self.role: str | None = None  # "owner" or "waiter" while running
         self.error: MxfsError | None = None
@@ -124,14 +128,19 @@ class EntryFetch:
 
 @dataclass
 class OpenFile:
-    """One open file handle: reads wait for their bytes, concurrent reads never serialize."""
+    """One open file handle: reads wait for their bytes, concurrent reads never serialize.
+
+    Every byte it returns belongs to a copy of the file that is verified or still current:
+    the handle checks its copy before and after each wait and each pread (``FileState.check_copy``).
+    """
 
     fetcher: Fetcher
     ef: EntryFetch
     state: FileState
     strict: bool
-    served_unverified: bool = False
-    epoch: int = 0
+    # The file's copy generation when the handle was opened: copies discarded from then on may
+    # have reached it (see FileState.discard_copy).
+    first_generation: int = 0
     closed: bool = False
     # Held from open() to close() once the file is complete: the blob's inode stays readable even
     # if eviction (here or on another node) unlinks it while the file is open.
@@ -143,9 +152,7 @@ class OpenFile:
 
     async def read(self, offset: int, size: int) -> bytes:
         state = self.state
-        if self.served_unverified and state.corrupt_epoch != self.epoch:
-            # Bytes this handle already returned came from a copy that failed its checksum.
-            raise MxfsError(f"{self.ef.entry}/{self.file.path}: data served earlier failed verification")
+        self._check_copy()
         end = min(offset + size, self.file.size)
         if offset >= end:
             return b""
@@ -155,10 +162,9 @@ class OpenFile:
         strict = self.strict or end == self.file.size
         if not state.readable(offset, end, strict):
             self.fetcher.ensure_started(self.ef)
-            await state.wait_readable(offset, end, strict)
-        if not state.complete and not self.served_unverified:
-            self.served_unverified = True
-            self.epoch = state.corrupt_epoch
+            await state.wait_readable(offset, end, strict, self.first_generation)
+            self._check_copy()
+        generation = state.expose()
         if self.pinned is None and state.complete:
             self.pinned = state.acquire_fd()
         shared = self.pinned or state.acquire_fd()
@@ -167,8 +173,19 @@ class OpenFile:
         finally:
             if shared is not self.pinned:
                 shared.release()
+        # The copy may have been discarded while the pread ran (it then taints this handle,
+        # since the copy was marked exposed before): these bytes may be of either copy.
+        self._check_copy()
+        if state.generation != generation and shared is not self.pinned:
+            raise IntegrityError(f"{self.ef.entry}/{self.file.path}: the copy changed under a read")
         self.fetcher.bytes_read += len(data)
         return data
+
+    def _check_copy(self) -> None:
+        try:
+            self.state.check_copy(self.first_generation)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{self.ef.entry}/{exc}") from None
 
     def close(self) -> None:
         if not self.closed:
@@ -197,6 +214,9 @@ class Fetcher:
         # (where it can: Redis pub/sub).
         self._finish_notifier = registry if isinstance(registry, FinishNotifier) else None
         self._finished: dict[str, trio.Event] = {}
+        # (entry name, path) of every copy discarded after some of its bytes were read: the
+        # filesystem drops the kernel's cached pages of those files.  Rare, so unbounded.
+        self._discards_send, self._discards_receive = trio.open_memory_channel[tuple[str, str]](math.inf)
         self.bytes_read = 0
         self._registry_warned_at = -math.inf
         # Set by the daemon: frees space (an eviction cycle) when a download finds the disk full;
@@ -234,6 +254,10 @@ class Fetcher:
         with trio.move_on_after(self.settings.poll_interval):
             await event.wait()
 
+    def discarded_copies(self) -> trio.MemoryReceiveChannel[tuple[str, str]]:
+        """(entry name, path) of each copy discarded after readers were served some of its bytes."""
+        return self._discards_receive
+
     # -- names --------------------------------------------------------------------------------
 
     async def lookup(self, ref: ModelRef) -> Entry:
@@ -259,7 +283,7 @@ class Fetcher:
     def entry_fetch(self, entry: Entry) -> EntryFetch:
         ef = self._entries.get(entry.name)
         if ef is None:
-            ef = self._entries[entry.name] = EntryFetch(entry)
+            ef = self._entries[entry.name] = EntryFetch(entry, self._discards_send)
         return ef
 
     async def open(self, entry: Entry, path: str) -> OpenFile:
@@ -279,7 +303,7 @@ class Fetcher:
                 s.blob = None
                 s.retire_fd()
             ef.reset_done()
-        handle = OpenFile(self, ef, state, strict=self.settings.verify == "strict")
+        handle = OpenFile(self, ef, state, strict=self.settings.verify == "strict", first_generation=state.generation)
         handle.pinned = pinned
         ef.handles += 1
         self._spawn(self._touch, entry)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from mxfs.errors import MxfsError
+from mxfs.errors import IntegrityError, MxfsError
 from mxfs.hub import HubFile
 from mxfs.ranges import RangeSet
 
@@ -69,9 +69,19 @@ class FileState:
         self.verified = False
         self.present = RangeSet()
         self.error: MxfsError | None = None
-        # Bumped when a finished download fails its checksum: handles that were served bytes of
-        # the bad copy see it and fail instead of completing silently with wrong data.
-        self.corrupt_epoch = 0
+        # Each copy of the file's bytes this node serves from is a generation.  ``exposed``: bytes
+        # of the current generation were handed to a reader before the copy was verified.  When
+        # such a copy is discarded without being verified (it failed its checksum, or it was
+        # replaced or deleted unchecked), every handle that was open meanwhile may hold its bytes,
+        # directly or through the kernel's page cache that all handles of an inode share, so each
+        # of them fails from then on (see :meth:`check_copy`).
+        self.generation = 0
+        self.exposed = False
+        self.last_tainted_generation = -1
+        # Told (entry name, path) of each discarded copy, so the filesystem drops the kernel's
+        # cached pages of it; set by the fetcher.
+        self.discards: trio.MemorySendChannel[tuple[str, str]] | None = None
+        self.entry_name = ""
         self.waiting = 0
         self.wanted_offsets: set[int] = set()
         # Range requests writing this file now (background chunks and on-demand reads).
@@ -98,7 +108,12 @@ class FileState:
     def set_blob(self, blob: Path, *, same_inode: bool = False) -> None:
         """The verified blob is in the cache. ``same_inode``: it is our own partial file, renamed."""
         if not same_inode:
+            if self.exposed:
+                # Another copy (published by another node, or found in the cache) replaces ours
+                # before ours was checked: what readers got from ours is unverified for ever.
+                self.discard_copy(keep_present=True)
             self.retire_fd()
+        self.exposed = False
         self.blob = blob
         self.partial = None
         self.error = None
@@ -109,6 +124,49 @@ class FileState:
         self.error = error
         self.notify()
 
+    # -- generations of the copy ------------------------------------------------------------
+
+    def discard_copy(self, *, keep_present: bool = False) -> None:
+        """The current copy's bytes will never be verified: start a new generation.
+
+        If any of them reached a reader, every handle open now is tainted (its reads fail from
+        here on) and the filesystem is told to drop the inode's cached pages, so neither a
+        read() nor an mmap can go on with them.  Handles opened later are not affected: the
+        kernel drops an inode's pages when a file that is not complete is opened.
+        """
+        if self.exposed:
+            self.last_tainted_generation = self.generation
+            if self.discards is not None:
+                self.discards.send_nowait((self.entry_name, self.file.path))
+        self.generation += 1
+        self.exposed = False
+        self.verified = False
+        if not keep_present:
+            self.present.clear()
+        self.notify()
+
+    def tainted(self, first_generation: int) -> bool:
+        """True if a handle opened at ``first_generation`` was open while an exposed copy was discarded."""
+        return self.last_tainted_generation >= first_generation
+
+    def check_copy(self, first_generation: int) -> None:
+        """Raise for a handle (opened at ``first_generation``) that may hold bytes of a bad copy."""
+        if self.tainted(first_generation):
+            raise IntegrityError(
+                f"{self.file.path}: bytes served through this handle came from a copy that failed "
+                "verification; reopen the file"
+            )
+
+    def expose(self) -> int:
+        """About to hand out bytes of the current copy; returns its generation.
+
+        Marked before the bytes are read, not after: a copy discarded while the read is in
+        flight then taints the reader, which checks again once the read returns.
+        """
+        if self.blob is None and not self.verified:
+            self.exposed = True
+        return self.generation
+
     def readable(self, start: int, end: int, strict: bool) -> bool:
         if self.blob is not None:
             return True
@@ -116,14 +174,17 @@ class FileState:
             return False
         return self.verified or (not strict and self.present.covers(start, end))
 
-    async def wait_readable(self, start: int, end: int, strict: bool) -> None:
-        """Return once ``[start, end)`` can be read; raise the file's error if it fails first."""
+    async def wait_readable(self, start: int, end: int, strict: bool, first_generation: int | None = None) -> None:
+        """Return once ``[start, end)`` can be read; raise the file's error if it fails first, or
+        the handle's (opened at ``first_generation``) if a copy it may have seen is discarded."""
         if self.readable(start, end, strict):
             return
         self.waiting += 1
         self.wanted_offsets.add(start)
         try:
             while not self.readable(start, end, strict):
+                if first_generation is not None:
+                    self.check_copy(first_generation)
                 if self.error is not None:
                     raise self.error
                 # Asked again after every change: a stream that would have brought these bytes

@@ -395,18 +395,41 @@ class _Aborted(Exception):
     """The response was deliberately cut short; the connection is gone."""
 
 
+class _SharedPace:
+    """A byte budget all responses draw from: ``rate`` bytes/s in total (a shared uplink)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._free_at = 0.0
+
+    def delay_for(self, nbytes: int) -> float:
+        """Seconds to wait before sending ``nbytes``: until the end of the slot reserved for them."""
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(self._free_at, now) + nbytes / self.rate
+            return self._free_at - now
+
+
 @dataclass
 class _BodyPlan:
     stop_after: int | None = None
     stop_reset: bool = False
     stop_linger: float = 0.0
     rate: float | None = None
+    shared: _SharedPace | None = None
     corrupt: list[tuple[int, int]] = field(default_factory=list)
     stalls: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def trivial(self) -> bool:
-        return self.stop_after is None and self.rate is None and not self.corrupt and not self.stalls
+        return (
+            self.stop_after is None
+            and self.rate is None
+            and self.shared is None
+            and not self.corrupt
+            and not self.stalls
+        )
 
 
 class _Rec:
@@ -821,7 +844,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command == "HEAD":
             self._start(status, headers, length, final=True)
             return
-        plan = _BodyPlan()
+        plan = _BodyPlan(rate=self.hub.pace, shared=self.hub.shared_pace)
         span = (start, start + length)
         for f in self.hub._take_faults("body", rec.method, rec.kind, rec.repo_id, rec.filename, rec.path, span):
             rec.faults.append(f.kind)
@@ -874,7 +897,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         pos += n
                 return
             limit = length if plan.stop_after is None else min(length, plan.stop_after)
-            chunk = _CHUNK if plan.rate is None else max(1, min(64 * 1024, int(plan.rate / 20)))
+            if plan.rate is None:
+                chunk = _CHUNK
+            else:
+                # About 20 pieces a second; fast paces (a CDN's 200 MB/s) in larger pieces, so
+                # that this server's own CPU is not what limits them.
+                cap = 64 * 1024 if plan.rate < 64 * 1024 * 1024 else 4 * 1024 * 1024
+                chunk = max(1, min(cap, int(plan.rate / 20)))
             stalls = list(plan.stalls)
             t0 = time.monotonic()
             pos = 0
@@ -890,6 +919,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if not data:
                     raise RuntimeError(f"{content.path} shrank while being served")
                 data = _corrupt(data, start + pos, plan.corrupt)
+                if plan.shared is not None:
+                    self.hub._sleep(plan.shared.delay_for(len(data)))
                 self._send_all(data, last=limit == length and pos + len(data) == length)
                 pos += len(data)
                 if plan.rate is not None:
@@ -1077,8 +1108,14 @@ class FakeHub:
         tree_page_size: int = 1000,
         lfs_redirect: bool = True,
         reject_invalid_tokens: bool = False,
+        pace: float | None = None,
+        pace_total: float | None = None,
     ) -> None:
         self.host = host
+        # The network's shape (a CDN): each connection gets ``pace`` bytes/s of file bodies, and
+        # all of them together at most ``pace_total``.  None: as fast as loopback goes.
+        self.pace = pace
+        self.shared_pace = _SharedPace(pace_total) if pace_total else None
         self._port = port
         self._cdn_port = cdn_port
         self.valid_tokens: set[str] = set(valid_tokens)
@@ -1727,6 +1764,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gated", action="append", default=[], metavar="ORG/NAME")
     parser.add_argument("--no-redirect", action="store_true", help="serve LFS files on /resolve directly")
     parser.add_argument("--tree-page-size", type=int, default=1000)
+    parser.add_argument("--pace", type=float, help="bytes/s of file bodies per connection (a CDN's shape)")
+    parser.add_argument("--pace-total", type=float, help="bytes/s of file bodies for all connections together")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
@@ -1738,6 +1777,8 @@ def main(argv: list[str] | None = None) -> int:
         valid_tokens=args.token,
         tree_page_size=args.tree_page_size,
         lfs_redirect=not args.no_redirect,
+        pace=args.pace,
+        pace_total=args.pace_total,
     )
     repos: list[tuple[str, Path]] = list(_iter_data_repos(args.data)) if args.data else []
     for spec in args.repo:

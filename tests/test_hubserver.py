@@ -492,6 +492,47 @@ def test_fault_ignore_range_and_corrupt(hub: FakeHub, frepo: dict[str, bytes]) -
     assert [i for i in range(20) if part[i] != data[140 + i]] == [10, 11, 12]
 
 
+def test_corrupt_covering_hits_only_the_first_answer_that_carries_the_bytes(
+    hub: FakeHub, frepo: dict[str, bytes]
+) -> None:
+    data = frepo["a.txt"]
+    url = hub.url("org/f", "a.txt")
+    fault = hub.inject("corrupt", offset=150, length=1, covering=True, times=1, filename="a.txt")
+    assert httpx2.get(url, headers={"Range": "bytes=0-99"}).content == data[:100]  # no hit
+    assert fault.hits == 0
+    assert httpx2.get(url, headers={"Range": "bytes=100-199"}).content != data[100:200]
+    assert httpx2.get(url, headers={"Range": "bytes=100-199"}).content == data[100:200]
+    assert fault.hits == 1
+
+
+def test_pace_per_connection_and_shared(tmp_path: Path) -> None:
+    """A paced Hub (the CDN's shape): each answer takes at least size/pace, and with a shared cap
+    two answers side by side take at least their total over the cap.  Lower bounds only: they
+    come from sleeping, never from a fast machine."""
+    data = os.urandom(400_000)
+    with FakeHub(pace=1_000_000) as paced:
+        paced.add_repo("org/p", {"a.bin": data})
+        t0 = time.monotonic()
+        assert httpx2.get(paced.url("org/p", "a.bin"), follow_redirects=True).content == data
+        assert time.monotonic() - t0 >= 0.35
+    with FakeHub(pace_total=2_000_000) as capped:
+        capped.add_repo("org/p", {"a.bin": data})
+        bodies: list[bytes] = []
+        t0 = time.monotonic()
+        threads = [
+            threading.Thread(
+                target=lambda: bodies.append(httpx2.get(capped.url("org/p", "a.bin"), follow_redirects=True).content)
+            )
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert bodies == [data, data]
+        assert time.monotonic() - t0 >= 0.35
+
+
 def test_fault_down_and_restart(hub: FakeHub, frepo: dict[str, bytes]) -> None:
     url = hub.url("org/f", "b.txt")
     hub.inject("down", times=2)

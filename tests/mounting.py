@@ -10,9 +10,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import SupportsIndex
 
 import pytest
 from huggingface_hub import HFCacheInfo, scan_cache_dir
@@ -24,8 +25,74 @@ requires_fuse = pytest.mark.skipif(
     reason="needs /dev/fuse and fusermount3 (apt install fuse3)",
 )
 
-# Log lines that mean a bug, whatever the test was doing.
+# Log lines that mean a bug, whatever the test was doing and whatever it allows.
 _BAD_LOG = re.compile(r"Traceback|unexpected error|CRITICAL")
+# One record of the daemon's log, as mxfs.cli.setup_logging writes it:
+# "2026-01-02 03:04:05,678 WARNING mxfs.fetch.fetcher: message".
+_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<level>[A-Z]+) (?P<logger>\S+): (?P<message>.*)$")
+# A Python warning printed to stderr ("path.py:12: DeprecationWarning: message").
+_PY_WARNING = re.compile(r"^\S.*:\d+: (?P<level>\w*Warning): (?P<message>.*)$")
+# Levels that fail a test unless the test allows that exact message.
+_CHECKED_LEVELS = frozenset({"WARNING", "ERROR"})
+
+
+def _allowed_pattern(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
+    """A pattern for :class:`AllowedLog`: a regex (``re.search`` on the message) that names a
+    specific message.  One that is empty, only whitespace, or matches an empty message would
+    allow every line, so it is refused at once."""
+    compiled = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
+    if not compiled.pattern.strip() or compiled.search("") or compiled.search(" "):
+        raise ValueError(f"allowed log pattern {compiled.pattern!r} matches every line; name a specific message")
+    return compiled
+
+
+class AllowedLog(list[re.Pattern[str]]):
+    """The log messages a test expects at WARNING or ERROR level (regexes, ``re.search`` on the
+    message text).  Every pattern is checked as it is added: see :func:`_allowed_pattern`."""
+
+    def __init__(self, patterns: Iterable[str | re.Pattern[str]] = ()) -> None:
+        super().__init__(_allowed_pattern(p) for p in patterns)
+
+    def append(self, pattern: str | re.Pattern[str]) -> None:  # type: ignore[override]
+        super().append(_allowed_pattern(pattern))
+
+    def extend(self, patterns: Iterable[str | re.Pattern[str]]) -> None:  # type: ignore[override]
+        super().extend(_allowed_pattern(p) for p in patterns)
+
+    def __iadd__(self, patterns: Iterable[str | re.Pattern[str]]) -> AllowedLog:  # type: ignore[override]
+        self.extend(patterns)
+        return self
+
+    def insert(self, index: SupportsIndex, pattern: str | re.Pattern[str]) -> None:  # type: ignore[override]
+        super().insert(index, _allowed_pattern(pattern))
+
+    def __setitem__(self, index: object, value: object) -> None:
+        raise TypeError("AllowedLog: use append or extend")
+
+    def allows(self, message: str) -> bool:
+        return any(p.search(message) for p in self)
+
+
+def bad_log_lines(log: str, allowed: AllowedLog) -> list[str]:
+    """The lines of a daemon log that fail a test, like S3QL's checklogs.
+
+    A traceback, an "unexpected error" or a CRITICAL line always fails, whatever is allowed.  A
+    WARNING or ERROR record (from any logger) and a Python warning fail unless their message
+    matches one of ``allowed``.  Other lines (DEBUG and INFO records, and the lines that continue
+    a record) pass.
+    """
+    bad = []
+    for line in log.splitlines():
+        if _BAD_LOG.search(line):
+            bad.append(line)
+            continue
+        record = _LOG_RECORD.match(line) or _PY_WARNING.match(line)
+        if record is None:
+            continue
+        level = record["level"]
+        if (level in _CHECKED_LEVELS or level.endswith("Warning")) and not allowed.allows(record["message"]):
+            bad.append(line)
+    return bad
 
 
 @dataclass
@@ -35,7 +102,7 @@ class MountedFs:
     state_dir: Path
     proc: subprocess.Popen[bytes]
     log_path: Path
-    allowed_log: list[str] = field(default_factory=list)
+    allowed_log: AllowedLog = field(default_factory=AllowedLog)
 
     def __truediv__(self, rel: str) -> Path:
         return self.mountpoint / rel
@@ -62,11 +129,7 @@ class MountedFs:
         self.kill()
 
     def bad_log_lines(self) -> list[str]:
-        lines = []
-        for line in self.log().splitlines():
-            if _BAD_LOG.search(line) and not any(a in line for a in self.allowed_log):
-                lines.append(line)
-        return lines
+        return bad_log_lines(self.log(), self.allowed_log)
 
 
 def _is_stale(path: Path) -> bool:
@@ -89,13 +152,18 @@ def wait_for_mount(mount: MountedFs, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+# The settings file of every mxfs a test starts, unless the test names its own: an empty one, so
+# that the host's /etc/mxfs/mxfs.toml (mxfs's default) never changes what a test sees.
+NO_CONFIG_FILE = "/dev/null"
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``mxfs <args>`` as a user would."""
+    """Run ``mxfs <args>`` as a user would (with no settings file: see ``NO_CONFIG_FILE``)."""
     return subprocess.run(
         [sys.executable, "-m", "mxfs", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "MXFS_CONFIG": NO_CONFIG_FILE, **(env or {})},
         cwd=REPO_ROOT,
         timeout=timeout,
         check=False,

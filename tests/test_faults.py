@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -45,6 +46,14 @@ FAST_TIMEOUTS = {"HF_HUB_DOWNLOAD_TIMEOUT": "2", "HF_HUB_ETAG_TIMEOUT": "2"}
 # retries (5 attempts, 0.5-4 s apart) inside the fetcher's (3 attempts, 2-4 s apart) take about
 # 30 s; twice that is still a bound, where a hang is forever.
 EIO_BOUND = 60.0
+# How the daemon's retry warnings end (``mount.allowed_log``: each test allows exactly the
+# warnings of the faults it injects; anything else it logs at WARNING or above fails it).
+RETRYING = r"; retrying in [\d.]+s$"
+RESUMING = r"; resuming in [\d.]+s$"
+RESET = r"ReadError: \[Errno 104\] Connection reset by peer"
+CHECKSUM = r"downloaded bytes do not match the Hub's checksum \(attempt {} of 3\); discarded$"
+GAVE_UP = r" \(gave up after 5 attempts\)"
+DISK_FULL_RETRY = r"no space left in the cache; evicting unused models, then retrying$"
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -200,7 +209,16 @@ def test_transient_errors_and_stalls_are_retried_with_backoff(
     hub.inject("delay", after=2_500_000, seconds=60, filename="stalled-body.safetensors", times=1)
     hub.inject("error", status=429, retry_after=1, filename="throttled.bin", times=1)
     mount = mxfs_mount(env=FAST_TIMEOUTS)
-    mount.allowed_log.append("")  # warnings about retries are expected; tracebacks still fail
+    mount.allowed_log.extend(
+        [
+            r"^resolve \S+@main: \S+@main: HTTP 503" + RETRYING,
+            r"^list \S+: \S+: HTTP 502" + RETRYING,
+            r"/errors\.safetensors: HTTP 500" + RESUMING,
+            r"/stalled-headers\.safetensors: (connection broke: )?ReadTimeout: timed out" + RESUMING,
+            r"/stalled-body\.safetensors: connection broke: ReadTimeout: timed out" + RESUMING,
+            r"/throttled\.bin: HTTP 429" + RESUMING,
+        ]
+    )
 
     assert sorted(os.listdir(mount / repo)) == sorted(files)
     trigger(mount, repo, "config.json")
@@ -246,7 +264,16 @@ def test_connections_cut_mid_file_resume_where_they_stopped(hub: FakeHub, new_re
     # A small (non-LFS) file served by /resolve itself, cut too.
     hub.inject("cut", after=100_000, reset=False, filename="small-cut.json", times=1)
     mount = mxfs_mount(env=FAST_TIMEOUTS)
-    mount.allowed_log.append("")
+    incomplete = r"connection broke: RemoteProtocolError: peer closed connection without sending complete message body"
+    mount.allowed_log.extend(
+        [
+            r"/(cut|no-range)\.safetensors: connection broke: " + RESET + RESUMING,
+            r"/(truncated\.safetensors|small-cut\.json): "
+            + incomplete
+            + r" \(received \d+ bytes, expected \d+\)"
+            + RESUMING,
+        ]
+    )
 
     trigger(mount, repo, "config.json")
     wait_cached(mount, repo, list(files))
@@ -284,7 +311,7 @@ def test_corrupt_bodies_are_detected_discarded_and_fetched_again(
     # Fast mode, the copy checked before anyone reads it: discarded, downloaded again, served right.
     hub.inject("corrupt", offset=size - 1000, length=16, repo_id=once, filename="model.safetensors", times=1)
     fast = mxfs_mount(cache_dir=tmp_path / "fast-cache")
-    fast.allowed_log.append("checksum")
+    fast.allowed_log.append(re.escape(once) + r"@\w+/model\.safetensors: " + CHECKSUM.format(1))
     trigger(fast, once, "config.json")
     wait_cached(fast, once, list(once_files))
     assert read(fast / once / "model.safetensors") == once_files["model.safetensors"]
@@ -300,7 +327,16 @@ def test_corrupt_bodies_are_detected_discarded_and_fetched_again(
     hub.inject("slow", bytes_per_second=6_000_000, repo_id=once, filename="model.safetensors", times=1)
     hub.inject("corrupt", offset=1_500_000, length=1, repo_id=always, filename="model.safetensors")
     strict = mxfs_mount("--verify", "strict", cache_dir=tmp_path / "strict-cache")
-    strict.allowed_log.append("")
+    failed = re.escape(always) + r"@\w+/model\.safetensors: checksum mismatch after 3 downloads"
+    strict.allowed_log.extend(
+        [
+            re.escape(once) + r"@\w+/model\.safetensors: " + CHECKSUM.format(1),
+            re.escape(always) + r"@\w+/model\.safetensors: " + CHECKSUM.format("[123]"),
+            failed + r"; attempt [23] of 3 in \d+s$",
+            r"download failed: " + failed + "$",
+            r"^read: " + failed + "$",
+        ]
+    )
     results = in_threads(
         {
             **{
@@ -342,7 +378,17 @@ def test_fast_mode_reader_of_a_copy_that_fails_its_checksum_never_completes(
     hub.inject("corrupt", offset=6_000_000, length=16, repo_id=repo, filename="model.safetensors")
     hub.inject("slow", bytes_per_second=8_000_000, repo_id=repo, filename="model.safetensors")
     mount = mxfs_mount()
-    mount.allowed_log.append("")
+    failed = re.escape(repo) + r"@\w+/model\.safetensors: checksum mismatch after 3 downloads"
+    mount.allowed_log.extend(
+        [
+            re.escape(repo) + r"@\w+/model\.safetensors: " + CHECKSUM.format("[123]"),
+            r"^read: "
+            + re.escape(repo)
+            + r"@\w+/model\.safetensors: bytes served through this handle came from a copy that failed verification",
+            failed + r"; attempt [23] of 3 in \d+s$",
+            r"download failed: " + failed + "$",
+        ]
+    )
     # Fast mode serves bytes before they are verified (DESIGN section 5): what it promises is that
     # no reader *completes* with them. Read to the end, then judge.
     results = in_threads({"reader": lambda: read_to_end(mount / repo / "model.safetensors", data, 65536)})
@@ -362,7 +408,12 @@ def test_gated_forbidden_and_private_repos(hub: FakeHub, new_repo_id, mxfs_mount
     )
     wrong_token = "hf_wrong_token_0123456789"
     mount = mxfs_mount(env={"HF_TOKEN": wrong_token, "HF_HUB_DISABLE_IMPLICIT_TOKEN": "0"})
-    mount.allowed_log.append("HF_TOKEN")
+    mount.allowed_log.extend(
+        [
+            re.escape(gated) + r"@\w+/model\.safetensors: gated repo, access not granted; set HF_TOKEN to a token with",
+            re.escape(forbidden) + r"@\w+/model\.safetensors: HTTP 403; set HF_TOKEN to a token with access",
+        ]
+    )
 
     for repo in (gated, forbidden):
         # Metadata is public: the directory lists; the bytes are refused.
@@ -388,7 +439,9 @@ def test_a_failed_download_leaves_no_empty_snapshot(hub: FakeHub, new_repo_id, m
     repo = new_repo_id()
     hub.add_repo(repo, {"config.json": b"{}"}, gated=True)
     mount = mxfs_mount()
-    mount.allowed_log.append("HF_TOKEN")
+    mount.allowed_log.append(
+        re.escape(repo) + r"@\w+/config\.json: gated repo, access not granted; set HF_TOKEN to a token with access"
+    )
     assert outcome(lambda: read(mount / repo / "config.json"))[0] == "EACCES"
     assert not (repo_dir(mount.cache_dir, repo) / "snapshots" / hub.head(repo)).exists()
 
@@ -403,7 +456,22 @@ def test_dead_hub_gives_eio_in_bounded_time_cache_still_served(hub: FakeHub, new
     for repo, files in models.items():
         hub.add_repo(repo, files)
     mount = mxfs_mount(env={**FAST_TIMEOUTS, "HF_HUB_ETAG_TIMEOUT": "1"})
-    mount.allowed_log.append("")
+    # Each fault below, as the daemon reports it: retried, given up on, answered with EIO.
+    faults = {unknown: RESET, tree_503: "HTTP 503", tree_stall: "ReadTimeout: timed out"}
+    for repo, fault in faults.items():
+        name = re.escape(repo) + r"@\w+"
+        mount.allowed_log.extend(
+            [rf"^(resolve|list) {name}: {name}: {fault}{RETRYING}", rf"^lookup: {name}: {fault}{GAVE_UP}$"]
+        )
+    bytes_failed = re.escape(resolved) + r"@\w+/[\w.]+: " + RESET
+    mount.allowed_log.extend(
+        [
+            bytes_failed + RESUMING,
+            bytes_failed + GAVE_UP + r"; attempt [23] of 3 in \d+s$",
+            r"download failed: " + bytes_failed + GAVE_UP + "$",
+            r"^read: " + bytes_failed + GAVE_UP + "$",
+        ]
+    )
     assert read(mount / cached / "model.safetensors") == models[cached]["model.safetensors"]
     wait_cached(mount, cached, list(models[cached]))
     os.listdir(mount / resolved)  # its tree is known, none of its bytes are
@@ -486,7 +554,17 @@ def test_offline_mode_never_calls_the_hub(hub: FakeHub, new_repo_id, mxfs_mount)
 
     hub.reset_log()
     offline = mxfs_mount(state_dir=online.state_dir, env={"HF_HUB_OFFLINE": "1"})
-    offline.allowed_log.append("")
+    not_cached = "HF_HUB_OFFLINE is set and this is not cached"
+    not_all_cached = re.escape(listed) + r"@\w+: HF_HUB_OFFLINE is set and not all of its files are cached$"
+    offline.allowed_log.extend(
+        [
+            rf"^({re.escape(cached)}|{re.escape(listed)})@main: Hub unavailable \(\S+@main: {not_cached}\); "
+            r"using cached resolution \w+$",
+            r"^\S+: download failed: " + not_all_cached,
+            "^read: " + not_all_cached,
+            rf"^lookup: (someone/never-seen@main|{re.escape(cached)}@v9): {not_cached}$",
+        ]
+    )
     assert read(offline / cached / "config.json") == b'{"offline": 1}'
     # A model whose listing is known but whose bytes are not: it lists, with exact sizes, and
     # reading it fails in bounded time instead of reaching for the Hub.
@@ -526,7 +604,16 @@ def test_disk_full_evicts_retries_then_enospc_with_no_partial_blob(
         "--min-free-space", "20MiB", "--check-interval", "1h", "--in-use-grace", "0", "--unused-threshold", "off",
         cache_dir=small_tmpfs / "cache",
     )  # fmt: skip
-    mount.allowed_log.append("")
+    no_space = re.escape(too_big) + r"@\w+/model\.safetensors: no space left in the cache$"
+    mount.allowed_log.extend(
+        [
+            rf"({re.escape(second)}|{re.escape(too_big)})@\w+/model\.safetensors: {DISK_FULL_RETRY}",
+            r"^\S+: download failed: " + no_space,
+            "^read: " + no_space,
+            # The second model, evicted to make room for the big one, is read again at the end.
+            re.escape(second) + r"@\w+: model\.safetensors vanished from the cache; fetching it again$",
+        ]
+    )
     assert read(mount / first / "model.safetensors") == models[first]
     wait_cached(mount, first, ["config.json", "model.safetensors"])
     # 12 MB used, 13 MB free: the second model fits only once the first is evicted.
@@ -555,7 +642,7 @@ def test_disk_full_makes_room_without_a_free_space_rule(
     mount = mxfs_mount(
         "--check-interval", "1h", "--in-use-grace", "0", "--unused-threshold", "off", cache_dir=small_tmpfs / "cache"
     )
-    mount.allowed_log.append("")
+    mount.allowed_log.append(re.escape(second) + r"@\w+/model\.safetensors: " + DISK_FULL_RETRY)
     assert read(mount / first / "model.safetensors") == models[first]
     wait_cached(mount, first, ["config.json", "model.safetensors"])
     assert outcome(lambda: read(mount / second / "model.safetensors"))[0] == models[second]
@@ -600,7 +687,6 @@ def test_daemon_killed_mid_download_then_restarted(hub: FakeHub, new_repo_id, mx
     assert_cache_sound_now(first.cache_dir)
 
     second = mxfs_mount("--lease", "2s", state_dir=state)
-    second.allowed_log.append("")
     results = in_threads(
         {
             f"{repo}/{name}": lambda repo=repo, name=name, data=data: read_checked(second / repo / name, data)

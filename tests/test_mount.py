@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import pytest
 from huggingface_hub import scan_cache_dir, snapshot_download
 
 from tests.hubserver import FakeHub
-from tests.mounting import MountedFs, requires_fuse, run_cli
+from tests.mounting import MountedFs, requires_fuse, run_cli, wait_until
 
 pytestmark = requires_fuse
 
@@ -218,6 +219,9 @@ def test_gated_repo_is_eacces_with_a_hint(hub: FakeHub, new_repo_id, mxfs_mount)
     repo = new_repo_id()
     hub.add_repo(repo, {"config.json": b"{}"}, gated=True)
     mount = mxfs_mount()
+    mount.allowed_log.append(
+        re.escape(repo) + r"@\w+/config\.json: gated repo, access not granted; set HF_TOKEN to a token with access"
+    )
     # Like the real Hub, metadata of a gated repo is public: the directory lists, bytes are refused.
     assert os.listdir(mount / repo) == ["config.json"]
     expect_errno(errno.EACCES, lambda: read(mount / repo / "config.json"))
@@ -315,9 +319,21 @@ def test_cached_models_are_served_offline(hub: FakeHub, new_repo_id, mxfs_mount)
     mount = mxfs_mount()
     for rel in files:
         read(mount / repo / rel)
+    # Cached means the whole entry: a daemon stopped before that leaves the offline one a model it
+    # cannot complete (empty.txt, which no read waits for, may not be in the cache yet).
+    wait_until(lambda: os.getxattr(mount / repo, "user.mxfs.status") == b"downloaded", 30, "entry downloaded")
     assert mount.stop() == 0
     hub.reset_log()
     offline = mxfs_mount(state_dir=mount.state_dir, env={"HF_HUB_OFFLINE": "1"})
+    not_cached = "HF_HUB_OFFLINE is set and this is not cached"
+    offline.allowed_log.extend(
+        [
+            # The revision is looked up in the Hub's cache layout first, then in mxfs's own records.
+            rf"^{re.escape(repo)}@main: Hub unavailable \({re.escape(repo)}@main: {not_cached}\); using cached "
+            r"resolution \w+$",
+            rf"^lookup: someone/uncached@main: {not_cached}$",
+        ]
+    )
     for rel, data in files.items():
         assert read(offline / repo / rel) == data
     assert hub.requests() == []
@@ -328,7 +344,14 @@ def test_cached_models_are_served_offline(hub: FakeHub, new_repo_id, mxfs_mount)
         down = mxfs_mount(state_dir=mount.state_dir, env={"MXFS_TEST": "hub-down"})
         for rel, data in files.items():
             assert read(down / repo / rel) == data
-    down.allowed_log.append("retrying")
+    down.allowed_log.extend(
+        [
+            r"^ignoring unknown environment variable MXFS_TEST$",
+            rf"^resolve {re.escape(repo)}@main: {re.escape(repo)}@main: HTTP 503; retrying in [\d.]+s$",
+            rf"^{re.escape(repo)}@main: Hub unavailable \({re.escape(repo)}@main: HTTP 503 "
+            r"\(gave up after 5 attempts\)\); using cached resolution \w+$",
+        ]
+    )
 
 
 def test_sigterm_unmounts_and_exits_zero(hub: FakeHub, new_repo_id, mxfs_mount) -> None:
@@ -375,6 +398,7 @@ def test_vanished_files_are_downloaded_again(hub: FakeHub, new_repo_id, mxfs_mou
     files = sample_files(seed=7)
     hub.add_repo(repo, files)
     mount = mxfs_mount()
+    mount.allowed_log.append(rf"^{re.escape(repo)}@\w+: [\w./-]+ vanished from the cache; fetching it again$")
     assert read(mount / repo / "config.json") == files["config.json"]
     run = run_cli(
         "prefetch", repo, "--cache-dir", str(mount.cache_dir), "--state-dir", str(mount.state_dir), env=hub.env()

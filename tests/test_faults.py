@@ -155,6 +155,10 @@ def repo_dir(cache_dir: Path, repo: str) -> Path:
     return cache_dir / f"models--{repo.replace('/', '--')}"
 
 
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -730,30 +734,35 @@ def registry_write_locked(db: Path) -> Iterator[None]:
 
 
 def test_wedged_registry_does_not_stop_cached_reads(hub: FakeHub, new_repo_id, mxfs_mount) -> None:
-    """Another process holds the SQLite registry's write lock: cached models keep being served."""
+    """Another process holds the SQLite registry's write lock: cached models keep being served,
+    with the right bytes."""
     cached, uncached = new_repo_id(), new_repo_id()
-    hub.add_repo(cached, {"config.json": b'{"r": 1}', "model.safetensors": b"r" * 2_000_000})
+    files = {"config.json": b'{"r": 1}', "model.safetensors": random.Random(29).randbytes(2_000_000)}
+    hub.add_repo(cached, files)
     hub.add_repo(uncached, {"config.json": b'{"r": 2}'})
     mount = mxfs_mount()
-    mount.allowed_log.append("")
-    assert read(mount / cached / "model.safetensors") == b"r" * 2_000_000
-    wait_cached(mount, cached, ["config.json", "model.safetensors"])
+    assert read(mount / cached / "model.safetensors") == files["model.safetensors"]
+    wait_cached(mount, cached, list(files))
     with registry_write_locked(mount.state_dir / "registry.db"):
         results = in_threads(
             {
                 **{
-                    f"read-{i}": lambda: (
-                        read(mount / cached / "model.safetensors"),
-                        read(mount / cached / "config.json"),
-                    )
-                    for i in range(4)
+                    f"read-{i}": lambda chunk=chunk: {
+                        name: sha256(read(mount / cached / name, chunk)) for name in files
+                    }
+                    for i, chunk in enumerate((4096, 65536, MiB, 3 * MiB))
                 },
-                "listing": lambda: os.listdir(mount / cached),
+                "listing": lambda: sorted(os.listdir(mount / cached)),
                 "xattr": lambda: os.getxattr(mount / cached / "config.json", "user.mxfs.status"),
             }
         )
-        for key, (result, seconds) in results.items():
-            assert not isinstance(result, str), (key, result)
-            assert seconds < 5, (key, seconds)  # served without waiting for the registry
+    expected = {
+        **{f"read-{i}": {name: sha256(data) for name, data in files.items()} for i in range(4)},
+        "listing": sorted(files),
+        "xattr": b"cached",
+    }
+    assert {key: result for key, (result, _) in results.items()} == expected
+    for key, (_, seconds) in results.items():
+        assert seconds < 5, (key, seconds)  # served without waiting for the registry
     # Once the lock is gone, new downloads are claimed as usual.
     assert read(mount / uncached / "config.json") == b'{"r": 2}'

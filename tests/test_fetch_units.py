@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import random
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -525,22 +527,39 @@ async def test_read_at_past_end(data_fd: int) -> None:
     assert await read_at(data_fd, len(DATA) + 1000, 10, trio.CapacityLimiter(1)) == b""
 
 
-async def test_read_at_does_not_block_the_event_loop(data_fd: int) -> None:
-    # The read runs in a worker thread: a concurrent task keeps running meanwhile.
-    ticks = 0
+# How long each pread of the test below takes, and the longest the event loop may then go
+# without running another task: a read done in a worker thread leaves the loop free (gaps of a
+# few ms), one done on the loop stops it for the whole read.
+SLOW_READ = 0.3
+LONGEST_GAP = SLOW_READ / 2
+
+
+async def test_read_at_does_not_block_the_event_loop(data_fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_pread = os.pread
+
+    def slow_pread(fd: int, size: int, offset: int) -> bytes:
+        time.sleep(SLOW_READ)  # a cold read from a slow disk
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", slow_pread)
+    ticks: list[float] = []
 
     async def ticker() -> None:
-        nonlocal ticks
         while True:
-            ticks += 1
-            await trio.lowlevel.checkpoint()
+            ticks.append(time.monotonic())
+            await trio.sleep(0.005)
 
+    started = time.monotonic()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ticker)
-        for _ in range(20):
-            await read_at(data_fd, 0, 4096, trio.CapacityLimiter(1))
+        await trio.sleep(0.02)
+        for offset in (0, 4096, 12345):
+            assert await read_at(data_fd, offset, 4096, trio.CapacityLimiter(1)) == DATA[offset : offset + 4096]
         nursery.cancel_scope.cancel()
-    assert ticks > 0
+    took = time.monotonic() - started
+    assert took >= 3 * SLOW_READ, f"the reads took {took:.2f}s: they did not go through os.pread"
+    gaps = [b - a for a, b in itertools.pairwise([*ticks, time.monotonic()])]
+    assert max(gaps) < LONGEST_GAP, f"the event loop stood still for {max(gaps):.3f}s while reading"
 
 
 async def test_read_at_bad_fd_raises(tmp_path: Path) -> None:

@@ -38,7 +38,8 @@ from mxfs.fetch import Catalog, Fetcher, StateDir
 from mxfs.fs import MxfsOperations
 from mxfs.hub import Hub, HubClient
 from mxfs.names import parse_model_arg
-from mxfs.registry import Record, Registry, RegistryError, open_registry, parse_entry_name, redact_url
+from mxfs.rebuild import open_registry_recovering
+from mxfs.registry import Record, Registry, RegistryError, parse_entry_name, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
     )
     # Read up front so that an unreadable token file fails the start, not the first download.
     token = await trio.to_thread.run_sync(settings.read_token)
-    registry = await open_registry(settings.registry_url)
+    # A corrupt embedded registry is moved aside and rebuilt from the cache (mxfs.rebuild).
+    registry = await open_registry_recovering(settings.registry_url, cache, state.read_tree)
     try:
         # token None: huggingface_hub finds HF_TOKEN (or a stored login) itself.
         hub = Hub(HubClient(token=token))

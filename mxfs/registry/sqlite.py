@@ -15,18 +15,29 @@ stored value in :meth:`SqliteRegistry.delete_if_unchanged`.
 
 ``sqlite3`` blocks, so each call runs in ``trio.to_thread.run_sync`` behind a per-instance
 ``CapacityLimiter(1)``: one connection, used by one thread at a time.
+
+A damaged file (SQLite says "file is not a database" or "database disk image is malformed", or
+``PRAGMA quick_check``, run at every open, finds a fault) raises :class:`RegistryCorrupt`, never
+a plain failure: the caller may then :func:`quarantine` it (move it aside) and open a fresh one.
+A busy or locked database, a permission problem or a full disk is not corruption and never
+moved aside.  What goes into the fresh file is the caller's business (``mxfs.rebuild``); this
+module knows nothing of the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import trio
 
@@ -185,6 +196,88 @@ _TRY_RETAKE = f"""
 """
 
 
+# Insert a record for an entry found complete in the cache (``restore_downloaded``); an entry
+# that has a record by now (another process claimed it meanwhile) keeps it.  Times are clamped to
+# SQLite's now: the registry has one clock, and nothing it holds lies in its future.
+_RESTORE_DOWNLOADED = f"""
+    INSERT INTO entries (model_name, provider, status, message, created_at_ms, last_used_at_ms, size_bytes)
+    VALUES (:name, :provider, 'DOWNLOADED', :message,
+            MIN(:created_at_ms, {_NOW_MS}), MIN(:last_used_at_ms, {_NOW_MS}), :size_bytes)
+    ON CONFLICT (model_name) DO NOTHING
+"""
+
+# SQLite's result codes that mean the file's content is damaged (extended codes such as
+# SQLITE_CORRUPT_INDEX carry theirs in the low byte).  Nothing else is corruption: SQLITE_BUSY
+# and SQLITE_LOCKED (another process holds a lock), SQLITE_PERM, SQLITE_READONLY and
+# SQLITE_CANTOPEN (permissions, a missing directory), SQLITE_FULL and SQLITE_IOERR (the disk,
+# now) pass or are fixed by an operator, and moving the file aside would throw away a sound
+# registry.
+_CORRUPTION_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+# quick_check lists at most this many faults; the first few say enough in a log line.
+_QUICK_CHECK_FAULTS = 3
+
+# The files that belong to a database, by suffix.  They are moved aside with it, and before it,
+# so that a fresh database at the old name never meets the old one's write-ahead log or hot
+# journal: SQLite would apply it to the fresh file.
+_COMPANIONS = ("-wal", "-shm", "-journal")
+
+# Every connection to a WAL database holds a shared lock on this byte of the -shm file for as long
+# as it is open (SQLite's unix VFS: UNIX_SHM_DMS = (22 + 8) * 4 + 8); a connection that opens the
+# database while another process holds it exclusively waits.
+_SHM_DMS_BYTE = 128
+
+
+class RegistryCorrupt(RegistryError):
+    """The registry's SQLite file is damaged: SQLite says so, or ``PRAGMA quick_check`` does."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"registry sqlite://{path} is corrupt: {reason} (`mxfs mount`, `mxfs prefetch` and `mxfs refresh`"
+            " move a corrupt registry aside and rebuild it from the cache when they start)"
+        )
+        self.path = path
+        self.reason = reason
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _CORRUPTION_CODES
+
+
+def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
+    """RegistryCorrupt unless ``PRAGMA quick_check`` finds the database sound.
+
+    It reads every page (a registry holds a few thousand rows at most, so this costs
+    milliseconds), so a damaged page is found at open, not by whichever call reads it first.
+    Other failures (a busy database, permissions) raise ``sqlite3.Error`` as they are.
+    """
+    try:
+        rows = conn.execute(f"PRAGMA quick_check({_QUICK_CHECK_FAULTS})").fetchall()
+    except sqlite3.Error as exc:
+        if _is_corruption(exc):
+            raise RegistryCorrupt(path, str(exc)) from exc
+        raise
+    if rows != [("ok",)]:
+        # One fault per line, after a "*** in database main ***" heading.
+        faults = [line for row in rows for line in str(row[0]).splitlines() if not line.startswith("***")]
+        raise RegistryCorrupt(path, "quick_check: " + "; ".join(faults[:_QUICK_CHECK_FAULTS]))
+
+
+def _check(path: Path) -> None:
+    """:func:`_quick_check` of the existing database at ``path``, on a read-only connection; blocking.
+
+    Read-only because the last connection to close checkpoints the -wal into the file and deletes
+    it and the -shm, even on a damaged file, and those belong with it when it is moved aside.
+    """
+    conn = sqlite3.connect(
+        f"file:{quote(str(path))}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None
+    )
+    try:
+        _quick_check(conn, path)
+    finally:
+        conn.close()
+
+
 def _from_ms(ms: int) -> datetime:
     return _EPOCH + ms * _MS
 
@@ -195,6 +288,12 @@ def _to_ms(when: datetime) -> int | None:
         raise ValueError("a naive datetime cannot be compared with registry timestamps")
     ms, rest = divmod(when - _EPOCH, _MS)
     return None if rest else ms
+
+
+def _floor_ms(when: datetime) -> int:
+    if when.tzinfo is None:
+        raise ValueError("a naive datetime cannot be stored as a registry timestamp")
+    return (when - _EPOCH) // _MS
 
 
 def _record(row: tuple[Any, ...]) -> Record:
@@ -237,10 +336,22 @@ def _connect(path: Path) -> sqlite3.Connection:
     # Create the file ourselves so it is private from the start; SQLite gives the -wal and -shm
     # files the database file's mode.
     os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    checked = os.path.getsize(path) == 0  # an empty file is a new database (SQLite says so too)
+    if not checked:
+        try:
+            _check(path)
+            checked = True
+        except sqlite3.Error as exc:
+            # A hot rollback journal (left by a writer that died, if someone switched the file out
+            # of WAL mode) needs a writer to roll it back: check on the writer below.
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_READONLY:
+                raise
     # isolation_level=None: the sqlite3 module must not open transactions behind our back; every
     # write below says BEGIN IMMEDIATE itself.  timeout= is SQLite's busy_timeout.
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
     try:
+        if not checked:
+            _quick_check(conn, path)
         # WAL needs shared memory between the processes, which a network filesystem may not
         # offer; SQLite then silently keeps the old mode, so check.
         (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
@@ -270,6 +381,7 @@ class SqliteRegistry:
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
+        self.path = path
         self._limiter = trio.CapacityLimiter(1)
         self._closed = False
         self.url_for_logs = f"sqlite://{path}"
@@ -283,6 +395,8 @@ class SqliteRegistry:
         try:
             conn = await trio.to_thread.run_sync(_connect, path)
         except sqlite3.Error as exc:
+            if _is_corruption(exc):
+                raise RegistryCorrupt(path, str(exc)) from exc
             raise RegistryError(f"cannot open registry sqlite://{path}: {exc}") from exc
         except OSError as exc:
             raise RegistryError(f"cannot create registry sqlite://{path}: {exc}") from exc
@@ -296,6 +410,8 @@ class SqliteRegistry:
             return await trio.to_thread.run_sync(fn, self._conn, limiter=self._limiter)
         except sqlite3.Error as exc:
             metrics.REGISTRY_ERRORS.inc()
+            if _is_corruption(exc):
+                raise RegistryCorrupt(self.path, str(exc)) from exc
             raise RegistryError(f"registry {self.url_for_logs}: {exc}") from exc
 
     async def _write(self, sql: str, params: dict[str, Any]) -> int:
@@ -404,6 +520,34 @@ class SqliteRegistry:
     async def unlock(self, name: str, owner: str) -> bool:
         return await self._write(_UNLOCK, {"name": name, "owner": owner}) == 1
 
+    async def restore_downloaded(self, records: Iterable[RestoredRecord]) -> list[str]:
+        """Record entries found complete in the cache as DOWNLOADED, all in one transaction.
+
+        For rebuilding this registry from its cache (``mxfs.rebuild``), so not part of the
+        :class:`~mxfs.registry.base.Registry` protocol: a shared registry is never rebuilt from
+        one node's cache.  An entry that has a record keeps it; times later than SQLite's now are
+        stored as now.  Returns the names recorded.
+        """
+        params = [
+            {
+                "name": r.model_name,
+                "provider": PROVIDER,
+                "message": r.message,
+                "size_bytes": r.size_bytes,
+                "created_at_ms": _floor_ms(min(r.created_at, r.last_used_at)),
+                "last_used_at_ms": _floor_ms(r.last_used_at),
+            }
+            for r in records
+        ]
+        if not params:
+            return []
+
+        def restore(conn: sqlite3.Connection) -> list[str]:
+            with _immediate(conn):
+                return [p["name"] for p in params if conn.execute(_RESTORE_DOWNLOADED, p).rowcount == 1]
+
+        return await self._run(restore)
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -413,6 +557,118 @@ class SqliteRegistry:
         # cancelled.
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+
+
+@dataclass(frozen=True)
+class RestoredRecord:
+    """An entry to record as DOWNLOADED by :meth:`SqliteRegistry.restore_downloaded`."""
+
+    model_name: str
+    size_bytes: int
+    created_at: datetime
+    last_used_at: datetime
+    message: str | None = None
+
+
+def corruption(path: Path) -> str | None:
+    """What is wrong with the database at ``path`` (None: nothing); blocking.
+
+    Reads an existing file only, and raises :class:`RegistryError` for what is not corruption (a
+    busy database, permissions), like :meth:`SqliteRegistry.open`.
+    """
+    try:
+        _check(path)
+    except RegistryCorrupt as exc:
+        return exc.reason
+    except sqlite3.Error as exc:
+        raise RegistryError(f"cannot check registry sqlite://{path}: {exc}") from exc
+    return None
+
+
+def quarantine(path: str | os.PathLike[str]) -> Path | None:
+    """Move the corrupt database at ``path`` aside, with its -wal, -shm and -journal; blocking.
+
+    Returns its new name, ``<path>.corrupt-<UTC time>`` (the companions keep their suffixes, so
+    ``sqlite3`` opens the pair as it was), or None when there is nothing to move: ``path`` is
+    gone, or no longer corrupt (another process moved it aside first).  The caller then opens a
+    fresh database at ``path``.
+
+    Raises :class:`RegistryError`, moving nothing, when another process has the database open: it
+    would go on using the moved file while this one uses the fresh one, two registries on one node.
+    Call it with no connection of this process open on the database: closing the descriptors
+    used here drops every POSIX lock the process holds on those files, SQLite's included.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        # Processes that find the same file corrupt at once move it one at a time, and only while
+        # it is still the file at ``path``: never the fresh database that the first put there.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            here = os.stat(path)
+            mine = os.fstat(fd)
+            if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino) and corruption(path) is not None:
+                with _sole_user(path):
+                    aside = _aside_name(path)
+                    for suffix in _COMPANIONS:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.rename(f"{path}{suffix}", f"{aside}{suffix}")
+                    os.rename(path, aside)
+                    _fsync_dir(path.parent)
+                return aside
+        return None
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _sole_user(path: Path) -> Iterator[None]:
+    """Hold, exclusively, the lock that each open connection to the database holds shared.
+
+    RegistryError if another process holds it (has the database open).  Only WAL databases have
+    the lock; no -shm file means no connection in WAL mode, and the registry is always in WAL mode.
+    While it is held, a process that opens the database waits (SQLite's busy handler).
+    """
+    try:
+        fd = os.open(f"{path}-shm", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _SHM_DMS_BYTE)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise RegistryError(
+                f"registry sqlite://{path} is corrupt but another process has it open, so it is not moved aside;"
+                " stop the other mxfs processes of this node (a mount, prefetch, status), then start again"
+            ) from exc
+        yield
+    finally:
+        os.close(fd)  # drops the lock
+
+
+def _aside_name(path: Path) -> Path:
+    """``<path>.corrupt-<UTC time>``, with ``.1``, ``.2`` ... added if that name is taken."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    n = 0
+    while True:
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}{f'.{n}' if n else ''}")
+        if not any(os.path.lexists(f"{aside}{suffix}") for suffix in ("", *_COMPANIONS)):
+            return aside
+        n += 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def path_from_url(url: str) -> Path:

@@ -515,6 +515,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 await nursery.start(_stop_on_signals, ops)
                 await nursery.start(_return_memory_when_idle, services.fetcher)
                 await nursery.start(_follow_refreshes, services.fetcher.catalog, ops)
+                await nursery.start(ops.drop_discarded_pages)
                 if listeners:
                     nursery.start_soon(metrics.serve, listeners, services)
                 if settings.eviction.pinned:

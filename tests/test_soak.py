@@ -1,10 +1,10 @@
 """A bounded soak: 32 readers over 3 models for a fixed time, with eviction pressure (room for
 2 models) and Hub faults injected all along (503s, stalls, slow answers, cut connections).
 
-It ends with: zero wrong bytes (every block read is compared with the expected content), no
-error in the daemon's log and no warning but those of the injected faults, and the daemon's open
-file descriptors and memory back near where they were before, once every handle is closed.
-Every loop is bounded by a deadline and a count.
+It ends with: zero wrong bytes (every block read is compared with the expected content), zero
+failed reads, no error in the daemon's log and no warning but those of the injected faults, and
+the daemon's open file descriptors and memory back near where they were before, once every handle
+is closed.  Every loop is bounded by a deadline and a count.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ WINDOW_SECONDS = 4.0
 FAULT_EVERY = 0.4
 MiB = 1 << 20
 RESET = r"ReadError: \[Errno 104\] Connection reset by peer"
-INCOMPLETE = r"RemoteProtocolError: peer closed connection without sending complete message body \(received \d+ bytes"
+INCOMPLETE = (
+    r"RemoteProtocolError: peer closed connection without sending complete message body \(received \d+ bytes, "
+    r"expected \d+\)"
+)
 
 # What the daemon may hold beyond its baseline once every handle is closed and downloads are
 # over.  Descriptors: idle keep-alive connections in huggingface_hub's HTTP pool (the soak opens
@@ -145,10 +148,13 @@ def test_soak_32_readers_3_models_eviction_and_faults(hub: FakeHub, new_repo_id,
     )  # fmt: skip
     # The injected faults, retried and resumed (WARNING); anything at ERROR is checked below, and
     # any other warning fails the test when it ends.  Models evicted while idle are read again.
+    fault = r"/[\w./-]+: (HTTP 503|(connection broke: )?(ReadTimeout: timed out|" + RESET + "|" + INCOMPLETE + "))"
     mount.allowed_log.extend(
         [
-            r"/[\w./-]+: (HTTP 503|(connection broke: )?(ReadTimeout: timed out|" + RESET + "|" + INCOMPLETE + r"))"
-            r"; (resuming|retrying) in [\d.]+s$",
+            fault + r"; (resuming|retrying) in [\d.]+s$",
+            # Faults injected one after the other can use up a request's retries: the download
+            # attempt is then tried again as a whole (a read would fail only after three).
+            fault + r" \(gave up after 5 attempts\); attempt [23] of 3 in \d+s$",
             r"^\S+@\w+: [\w./-]+ vanished from the cache; fetching it again$",
         ]
     )
@@ -214,8 +220,10 @@ def test_soak_32_readers_3_models_eviction_and_faults(hub: FakeHub, new_repo_id,
     assert tally.wrong == [], tally.wrong[:10]
     assert results and results[0] >= 10, "faults were injected all along"
     assert tally.reads >= 300, tally
-    # A read may fail only if a download kept failing; with faults this sparse, none should.
-    assert sum(tally.errors.values()) <= tally.reads // 100, tally.errors
+    # No read may fail: each injected fault hits one request, which is retried or resumed (a 503,
+    # a stall past HF_HUB_DOWNLOAD_TIMEOUT, a cut) or merely slow.  None of them is a fault that
+    # makes a read fail with an expected errno, so every errno counted here is a failure.
+    assert tally.errors == Counter(), f"failed reads by errno: {dict(tally.errors)}"
     log = mount.log()
     assert "reason count" in log, "eviction never ran under the soak"
     assert sum(hub.bytes_served(repo) for repo in repos) > sum(

@@ -414,8 +414,9 @@ def test_gated_forbidden_and_private_repos(hub: FakeHub, new_repo_id, mxfs_mount
     mount = mxfs_mount(env={"HF_TOKEN": wrong_token, "HF_HUB_DISABLE_IMPLICIT_TOKEN": "0"})
     mount.allowed_log.extend(
         [
-            re.escape(gated) + r"@\w+/model\.safetensors: gated repo, access not granted; set HF_TOKEN to a token with",
-            re.escape(forbidden) + r"@\w+/model\.safetensors: HTTP 403; set HF_TOKEN to a token with access",
+            # The file read, or the other one: the download of the whole entry starts with it.
+            re.escape(gated) + r"@\w+/[\w.]+: gated repo, access not granted; set HF_TOKEN to a token with",
+            re.escape(forbidden) + r"@\w+/[\w.]+: HTTP 403; set HF_TOKEN to a token with access",
         ]
     )
 

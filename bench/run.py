@@ -14,6 +14,8 @@ a. warm re-read of the large file (1 MiB reads): mxfs mount vs direct read of th
 b. the same read with the page cache dropped first (cold);
 c. cold load from the Hub with an empty cache: walk + read every byte through a fresh mxfs mount vs
    ``snapshot_download`` then reading the files;
+c'. the same from a Hub paced like a CDN (``--pace`` bytes/s per connection, default 200 MiB/s), for
+   models of 2 and 8 shards: where parallel connections, not loopback or the CPU, decide;
 d. time to first byte (8 bytes at offset 0 / at 90%) of the uncached large file through a fresh
    mount vs ``hf_hub_download`` of the whole file;
 e. ``safe_open(framework="pt")`` + every tensor (cloned, so every byte is read), from the mount vs
@@ -280,11 +282,25 @@ def make_repo(repo_dir: Path, size: int) -> None:
     (repo_dir / "generation_config.json").write_text(json.dumps({"max_new_tokens": 128}))
 
 
+def make_sharded_repo(repo_dir: Path, size: int, shards: int) -> None:
+    """``shards`` files of random bytes (their content does not matter to a cold load) + a config."""
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    per = size // shards
+    block = os.urandom(MIB)
+    for i in range(shards):
+        with open(repo_dir / f"model-{i + 1:05d}-of-{shards:05d}.safetensors", "wb") as f:
+            for n in range(per // MIB):
+                # Distinct blocks: a file of repeated blocks would let any layer cheat by deduplicating.
+                f.write(n.to_bytes(8, "little") + i.to_bytes(8, "little") + block[16:])
+    (repo_dir / "config.json").write_text('{"model_type": "bench-sharded"}')
+
+
 class HubServer:
-    def __init__(self, repo_dir: Path, log_path: Path) -> None:
+    def __init__(self, repos: dict[str, Path], log_path: Path, extra: list[str] | None = None) -> None:
         self._log = open(log_path, "ab")
+        repo_args = [arg for repo_id, path in repos.items() for arg in ("--repo", f"{repo_id}={path}")]
         self.proc = subprocess.Popen(
-            [PY, "-m", "tests.hubserver", "--repo", f"{REPO_ID}={repo_dir}"],
+            [PY, "-m", "tests.hubserver", *repo_args, *(extra or [])],
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -330,12 +346,13 @@ class Suite:
         p.mkdir(parents=True)
         return p
 
-    def mxfs(self, cache: Path, state: Path, tag: str) -> Daemon:
+    def mxfs(self, cache: Path, state: Path, tag: str, endpoint: str | None = None) -> Daemon:
         mnt = self.fresh(f"mnt-{tag}")
         argv = [PY, "-m", "mxfs", "mount", str(mnt), "--cache-dir", str(cache), "--state-dir", str(state),
                 "--no-eviction", "--log-level", os.environ.get("BENCH_MXFS_LOG", "warning"),
                 *os.environ.get("BENCH_MXFS_ARGS", "").split()]  # fmt: skip
-        return Daemon(argv, mnt, self.work / f"mxfs-{tag}.log", env=self.env)
+        env = {**self.env, "HF_ENDPOINT": endpoint} if endpoint else self.env
+        return Daemon(argv, mnt, self.work / f"mxfs-{tag}.log", env=env)
 
     def passthrough(self, src: Path) -> Daemon:
         mnt = self.fresh("mnt-pt")
@@ -358,10 +375,10 @@ class Suite:
         return Path(snaps[0])
 
     @staticmethod
-    def wait_cached(cache: Path, names: list[str]) -> Path:
+    def wait_cached(cache: Path, names: list[str], repo_id: str = REPO_ID) -> Path:
         """Wait until the mxfs download is complete in the cache (snapshot links, no .incomplete)."""
         deadline = time.monotonic() + CACHED_TIMEOUT
-        root = cache / f"models--{REPO_ID.replace('/', '--')}"
+        root = cache / f"models--{repo_id.replace('/', '--')}"
         while time.monotonic() < deadline:
             snaps = glob.glob(str(root / "snapshots" / "*"))
             if (
@@ -376,22 +393,32 @@ class Suite:
     # ---- c. cold load from the Hub, d. time to first byte ----------------------------------------
 
     def cold_load(self) -> Path:
+        mx, hf, kept = self.measure_cold_load(REPO_ID, self.repo_dir, self.endpoint, "cold")
+        self.add("c. cold load from Hub, empty cache: open+read every byte", "s", mx,
+                 {"snapshot_download + read": hf}, higher_better=False)  # fmt: skip
+        return kept
+
+    def measure_cold_load(
+        self, repo_id: str, repo_dir: Path, endpoint: str, tag: str
+    ) -> tuple[list[float], list[float], Path]:
+        """Seconds to read every byte of an uncached model: through a fresh mxfs mount, and with
+        ``snapshot_download`` then a direct read; and the last mxfs cache (for later rows)."""
         from huggingface_hub import snapshot_download
 
-        names = sorted(os.listdir(self.repo_dir))
-        total = sum((self.repo_dir / n).stat().st_size for n in names)
+        names = sorted(os.listdir(repo_dir))
+        total = sum((repo_dir / n).stat().st_size for n in names)
         mx, hf = [], []
         kept_cache = None
         for r in range(self.repeat):
             cache, state = self.fresh("cache"), self.fresh("state")
-            with self.mxfs(cache, state, "cold") as d:
+            with self.mxfs(cache, state, tag, endpoint) as d:
                 t0 = time.perf_counter()
-                model = d.mnt / REPO_ID
+                model = d.mnt / repo_id
                 got = sum(read_file(model / n) for n in sorted(os.listdir(model)))
                 mx.append(time.perf_counter() - t0)
                 if got != total:
                     raise RuntimeError(f"mxfs cold load read {got} of {total} bytes")
-                self.wait_cached(cache, names)
+                self.wait_cached(cache, names, repo_id)
                 if (h := d.hwm_kib()) is not None:
                     self.hwm["mxfs (cold load)"].append(h)
             if r == self.repeat - 1:
@@ -402,15 +429,32 @@ class Suite:
 
             hcache = self.fresh("hfcache")
             t0 = time.perf_counter()
-            snap = Path(snapshot_download(REPO_ID, cache_dir=str(hcache), endpoint=self.endpoint))
+            snap = Path(snapshot_download(repo_id, cache_dir=str(hcache), endpoint=endpoint))
             got = sum(read_file(snap / n) for n in names)
             hf.append(time.perf_counter() - t0)
             if got != total:
                 raise RuntimeError(f"snapshot_download read {got} of {total} bytes")
             shutil.rmtree(hcache)
-        self.add("c. cold load from Hub, empty cache: open+read every byte", "s", mx,
-                 {"snapshot_download + read": hf}, higher_better=False)  # fmt: skip
-        return kept_cache
+        assert kept_cache is not None
+        return mx, hf, kept_cache
+
+    def paced_cold_loads(self) -> None:
+        """c'. Cold loads from a Hub paced like a CDN: PACE bytes/s per connection."""
+        repos = {}
+        for shards in (2, 8):
+            repo_dir = self.work / f"sharded-{shards}"
+            make_sharded_repo(repo_dir, self.args.size, shards)
+            repos[f"bench/sharded-{shards}"] = repo_dir
+        hub = HubServer(repos, self.work / "hub-paced.log", ["--pace", str(self.args.pace)])
+        try:
+            for repo_id, repo_dir in repos.items():
+                mx, hf, cache = self.measure_cold_load(repo_id, repo_dir, hub.endpoint, "paced")
+                shutil.rmtree(cache)
+                shards = repo_id.rsplit("-", 1)[1]
+                self.add(f"c'. cold load, Hub paced {self.args.pace / MIB:.0f} MiB/s per connection, {shards} shards",
+                         "s", mx, {"snapshot_download + read": hf}, higher_better=False)  # fmt: skip
+        finally:
+            hub.stop()
 
     def ttfb(self) -> None:
         from huggingface_hub import hf_hub_download
@@ -553,19 +597,26 @@ class Suite:
         self.repo_dir = self.work / "repo"
         log(f"generating {self.args.size / MIB:.0f} MiB of data in {self.repo_dir}")
         make_repo(self.repo_dir, self.args.size)
-        hub = HubServer(self.repo_dir, self.work / "hub.log")
+        hub = HubServer({REPO_ID: self.repo_dir}, self.work / "hub.log")
         try:
             self.endpoint = hub.endpoint
             self.env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                         "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MXFS_METRICS_ADDRESS": ""}  # fmt: skip
             os.environ.update(self.env)  # before huggingface_hub is imported here
             log(f"hub at {hub.endpoint}")
-            log("c. cold load")
-            cache = self.cold_load()
-            log("d. time to first byte")
-            self.ttfb()
-            log("a, b, e, f on the cached entry")
-            self.cached(cache)
+            sections = self.args.sections
+            if "paced" in sections:
+                log("c'. cold loads from a paced Hub")
+                self.paced_cold_loads()
+            if "cold" in sections or "cached" in sections:
+                log("c. cold load")
+                cache = self.cold_load()
+            if "ttfb" in sections:
+                log("d. time to first byte")
+                self.ttfb()
+            if "cached" in sections:
+                log("a, b, e, f on the cached entry")
+                self.cached(cache)
         finally:
             hub.stop()
 
@@ -638,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results.md")
     parser.add_argument("--workdir", type=Path, default=None, help="where to put data/caches (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) afterwards")
+    parser.add_argument("--pace", type=parse_size, default=parse_size("200MiB"),
+                        help="per-connection rate of the paced Hub, bytes/s (default 200MiB: a CDN)")  # fmt: skip
+    parser.add_argument("--sections", type=lambda t: set(t.split(",")), default={"paced", "cold", "ttfb", "cached"},
+                        help="comma-separated: paced,cold,ttfb,cached (default all)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.size < MIB:
         parser.error("--repeat >= 1 and --size >= 1MiB")

@@ -139,6 +139,9 @@ class Node:
     path: str = ""  # inside the entry; "" for the model directory itself
     file: HubFile | None = None
     children: dict[str, int] = field(default_factory=dict)
+    # Files: the generation of the file's copy when this inode was made. Once a copy of that
+    # generation or later is discarded unverified, the inode is retired (see MxfsOperations.open).
+    copy_generation: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -206,9 +209,26 @@ class MxfsOperations(pyfuse3.Operations):
         file = children[name]
         path = f"{parent.path}/{name}" if parent.path else name
         kind = "file" if file is not None else "dir"
+        generation = self.fetcher.copy_generation(entry, path) if file is not None else 0
         return self._child(
-            parent, name, lambda ino: Node(ino, kind, parent.inode, name, entry=entry, path=path, file=file)
+            parent,
+            name,
+            lambda ino: Node(
+                ino, kind, parent.inode, name, entry=entry, path=path, file=file, copy_generation=generation
+            ),
         )
+
+    def _retire(self, node: Node) -> None:
+        """Give the name of ``node`` a new inode at its next lookup; open handles keep the old one.
+
+        Used for a file whose copy was discarded unverified: the old inode's page cache may hold
+        the bad copy's bytes and is shared with the handles that read them, so nothing new may
+        be read through it.
+        """
+        parent = self._nodes.get(node.parent)
+        if parent is not None and parent.children.get(node.name) == node.inode:
+            del parent.children[node.name]
+            pyfuse3.invalidate_entry_async(parent.inode, node.name.encode(), ignore_enoent=True)
 
     def forget_model_dirs(self, refs: Iterable[ModelRef]) -> None:
         """Give the names of model directories whose revision moved new inodes (``mxfs refresh``).
@@ -242,6 +262,7 @@ class MxfsOperations(pyfuse3.Operations):
         async for entry_name, path in discards:
             for node in list(self._nodes.values()):
                 if node.kind == "file" and node.path == path and node.entry and node.entry.name == entry_name:
+                    self._retire(node)
                     await self._invalidate_pages(node.inode)
 
     async def _invalidate_pages(self, inode: int) -> None:
@@ -438,6 +459,14 @@ class MxfsOperations(pyfuse3.Operations):
             raise ReadOnly("the mount is read-only")
         assert node.entry is not None
         handle = await self.fetcher.open(node.entry, node.path)
+        if handle.copy_discarded_since(node.copy_generation):
+            # This inode's page cache may hold bytes of a discarded copy, and handles that read
+            # them still use it: a new handle must not put good bytes there for them to find.
+            # ESTALE makes the kernel look the name up again (one retry with LOOKUP_REVAL), and
+            # the lookup answers with a new inode.
+            handle.close()
+            self._retire(node)
+            raise pyfuse3.FUSEError(errno.ESTALE)
         fh = next(self._fh)
         self._handles[fh] = handle
         # Blobs are immutable, so cached pages stay right; but only for verified bytes, so a

@@ -163,6 +163,9 @@ class HubClient:
         self._token = token
         self.offline = constants.is_offline_mode() if offline is None else offline
         self._api = HfApi(endpoint=self.endpoint, token=token)
+        # Set once a range request was answered with the whole file (a mirror or proxy that
+        # ignores Range): from then on every file is fetched in one request, for the daemon's life.
+        self.ignores_ranges = False
 
     def _check_online(self, what: str) -> None:
         if self.offline:
@@ -282,10 +285,31 @@ class RangeBody:
             if not first.isdigit() or int(first) != start:
                 raise HubUnavailable(f"{what}: server answered range {content_range!r}, asked for {start}")
         elif response.status_code == 200:
-            # A server (or proxy) that ignores Range sends the whole file: skip what we did not ask for.
+            # A server (or proxy) that ignores Range sends the whole file: skip what we did not ask
+            # for, unless the caller takes the whole body (see whole_chunks).
             self._skip = start
         else:
             raise HubUnavailable(f"{what}: unexpected HTTP {response.status_code} for a range request")
+
+    @property
+    def whole_file(self) -> bool:
+        """The server ignored Range and sends the whole file."""
+        return self._response.status_code == 200
+
+    def whole_chunks(self, size: int, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """A whole-file answer from byte 0, in pieces, cut at ``size``; Transient if it ends early."""
+        remaining = size
+        try:
+            for chunk in self._response.iter_bytes(chunk_size):
+                if len(chunk) >= remaining:
+                    yield chunk[:remaining]
+                    return
+                remaining -= len(chunk)
+                yield chunk
+        except httpx2.HTTPError as exc:
+            raise Transient(f"{self._what}: connection broke: {type(exc).__name__}: {exc}") from exc
+        if remaining:
+            raise Transient(f"{self._what}: body ended {remaining} bytes early")
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """Yield the body in pieces; raises Transient if the body ends before ``end``."""

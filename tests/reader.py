@@ -23,8 +23,28 @@ import sys
 import time
 
 
+class Digest:
+    """sha256 of what was read, and the bytes themselves when MXFS_READER_DUMP names a file to
+    keep them in (to see where a wrong read went wrong)."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._keep = bytearray() if os.environ.get("MXFS_READER_DUMP") else None
+
+    def update(self, data: bytes) -> None:
+        self._sha.update(data)
+        if self._keep is not None:
+            self._keep += data
+
+    def digest(self) -> bytes:
+        if self._keep is not None:
+            with open(os.environ["MXFS_READER_DUMP"], "wb") as f:
+                f.write(self._keep)
+        return self._sha.digest()
+
+
 def read_sequential(path: str, chunk: int) -> bytes:
-    digest = hashlib.sha256()
+    digest = Digest()
     with open(path, "rb", buffering=0) as f:
         while block := f.read(chunk):
             digest.update(block)
@@ -32,7 +52,7 @@ def read_sequential(path: str, chunk: int) -> bytes:
 
 
 def read_mapped(path: str) -> bytes:
-    digest = hashlib.sha256()
+    digest = Digest()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -43,6 +63,20 @@ def read_mapped(path: str) -> bytes:
     return digest.digest()
 
 
+def pread_fully(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes at ``offset``, as a careful program reads them: a short count is not the
+    end (the kernel returns what it copied before an error, and the error on the next call)."""
+    parts = []
+    while size > 0:
+        data = os.pread(fd, size, offset)
+        if not data:
+            break  # end of file: the caller sees the bytes missing
+        parts.append(data)
+        size -= len(data)
+        offset += len(data)
+    return b"".join(parts)
+
+
 def read_scattered(path: str, chunk: int, seed: int) -> bytes:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -51,10 +85,13 @@ def read_scattered(path: str, chunk: int, seed: int) -> bytes:
         random.Random(seed).shuffle(offsets)
         blocks = {}
         for offset in offsets:
-            blocks[offset] = os.pread(fd, chunk, offset)
+            blocks[offset] = pread_fully(fd, min(chunk, size - offset), offset)
     finally:
         os.close(fd)
-    return hashlib.sha256(b"".join(blocks[o] for o in sorted(blocks))).digest()
+    digest = Digest()
+    for offset in sorted(blocks):
+        digest.update(blocks[offset])
+    return digest.digest()
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, OfflineMiss, errno_for
-from mxfs.fetch.download import Chunk, hash_matches
+from mxfs.fetch.download import hash_matches
 from mxfs.fetch.entry import Entry, tree_record
 from mxfs.fetch.files import FileState, SharedFd, read_at
 from mxfs.hub import HubFile, RangeBody, RepoTree, RetryPolicy, Transient, _translate
@@ -216,59 +216,6 @@ def test_tree_record() -> None:
     assert (plain.etag, plain.lfs_sha256) == ("3" * 40, None)
 
 
-# -- Chunk.priority -------------------------------------------------------------------------------
-
-
-def state_for(path: str, size: int) -> FileState:
-    return FileState(HubFile(path, size, "0" * 40))
-
-
-def test_chunk_priority_order() -> None:
-    big_waited = state_for("model.safetensors", 1000)
-    big_waited.waiting = 1
-    big_waited.wanted_offsets.add(650)
-    small = state_for("config.json", 10)
-    tiny = state_for("vocab.txt", 5)
-    medium = state_for("tokenizer.json", 200)
-
-    chunks = {
-        "waited, wanted offset inside": Chunk(big_waited, 600, 700),
-        "waited, chunk 0": Chunk(big_waited, 0, 100),
-        "waited, chunk 9": Chunk(big_waited, 900, 1000),
-        "tiny": Chunk(tiny, 0, 5),
-        "small": Chunk(small, 0, 10),
-        "medium": Chunk(medium, 0, 200),
-    }
-    order = sorted(chunks, key=lambda k: chunks[k].priority())
-    assert order == [
-        "waited, wanted offset inside",  # a reader is blocked on exactly these bytes
-        "waited, chunk 0",  # then the rest of the file readers wait for, in order
-        "waited, chunk 9",
-        "tiny",  # then small files first
-        "small",
-        "medium",
-    ]
-
-
-def test_chunk_priority_wanted_offset_bounds() -> None:
-    s = state_for("m.bin", 300)
-    s.waiting = 1
-    s.wanted_offsets.add(100)
-    before, at, after = Chunk(s, 0, 100), Chunk(s, 100, 200), Chunk(s, 200, 300)
-    assert at.priority() < before.priority() < after.priority()
-    # Half-open: offset 100 belongs to [100, 200), not to [0, 100).
-    assert before.priority()[1] == 1
-    assert at.priority()[1] == 0
-
-
-def test_waited_for_file_beats_smaller_files() -> None:
-    huge = state_for("huge.bin", 10**12)
-    tiny = state_for("tiny.txt", 1)
-    assert Chunk(tiny, 0, 1).priority() < Chunk(huge, 0, 100).priority()
-    huge.waiting = 2
-    assert Chunk(huge, 500, 600).priority() < Chunk(tiny, 0, 1).priority()
-
-
 # -- RangeBody ------------------------------------------------------------------------------------
 
 
@@ -323,6 +270,17 @@ def test_range_body_200_skips_to_start_and_cuts_at_end() -> None:
     start, end = 1000, 3000
     response = FakeResponse(200, split(FILE, 777))  # the whole file, Range ignored
     assert b"".join(RangeBody(response, start, end, "w").chunks()) == FILE[start:end]
+
+
+def test_range_body_200_is_a_whole_file_that_can_be_taken_from_byte_0() -> None:
+    """A server that ignored Range: the download takes the whole body once (issue 14)."""
+    body = RangeBody(FakeResponse(200, split(FILE, 777)), 1000, 3000, "w")
+    assert body.whole_file
+    assert b"".join(body.whole_chunks(len(FILE))) == FILE
+    assert not RangeBody(FakeResponse(206, [FILE[:10]], {"Content-Range": "bytes 0-9/99"}), 0, 10, "w").whole_file
+    short = RangeBody(FakeResponse(200, [FILE[:100]]), 50, 60, "w")
+    with pytest.raises(Transient):
+        b"".join(short.whole_chunks(len(FILE)))
 
 
 @given(
@@ -794,7 +752,7 @@ def test_acquire_fd_without_local_copy() -> None:
 
 @given(size=st.integers(0, 1 << 40), connections=st.integers(1, 64), largest_mib=st.integers(1, 1024))
 def test_chunk_size_keeps_the_download_window_a_fraction_of_the_file(size, connections, largest_mib) -> None:
-    from mxfs.fetch.download import CHUNKS_PER_CONNECTION, MIN_CHUNK, chunk_size_for
+    from mxfs.fetch.plan import CHUNKS_PER_CONNECTION, MIN_CHUNK, chunk_size_for
 
     largest = largest_mib << 20
     step = chunk_size_for(size, connections, largest)

@@ -118,6 +118,30 @@ def test_on_demand_with_a_server_that_ignores_range(hub: FakeHub, new_repo_id, m
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
 
 
+def test_a_server_that_ignores_range_sends_each_file_once(hub: FakeHub, new_repo_id, mxfs_mount) -> None:
+    """A mirror or proxy that answers every range request with the whole file (olah, some caching
+    proxies): mxfs notices at the first answer and fetches each file in one request, serving
+    readers as the bytes land, instead of one whole body per range."""
+    repo = new_repo_id()
+    files = {f"model-{i}.safetensors": payload(16 * MiB, seed=10 + i) for i in range(3)}
+    hub.add_repo(repo, {"config.json": b"{}", **files})
+    hub.inject("slow", repo_id=repo, bytes_per_second=40_000_000)
+    hub.inject("ignore_range", repo_id=repo)
+    mount = mxfs_mount()
+    for name, data in files.items():
+        with open(mount / repo / name, "rb") as f:
+            offset = len(data) // 2 + 5
+            assert os.pread(f.fileno(), 4096, offset) == data[offset : offset + 4096]
+            assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+    assert "the server ignores Range requests" in mount.log()
+    for name, data in files.items():
+        bodies = [r for r in hub.requests(repo_id=repo, filename=name) if r.status == 200 and r.bytes_sent]
+        # One whole body per file. Requests already in flight when the first 200 came back are
+        # dropped after what the socket held (the Hub paces, so a few pieces at most).
+        assert sum(r.complete for r in bodies) == 1, [(r.range, r.bytes_sent) for r in bodies]
+        assert hub.bytes_served(repo, name) <= len(data) + len(bodies) * MiB, [(r.range, r.bytes_sent) for r in bodies]
+
+
 def test_sixteen_threads_on_one_handle_of_a_downloading_file(hub: FakeHub, new_repo_id, mxfs_mount) -> None:
     """Concurrent preads on one file handle proceed together (none waits for another's bytes)."""
     repo = new_repo_id()

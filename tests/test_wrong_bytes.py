@@ -42,14 +42,26 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def start_reader(pattern: str, path: Path, data: bytes, delay: float = 0.0) -> subprocess.Popen[str]:
+def start_reader(
+    pattern: str, path: Path, data: bytes, delay: float = 0.0, dump: Path | None = None
+) -> subprocess.Popen[str]:
+    """A reader process; ``dump``: where it leaves the bytes it read (to show a wrong read's pages)."""
+    env = {**os.environ, "MXFS_READER_DUMP": str(dump)} if dump else None
     return subprocess.Popen(
         [sys.executable, "-m", "tests.reader", pattern, str(path), sha(data), "--delay", f"{delay:.3f}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO_ROOT,
+        env=env,
     )
+
+
+def wrong_pages(dump: Path, data: bytes) -> str:
+    """Which 4 KiB pages of a wrong read differ from the data (for the failure message)."""
+    got = dump.read_bytes()
+    bad = [o for o in range(0, max(len(got), len(data)), 4096) if got[o : o + 4096] != data[o : o + 4096]]
+    return f"read {len(got)} of {len(data)} bytes; {len(bad)} wrong pages, first at {bad[:8]}"
 
 
 def outcome(proc: subprocess.Popen[str]) -> str:
@@ -100,7 +112,9 @@ def test_fast_reader_following_a_corrupt_first_copy_never_completes_with_it(
 
 
 @pytest.mark.parametrize("verify", ["fast", "strict"])
-def test_no_reader_pattern_completes_with_a_corrupt_copy(verify: str, hub: FakeHub, new_repo_id, mxfs_mount) -> None:
+def test_no_reader_pattern_completes_with_a_corrupt_copy(
+    verify: str, hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path
+) -> None:
     mount = mxfs_mount("--verify", verify)
     allow_corruption_warnings(mount)
     rnd_data = random.Random(121)
@@ -140,7 +154,10 @@ def test_no_reader_pattern_completes_with_a_corrupt_copy(verify: str, hub: FakeH
             "seq:1048576",
             "mmap",
         ]
-        readers = [start_reader(p, path, data, delay) for p, delay in zip(patterns, delays, strict=True)]
+        dumps = [tmp_path / f"{repo.replace('/', '-')}-{n}" for n in range(len(patterns))]
+        readers = [
+            start_reader(p, path, data, delay, dump) for p, delay, dump in zip(patterns, delays, dumps, strict=True)
+        ]
         # And readers that open only once the bad copy has been discarded.
         wait_until(lambda: log_count(mount, CHECKSUM_WARNING) > warnings_before, 60, "the bad copy is discarded")
         late = [start_reader(p, path, data) for p in ("seq:65536", "mmap")]
@@ -148,7 +165,11 @@ def test_no_reader_pattern_completes_with_a_corrupt_copy(verify: str, hub: FakeH
         late_results = [outcome(r) for r in late]
         pace.remove()
         assert corrupt.hits == 1, "the corruption must have happened for the example to mean anything"
-        assert "wrong" not in results, (name, offset, list(zip(patterns, results, strict=True)))
+        if "wrong" in results:
+            details = [wrong_pages(d, data) for d, r in zip(dumps, results, strict=True) if r == "wrong"]
+            daemon_log = "\n".join(line for line in mount.log().splitlines() if repo in line)
+            raise AssertionError(f"{name} corrupt at {offset}: {list(zip(patterns, results, strict=True))}"
+                                 f"\n{details}\n{daemon_log}")  # fmt: skip
         assert set(results) <= SAFE, results
         if verify == "strict":
             assert results == ["correct"] * len(results), list(zip(patterns, results, strict=True))

@@ -17,6 +17,7 @@ Only the node whose ``try_claim`` returned ``Claimed`` runs this.  It
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -24,7 +25,6 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -42,7 +42,8 @@ from mxfs.fetch.entry import Entry, tree_record
 from mxfs.fetch.files import FileState, Stream
 from mxfs.fetch.lease import LeaseKeeper
 from mxfs.fetch.partials import PartialMap, PartialMaps
-from mxfs.hub import HubClient, HubFile, RetryPolicy, Transient
+from mxfs.fetch.plan import ALIGN, Chunk, ChunkQueue, chunk_size_for
+from mxfs.hub import HubClient, HubFile, RangeBody, RetryPolicy, Transient
 from mxfs.ranges import RangeSet
 from mxfs.registry import Registry
 
@@ -53,20 +54,12 @@ VERIFY_ATTEMPTS = 3
 HASH_BLOCK = 8 << 20
 # At most this much is hashed per thread call, so the hashing task stays responsive.
 HASH_FEED = 64 << 20
-# Connections of one download: how many to start with, and how they grow (see
-# _add_connections_while_it_pays).
-FIRST_CONNECTIONS = 1
-TUNE_INTERVAL = 1.0
-TUNE_GAIN = 1.2
-# Range sizes of the background download (see chunk_size_for).
-CHUNKS_PER_CONNECTION = 4
-MIN_CHUNK = 8 << 20
 # A reader whose bytes are this close ahead of a stream's position waits for that stream; further
 # away, they are fetched on demand.
 NEAR = 4 << 20
 # On-demand windows are aligned, and grow (up to the maximum) for a reader that keeps asking
 # right where the previous window ended: a sequential reader then needs fewer requests.
-ON_DEMAND_ALIGN = 1 << 20
+ON_DEMAND_ALIGN = ALIGN
 ON_DEMAND_MIN = 2 << 20
 ON_DEMAND_MAX = 32 << 20
 # After an on-demand request fails, leave the bytes to the background download for a while.
@@ -77,18 +70,6 @@ MAP_SAVE_INTERVAL = 5.0
 
 class LeaseLost(Exception):
     """The lease could not be renewed (taken over, or the registry unreachable for too long)."""
-
-
-@dataclass(eq=False)
-class Chunk:
-    state: FileState
-    start: int
-    end: int
-
-    def priority(self) -> tuple[int, int, int, str, int]:
-        s = self.state
-        wanted_here = any(self.start <= off < self.end for off in s.wanted_offsets)
-        return (0 if s.waiting else 1, 0 if wanted_here else 1, s.file.size, s.file.path, self.start)
 
 
 class PrefixHasher:
@@ -166,17 +147,27 @@ class EntryDownload:
         self.net_limiter = net_limiter
         self.io_limiter = io_limiter
         self.retry = retry
-        self._queue: list[Chunk] = []
+        # Background ranges not yet taken, and per file how many are not finished.
+        self._queue: ChunkQueue[FileState] = ChunkQueue()
         self._pending: dict[FileState, int] = {}
+        # Files readers wait on (shared with their FileStates): their ranges go first.
+        self._waiting_files: set[FileState] = set()
+        for state in states.values():
+            if state.waiting_files is not None:
+                self._waiting_files = state.waiting_files
+                break
+        # Partial files are opened when a worker first takes one of their ranges, so descriptors
+        # are bounded by the work in flight, not by the number of files in the repo.
+        self._resumed: dict[str, tuple[Path, PartialMap]] = {}
+        self._starting: dict[FileState, trio.Event] = {}
+        # Per file, the one stream that fetches it whole because the server ignored Range.
+        self._whole: dict[FileState, Stream] = {}
         self._fds: dict[FileState, int] = {}
         self._verify_failures: dict[FileState, int] = {}
         self._hashers: dict[FileState, PrefixHasher] = {}
         self.lease_keeper = LeaseKeeper(registry, entry.name, claim_id, lease, str(entry))
         self.bytes_downloaded = 0
-        self._workers = 0
-        self._worker_limit = 1
         self._closed = False  # set when the attempt ends: late callbacks of abandoned streams are ignored
-        self._tuning = trio.CancelScope()
         # The nursery on-demand fetches run in; None until the transfers start and after they end.
         self._transfers: trio.Nursery | None = None
         self._on_demand: dict[FileState, set[trio.CancelScope]] = {}
@@ -213,21 +204,21 @@ class EntryDownload:
     # -- planning ---------------------------------------------------------------------------
 
     async def _download_all(self) -> None:
-        resumed = await trio.to_thread.run_sync(self._prepare, limiter=self.io_limiter)
+        self._resumed = await trio.to_thread.run_sync(self._prepare, limiter=self.io_limiter)
+        await self._adopt_existing_blobs()
         for state in self.states.values():
-            if state.complete:
-                continue
-            if await self._adopt_existing_blob(state):
-                continue
-            await self._start_partial(state, resumed.get(state.file.etag))
-            self._plan(state)
+            if not state.complete:
+                self._plan(state)
         try:
             with domain_errors_ungrouped():
                 async with trio.open_nursery() as nursery:
                     self._transfers = nursery
-                    for state in self._fds:
-                        self._start_hashing(state)
-                    nursery.start_soon(self._add_connections_while_it_pays, nursery, self._tuning)
+                    # All connections at once: on a CDN each connection is paced on its own, so
+                    # the download is as fast as the ranges in flight (issue 14: a rule that
+                    # grew connections only while loopback throughput rose left CDN downloads
+                    # on one or two).
+                    for _ in range(min(self.connections, len(self._queue))):
+                        nursery.start_soon(self._worker)
                     for state in self.states.values():
                         state.notify()  # readers that waited for the download to start ask again
         finally:
@@ -255,6 +246,10 @@ class EntryDownload:
             if partial_map.size == file.size:
                 path = self.cache.adopt_incomplete(repo, partial_map.filename, file.etag, self.claim_id)
             if path is not None and path.stat().st_size == file.size:
+                # The file has this claim's name now: say so in its map, or an attempt that ends
+                # before it starts this file would leave a map naming a file that is gone.
+                partial_map = PartialMap(path.name, partial_map.size, partial_map.ranges)
+                self.partial_maps.record_name(repo, file.etag, partial_map)
                 resumed[file.etag] = (path, partial_map)
             else:
                 self.partial_maps.remove(repo, file.etag)
@@ -270,20 +265,37 @@ class EntryDownload:
         for path in removed:
             log.info("%s: removed %s, left by a writer that stopped", self.entry, path.name)
 
-    async def _adopt_existing_blob(self, state: FileState) -> bool:
-        """A blob already in the cache (another commit shares the file, or a crash after publish)."""
-        file = state.file
+    async def _adopt_existing_blobs(self) -> None:
+        """Blobs already in the cache (another commit shares the file, or a crash after publish)."""
+        todo = [state for state in self.states.values() if not state.complete]
 
-        def check() -> bool:
-            if not self.cache.file_is_cached(self.entry.repo_id, self.entry.commit, tree_record(file)):
-                return False
-            self.cache.link_snapshot(self.entry.repo_id, self.entry.commit, file.path, file.etag)
-            return True
+        def check() -> list[FileState]:
+            found = []
+            for state in todo:
+                file = state.file
+                if self.cache.file_is_cached(self.entry.repo_id, self.entry.commit, tree_record(file)):
+                    self.cache.link_snapshot(self.entry.repo_id, self.entry.commit, file.path, file.etag)
+                    found.append(state)
+            return found
 
-        if await trio.to_thread.run_sync(check, limiter=self.io_limiter):
-            state.set_blob(self.cache.blob_path(self.entry.repo_id, file.etag))
-            return True
-        return False
+        for state in await trio.to_thread.run_sync(check, limiter=self.io_limiter):
+            state.set_blob(self.cache.blob_path(self.entry.repo_id, state.file.etag))
+
+    async def _ensure_started(self, state: FileState) -> None:
+        """Open the file's partial file (resumed or new) unless it is open already."""
+        if state in self._fds:
+            return
+        if (starting := self._starting.get(state)) is not None:
+            await starting.wait()
+            return
+        starting = self._starting[state] = trio.Event()
+        try:
+            await self._start_partial(state, self._resumed.pop(state.file.etag, None))
+            self._start_hashing(state)
+        finally:
+            del self._starting[state]
+            starting.set()
+        state.notify()  # readers waiting for this file ask for their bytes now
 
     async def _start_partial(self, state: FileState, resume: tuple[Path, PartialMap] | None) -> None:
         file = state.file
@@ -334,81 +346,35 @@ class EntryDownload:
 
     def _plan(self, state: FileState) -> None:
         size = state.file.size
-        step = chunk_size_for(size, self.connections, self.chunk_size)
-        chunks = [Chunk(state, start, min(start + step, size)) for start in range(0, size, step)]
-        if not chunks:
-            chunks = [Chunk(state, 0, 0)]
-        self._queue.extend(chunks)
-        self._pending[state] = len(chunks)
+        if self.client.ignores_ranges:
+            step = max(size, 1)  # one request per file: a range request would bring the whole body anyway
+        else:
+            step = chunk_size_for(size, self.connections, self.chunk_size)
+        self._pending[state] = self._queue.push_file(state, size, state.file.path, step)
 
-    def _next_chunk(self) -> Chunk | None:
-        if not self._queue:
-            return None
-        best = min(self._queue, key=Chunk.priority)
-        self._queue.remove(best)
-        return best
+    def _next_chunk(self) -> Chunk[FileState] | None:
+        waited = {state: state.wanted_offsets for state in self._waiting_files}
+        return self._queue.pop(waited)
 
     # -- transfer ---------------------------------------------------------------------------
 
-    async def _add_connections_while_it_pays(self, nursery: trio.Nursery, scope: trio.CancelScope) -> None:
-        """Start with one connection and add more only while each step raises the throughput.
-
-        Parallel range requests are what makes a download from a CDN fast (each connection is
-        limited on its own), but where one connection already fills the link or the CPU (a local
-        mirror, a small machine), more of them only compete and slow everything down: measured
-        on a 2-core machine against a loopback server, 8 connections took twice as long as 1.
-        So every ``TUNE_INTERVAL`` the number of connections doubles while the rate of the last
-        step beat the one before by ``TUNE_GAIN``; at the first step that does not, it goes back
-        to the count before it (extra workers stop after their current range) and stays there.
-        """
-        with scope:  # cancelled by the last worker: the download must not wait for a tuning step
-            await self._tune_connections(nursery)
-
-    async def _tune_connections(self, nursery: trio.Nursery) -> None:
-        self._worker_limit = min(FIRST_CONNECTIONS, self.connections)
-        self._start_workers(nursery)
-        before: tuple[int, float] | None = None  # (connections, rate) of the previous step
-        last_bytes, last_time = self.bytes_downloaded, trio.current_time()
-        while self._queue:
-            await trio.sleep(TUNE_INTERVAL)
-            now = trio.current_time()
-            rate = (self.bytes_downloaded - last_bytes) / max(now - last_time, 1e-9)
-            last_bytes, last_time = self.bytes_downloaded, now
-            if before is not None and rate < before[1] * TUNE_GAIN:
-                self._worker_limit = before[0]
-                log.debug("%s: %d connection(s) are as fast as more (%.0f MB/s)", self.entry, before[0], rate / 1e6)
-                return
-            if self._worker_limit >= self.connections:
-                return
-            before = (self._worker_limit, rate)
-            self._worker_limit = min(self._worker_limit * 2, self.connections)
-            self._start_workers(nursery)
-
-    def _start_workers(self, nursery: trio.Nursery) -> None:
-        for _ in range(min(self._worker_limit - self._workers, len(self._queue))):
-            self._workers += 1
-            nursery.start_soon(self._worker)
-
     async def _worker(self) -> None:
-        """Fetch chunks until none is left, or until the tuning wants fewer connections."""
-        try:
-            while self._workers <= self._worker_limit and (chunk := self._next_chunk()) is not None:
-                await self._fetch_chunk(chunk)
-                self._pending[chunk.state] -= 1
-                if self._pending[chunk.state] == 0:
-                    await self._finish_file(chunk.state)
-        finally:
-            self._workers -= 1
-            if self._workers == 0:
-                self._tuning.cancel()
+        """Fetch ranges until none is left (one worker per connection)."""
+        while (chunk := self._next_chunk()) is not None:
+            state = chunk.file
+            await self._ensure_started(state)
+            await self._fetch_chunk(chunk)
+            self._pending[state] -= 1
+            if self._pending[state] == 0:
+                await self._finish_file(state)
 
-    async def _fetch_chunk(self, chunk: Chunk) -> None:
+    async def _fetch_chunk(self, chunk: Chunk[FileState]) -> None:
         """Fetch whatever of the chunk is missing, resuming from where a broken transfer stopped.
 
         Bytes that an on-demand request is bringing are left to it: the chunk waits for that
         request and then fetches only what is still missing, so no byte is downloaded twice.
         """
-        state = chunk.state
+        state = chunk.file
         failures = 0
         while gaps := state.present.missing(chunk.start, chunk.end):
             todo = _minus_on_demand(gaps, state.streams)
@@ -456,6 +422,13 @@ class EntryDownload:
             if limit <= stream.pos:
                 return
             with self.client.open_range(self.entry.repo_id, self.entry.commit, path, stream.pos, stream.end) as body:
+                if body.whole_file and (stream.pos > 0 or stream.end < state.file.size):
+                    plan = trio.from_thread.run_sync(self._become_whole, state, stream)
+                    if plan == "whole":
+                        self._stream_whole(fd, state, stream, body)
+                        return
+                    if plan == "leave":
+                        return  # the file's whole stream brings these bytes: drop this body
                 for data in body.chunks():
                     # Never write over bytes that are present (a reader may have been served
                     # them) or that another stream is bringing: the bytes readers got and the
@@ -474,6 +447,74 @@ class EntryDownload:
                     trio.from_thread.check_cancelled()
         finally:
             os.close(fd)
+
+    def _become_whole(self, state: FileState, stream: Stream) -> str:
+        """The server answered a range request with the whole file: make ``stream`` the one that
+        fetches the file whole, so its body is sent once, not once per range ("whole").
+
+        If another stream of this file does that already: "leave" this body if that stream
+        will still pass this range, else "skip" to the range in this body (as a last resort).
+        """
+        if self._closed:
+            return "leave"
+        if (whole := self._whole.get(state)) is not None:
+            return "leave" if whole.pos <= stream.pos else "skip"
+        if not self.client.ignores_ranges:
+            log.info(
+                "%s/%s: the server ignores Range requests; fetching each file in one request from now on",
+                self.entry,
+                state.file.path,
+            )
+            self.client.ignores_ranges = True
+            # Files no worker has started yet: one request each, like every file from now on.
+            for other, pending in list(self._pending.items()):
+                if other is not state and pending > 1 and len(self._queue.queued(other)) == pending:
+                    self._queue.drop_file(other)
+                    self._plan(other)
+        stream.whole = True
+        stream.pos, stream.end = 0, state.file.size
+        self._whole[state] = stream
+        # The file's other ranges are this stream's now; readers are served as it lands.
+        self._pending[state] -= len(self._queue.drop_file(state))
+        return "whole"
+
+    def _stream_whole(self, fd: int, state: FileState, stream: Stream, body: RangeBody) -> None:
+        """Runs in a worker thread: write a whole-file body, skipping bytes that are present or
+        that another stream brings (they must never be written twice: see _write_limit)."""
+        try:
+            for data in body.whole_chunks(state.file.size):
+                pieces = trio.from_thread.run_sync(self._whole_pieces, state, stream, len(data))
+                view = memoryview(data)
+                for start, end in pieces:
+                    try:
+                        os.pwrite(fd, view[start - stream.pos : end - stream.pos], start)
+                    except OSError as exc:
+                        raise _disk_error(exc, f"{self.entry}/{state.file.path}") from exc
+                if not trio.from_thread.run_sync(self._whole_landed, state, stream, pieces, len(data)):
+                    return
+                trio.from_thread.check_cancelled()
+        finally:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._whole.pop, state, None)
+
+    def _whole_pieces(self, state: FileState, stream: Stream, length: int) -> list[tuple[int, int]]:
+        """The parts of the next ``length`` bytes of a whole-file stream it may write."""
+        if self._closed:
+            return []
+        claimed = RangeSet([(o.pos, o.end) for o in state.streams if o is not stream and o.pos < o.end])
+        end = stream.pos + length
+        return [piece for gap in state.present.missing(stream.pos, end) for piece in claimed.missing(*gap)]
+
+    def _whole_landed(self, state: FileState, stream: Stream, pieces: list[tuple[int, int]], length: int) -> bool:
+        if self._closed:
+            return False
+        for start, end in pieces:
+            state.present.add(start, end)
+            self.bytes_downloaded += end - start
+            metrics.DOWNLOADED_BYTES.inc(end - start)
+        stream.pos += length
+        state.notify()
+        return stream.pos < stream.end
 
     def _landed(self, state: FileState, stream: Stream, length: int) -> int:
         """Record bytes written by ``stream``; returns how far it may write next (see _write_limit)."""
@@ -504,7 +545,7 @@ class EntryDownload:
                 continue
             if other.pos > pos:
                 limit = min(limit, other.pos)
-            elif other.on_demand and not stream.on_demand and other.pos <= pos < other.end:
+            elif other.claims_ahead and not stream.claims_ahead and other.pos <= pos < other.end:
                 # A background stream yields to an on-demand one that has the bytes ahead in hand.
                 return pos
         return limit
@@ -513,8 +554,8 @@ class EntryDownload:
 
     def want(self, state: FileState, start: int, end: int) -> None:
         """A reader waits for ``[start, end)``: fetch it now unless a stream is about to bring it."""
-        if self._transfers is None or state not in self._fds:
-            return
+        if self._transfers is None or state not in self._fds or self.client.ignores_ranges:
+            return  # (a range request would bring the whole file: readers wait for the stream)
         if trio.current_time() < self._on_demand_paused_until.get(state, -math.inf):
             return
         gaps = state.present.missing(start, end)
@@ -636,6 +677,13 @@ class EntryDownload:
             os.close(self._fds.pop(state))
         state.on_wait = None
         state.set_blob(blob, same_inode=True)
+        # Keep nothing per file once it is published: a repo of thousands of files must not
+        # hold a descriptor or bookkeeping for each until the whole entry is done.
+        for per_file in (self._pending, self._verify_failures, self._last_window, self._on_demand_paused_until):
+            per_file.pop(state, None)  # type: ignore[attr-defined]
+        self._on_demand.pop(state, None)
+        if not state.waiting:
+            state.retire_fd()  # a later read opens the blob by its path
         log.debug("%s/%s: verified and cached (%d bytes)", self.entry, file.path, file.size)
 
     # -- partial files --------------------------------------------------------------------------
@@ -700,24 +748,11 @@ class EntryDownload:
             state.discard_copy()
 
 
-def chunk_size_for(size: int, connections: int, largest: int) -> int:
-    """The range size for one file: at most ``largest``, small enough for ``CHUNKS_PER_CONNECTION``.
-
-    The connections stream the lowest chunks at once, so a sequential reader lags one window
-    (connections x chunk) behind the download: a window as big as the file would make a reader of a
-    512 MiB file wait for all of it.  Several chunks per connection keep the window a fraction of
-    the file, and the floor keeps the per-request overhead (a redirect, a TLS handshake) small.
-    """
-    wanted = -(-size // (connections * CHUNKS_PER_CONNECTION))
-    wanted = -(-wanted // ON_DEMAND_ALIGN) * ON_DEMAND_ALIGN
-    return max(min(largest, wanted), min(largest, MIN_CHUNK))
-
-
 def _minus_on_demand(gaps: list[tuple[int, int]], streams: set[Stream]) -> list[tuple[int, int]]:
     """``gaps`` without the bytes that on-demand requests still have to write."""
-    if not any(stream.on_demand for stream in streams):
+    if not any(stream.claims_ahead for stream in streams):
         return gaps
-    claimed = RangeSet([(stream.pos, stream.end) for stream in streams if stream.on_demand])
+    claimed = RangeSet([(stream.pos, stream.end) for stream in streams if stream.claims_ahead])
     return [piece for start, end in gaps for piece in claimed.missing(start, end)]
 
 

@@ -78,9 +78,11 @@ class EntryFetch:
     def __init__(self, entry: Entry, discards: trio.MemorySendChannel[tuple[str, str]] | None = None) -> None:
         self.entry = entry
         self.states = {path: FileState(f) for path, f in entry.files.items()}
+        waiting_files: set[FileState] = set()
         for state in self.states.values():
             state.entry_name = entry.name
             state.discards = discards
+            state.waiting_files = waiting_files
         self.running = False
         self.role: str | None = None  # "owner" or "waiter" while running
         self.error: MxfsError | None = None
@@ -162,7 +164,10 @@ class OpenFile:
         strict = self.strict or end == self.file.size
         if not state.readable(offset, end, strict):
             self.fetcher.ensure_started(self.ef)
-            await state.wait_readable(offset, end, strict, self.first_generation)
+            try:
+                await state.wait_readable(offset, end, strict, self.first_generation)
+            except IntegrityError as exc:
+                raise IntegrityError(f"{self.ef.entry}/{exc}") from None
             self._check_copy()
         generation = state.expose()
         if self.pinned is None and state.complete:
@@ -180,6 +185,11 @@ class OpenFile:
             raise IntegrityError(f"{self.ef.entry}/{self.file.path}: the copy changed under a read")
         self.fetcher.bytes_read += len(data)
         return data
+
+    def copy_discarded_since(self, generation: int) -> bool:
+        """True if a copy of the file of ``generation`` or later was discarded after readers got
+        some of its bytes (the filesystem then retires the inode those readers share)."""
+        return self.state.tainted(generation)
 
     def _check_copy(self) -> None:
         try:
@@ -330,6 +340,11 @@ class Fetcher:
     def open_entries(self) -> set[str]:
         """Registry names of entries with an open file on this node (eviction must spare them)."""
         return {name for name, ef in self._entries.items() if ef.handles > 0}
+
+    def copy_generation(self, entry: Entry, path: str) -> int:
+        """The generation of the file's current copy on this node (0 before it is first opened)."""
+        ef = self._entries.get(entry.name)
+        return ef.states[path].generation if ef is not None else 0
 
     def file_status(self, entry: Entry, path: str) -> str:
         ef = self._entries.get(entry.name)

@@ -38,6 +38,14 @@ class Stream:
     pos: int
     end: int
     on_demand: bool = False
+    # Fetching the whole file from ``pos`` on, because the server ignores Range (see
+    # EntryDownload._become_whole): it claims ``[pos, end)`` like an on-demand stream.
+    whole: bool = False
+
+    @property
+    def claims_ahead(self) -> bool:
+        """Other streams leave ``[pos, end)`` to this one."""
+        return self.on_demand or self.whole
 
     def will_reach(self, offset: int, within: int) -> bool:
         return self.pos <= offset < self.end and offset - self.pos <= within
@@ -46,7 +54,7 @@ class Stream:
         """A background range about to end just before ``offset``: its worker goes on with the
         next range, which a reader waiting there puts first in line, so a reader following the
         download across a range boundary need not open a request of its own."""
-        return not self.on_demand and self.end <= offset and offset - self.pos <= within
+        return not self.claims_ahead and self.end <= offset and offset - self.pos <= within
 
 
 class FileState:
@@ -84,6 +92,9 @@ class FileState:
         self.entry_name = ""
         self.waiting = 0
         self.wanted_offsets: set[int] = set()
+        # The entry's files that readers wait on now, shared by its FileStates: the download
+        # puts their ranges first without looking at every file.
+        self.waiting_files: set[FileState] | None = None
         # Range requests writing this file now (background chunks and on-demand reads).
         self.streams: set[Stream] = set()
         # Set by this node's download while it writes the file: a reader about to wait for
@@ -181,6 +192,8 @@ class FileState:
             return
         self.waiting += 1
         self.wanted_offsets.add(start)
+        if self.waiting_files is not None:
+            self.waiting_files.add(self)
         try:
             while not self.readable(start, end, strict):
                 if first_generation is not None:
@@ -195,6 +208,8 @@ class FileState:
         finally:
             self.waiting -= 1
             self.wanted_offsets.discard(start)
+            if self.waiting == 0 and self.waiting_files is not None:
+                self.waiting_files.discard(self)
 
     # -- the shared read descriptor --------------------------------------------------------
 

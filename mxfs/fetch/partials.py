@@ -73,6 +73,10 @@ class PartialMaps:
         os.fdatasync(fd)
         atomic_write_text(self._path(repo_id, etag), partial_map.to_json())
 
+    def record_name(self, repo_id: str, etag: str, partial_map: PartialMap) -> None:
+        """Record that the partial file was renamed (its bytes did not change: no sync needed)."""
+        atomic_write_text(self._path(repo_id, etag), partial_map.to_json())
+
     def remove(self, repo_id: str, etag: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(repo_id, etag).unlink()

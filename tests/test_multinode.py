@@ -149,6 +149,8 @@ def test_registry_outage_keeps_cached_models_served(
         ]
     )
     assert read(node / cached / "model.safetensors") == cached_data
+    # Recorded as downloaded before the registry goes (a read can be done before that).
+    wait_until(lambda: registry_status(node / cached) == b"downloaded", 30, "cached model recorded")
 
     server.stop()
     for _ in range(3):  # reads go on, also through fresh opens
@@ -177,6 +179,15 @@ def test_registry_outage_keeps_cached_models_served(
                 raise
             time.sleep(1.0)
     assert read(node / cached / "config.json") == b'{"c": 1}'
+    # The new download recorded too, before the registry is torn down with the test.
+    wait_until(lambda: registry_status(node / later) == b"downloaded", 30, "new download recorded")
+
+
+def registry_status(model_dir: Path) -> bytes:
+    try:
+        return os.getxattr(model_dir, "user.mxfs.status")
+    except OSError:
+        return b"?"
 
 
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", re.M)

@@ -30,20 +30,20 @@ from tests.redis_server import make_redis_server, redis_server  # noqa: F401
 VANISHED = r"^\S+: [\w./-]+ vanished from the cache; fetching it again$"
 _EXPECTED_ELSEWHERE: dict[str, tuple[str, ...]] = {
     # Models this daemon evicted itself (max_models, `mxfs evict`) are read again.
-    "tests/test_evict_mount.py::test_lru_order_with_max_models_and_re_download": (VANISHED,),
-    "tests/test_evict_mount.py::test_evict_command_and_gc_dry_run": (VANISHED,),
-    "tests/test_metrics.py::test_mount_fails_cleanly_when_the_metrics_port_is_taken": (
+    "test_evict_mount.py::test_lru_order_with_max_models_and_re_download": (VANISHED,),
+    "test_evict_mount.py::test_evict_command_and_gc_dry_run": (VANISHED,),
+    "test_metrics.py::test_mount_fails_cleanly_when_the_metrics_port_is_taken": (
         r"^metrics: cannot listen on 127\.0\.0\.1:\d+: Address already in use \(metrics_address = '' turns",
     ),
     # The API-server stand-in speaks plain http.
-    "tests/test_registry_kubernetes.py::test_mount_serves_a_model_through_the_kubernetes_registry": (
+    "test_registry_kubernetes.py::test_mount_serves_a_model_through_the_kubernetes_registry": (
         r"sending a bearer token over plain http to http://127\.0\.0\.1:\d+$",
     ),
-    "tests/test_service.py::test_restart_after_kill_9_on_the_same_mountpoint": (
+    "test_service.py::test_restart_after_kill_9_on_the_same_mountpoint": (
         r": stale mount left by a crashed daemon; unmounting it$",
     ),
     # The test's token file is 0644.
-    "tests/test_service.py::test_token_file_opens_gated_repos_and_never_reaches_the_log": (
+    "test_service.py::test_token_file_opens_gated_repos_and_never_reaches_the_log": (
         r"^token_file \S+ is readable by its group or by everyone \(mode 0644\); chmod 600 it$",
     ),
 }
@@ -59,7 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        patterns = _EXPECTED_ELSEWHERE.get(item.nodeid.split("[")[0])
+        patterns = _EXPECTED_ELSEWHERE.get(f"{item.path.name}::{item.name.split('[')[0]}")
         if patterns:
             item.add_marker(pytest.mark.allow_log(*patterns))
 

@@ -260,10 +260,22 @@ class MxfsOperations(pyfuse3.Operations):
         discards = self.fetcher.discarded_copies()
         task_status.started()
         async for entry_name, path in discards:
-            for node in list(self._nodes.values()):
-                if node.kind == "file" and node.path == path and node.entry and node.entry.name == entry_name:
-                    self._retire(node)
-                    await self._invalidate_pages(node.inode)
+            nodes = [
+                node
+                for node in list(self._nodes.values())
+                if node.kind == "file" and node.path == path and node.entry and node.entry.name == entry_name
+            ]
+            for node in nodes:
+                self._retire(node)
+                await self._invalidate_pages(node.inode)
+            if nodes:
+                log.info(
+                    "%s/%s: a copy readers were served failed verification; dropped the kernel's cached pages "
+                    "of inode(s) %s, and the name gets a new inode",
+                    nodes[0].entry,
+                    path,
+                    ", ".join(str(node.inode) for node in nodes),
+                )
 
     async def _invalidate_pages(self, inode: int) -> None:
         try:
@@ -273,8 +285,6 @@ class MxfsOperations(pyfuse3.Operations):
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # the kernel has forgotten the inode: nothing cached
                 log.warning("could not drop the cached pages of inode %d: %s", inode, exc)
-        else:
-            log.info("dropped the kernel's cached pages of inode %d (its copy failed verification)", inode)
 
     async def _resolve(self, node: Node) -> Entry:
         """The entry of a model directory (resolved at most once, on first use)."""

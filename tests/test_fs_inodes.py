@@ -32,6 +32,9 @@ class Fetcher:
         files = (HubFile("config.json", 2, "b" * 40), HubFile("sub/model.bin", 10, "c" * 40, "d" * 64))
         return Entry(RepoTree(ref.repo_id, COMMIT, datetime(2026, 1, 1, tzinfo=UTC), files))
 
+    def copy_generation(self, entry: Entry, path: str) -> int:
+        return 0
+
 
 def operations() -> MxfsOperations:
     return MxfsOperations(Fetcher())  # type: ignore[arg-type]

@@ -104,7 +104,10 @@ def test_every_file_reads_back_identical(hub: FakeHub, new_repo_id, mxfs_mount) 
             off = rnd.randrange(len(data))
             n = rnd.randrange(1, 300_000)
             assert os.pread(f.fileno(), n, off) == data[off : off + n]
-    assert os.getxattr(mount / repo / "model.safetensors", "user.mxfs.status") == b"cached"
+    # The read that reaches the end returns once the file is verified, maybe before its blob
+    # is published (fsync and rename) and the status says so.
+    status = mount / repo / "model.safetensors"
+    wait_until(lambda: os.getxattr(status, "user.mxfs.status") == b"cached", 30, "published")
     etag = os.getxattr(mount / repo / "model.safetensors", "user.mxfs.etag").decode()
     assert etag == sha256(files["model.safetensors"])
     assert os.getxattr(mount / repo / "model.safetensors", "user.mxfs.revision") == commit.encode()

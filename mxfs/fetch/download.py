@@ -576,9 +576,12 @@ class EntryDownload:
             if lo < stream.pos < hi:
                 hi = stream.pos  # that stream writes from there on
         stream = Stream(lo, hi, on_demand=True)
+        try:
+            self._transfers.start_soon(self._fetch_on_demand, state, stream)
+        except RuntimeError:
+            return  # the transfers are ending (the attempt failed): the reader hears it next
         state.streams.add(stream)
         self._last_window[state] = (hi, size)
-        self._transfers.start_soon(self._fetch_on_demand, state, stream)
 
     async def _fetch_on_demand(self, state: FileState, stream: Stream) -> None:
         scopes = self._on_demand.setdefault(state, set())

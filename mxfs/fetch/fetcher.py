@@ -41,7 +41,7 @@ from mxfs.errors import (
 from mxfs.fetch.catalog import Catalog
 from mxfs.fetch.download import EntryDownload, LeaseLost
 from mxfs.fetch.entry import Entry, tree_record
-from mxfs.fetch.files import FileState, SharedFd, read_at
+from mxfs.fetch.files import CopyDiscarded, FileState, SharedFd, read_at
 from mxfs.fetch.partials import PartialMaps
 from mxfs.hub import Hub, HubFile
 from mxfs.names import ModelRef
@@ -166,8 +166,8 @@ class OpenFile:
             self.fetcher.ensure_started(self.ef)
             try:
                 await state.wait_readable(offset, end, strict, self.first_generation)
-            except IntegrityError as exc:
-                raise IntegrityError(f"{self.ef.entry}/{exc}") from None
+            except CopyDiscarded as exc:
+                raise CopyDiscarded(f"{self.ef.entry}/{exc}") from None
             self._check_copy()
         generation = state.expose()
         if self.pinned is None and state.complete:
@@ -194,8 +194,8 @@ class OpenFile:
     def _check_copy(self) -> None:
         try:
             self.state.check_copy(self.first_generation)
-        except IntegrityError as exc:
-            raise IntegrityError(f"{self.ef.entry}/{exc}") from None
+        except CopyDiscarded as exc:
+            raise CopyDiscarded(f"{self.ef.entry}/{exc}") from None
 
     def close(self) -> None:
         if not self.closed:

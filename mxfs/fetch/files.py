@@ -163,7 +163,7 @@ class FileState:
     def check_copy(self, first_generation: int) -> None:
         """Raise for a handle (opened at ``first_generation``) that may hold bytes of a bad copy."""
         if self.tainted(first_generation):
-            raise IntegrityError(
+            raise CopyDiscarded(
                 f"{self.file.path}: bytes served through this handle came from a copy that failed "
                 "verification; reopen the file"
             )
@@ -237,6 +237,10 @@ class FileState:
         if self._fd is not None:
             self._fd.retire()
             self._fd = None
+
+
+class CopyDiscarded(IntegrityError):
+    """A handle may hold bytes of a copy that was discarded unverified: EIO from now on."""
 
 
 class SharedFd:

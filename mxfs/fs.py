@@ -270,7 +270,7 @@ class MxfsOperations(pyfuse3.Operations):
                 await self._invalidate_pages(node.inode)
             if nodes:
                 log.info(
-                    "%s/%s: a copy readers were served failed verification; dropped the kernel's cached pages "
+                    "%s/%s: a copy readers were served was discarded unverified; dropped the kernel's cached pages "
                     "of inode(s) %s, and the name gets a new inode",
                     nodes[0].entry,
                     path,

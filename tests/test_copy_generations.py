@@ -158,3 +158,19 @@ def test_a_stream_stops_at_present_bytes_and_at_other_streams(tmp_path: Path) ->
     assert download._write_limit(state, background) == 650
     download._closed = True
     assert download._write_limit(state, on_demand) == 0
+
+
+def test_a_lost_lease_withdraws_the_copy_from_readers_at_once(tmp_path: Path) -> None:
+    """A renewal stuck in a frozen registry can keep the attempt from ending for long: from the
+    moment the lease is lost, its partial file is offered to nobody, and its late writes land nowhere."""
+    state = partial_state(tmp_path)
+    download = make_download(tmp_path, state)
+    download._fds[state] = -1  # started (the descriptor is not used here)
+    opened = state.generation
+    state.expose()
+    download.lease_keeper.on_lost()  # type: ignore[misc]
+    assert not state.readable(0, 100, strict=False)
+    with pytest.raises(IntegrityError):
+        state.check_copy(opened)  # it read bytes nobody will ever verify
+    stream = Stream(500, SIZE)
+    assert download._write_limit(state, stream) == 0

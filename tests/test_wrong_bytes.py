@@ -32,7 +32,7 @@ pytestmark = requires_fuse
 
 MiB = 1 << 20
 CHECKSUM_WARNING = "downloaded bytes do not match the Hub's checksum"
-TAINT_WARNING = "came from a copy that failed verification"
+TAINT_WARNING = "came from a copy that was discarded unverified"
 # Every way a reader may end when the bytes it was served failed their checksum.
 SAFE = {"correct", "EIO", "SIGBUS"}
 READER_TIMEOUT = 120.0

@@ -166,6 +166,7 @@ class EntryDownload:
         self._verify_failures: dict[FileState, int] = {}
         self._hashers: dict[FileState, PrefixHasher] = {}
         self.lease_keeper = LeaseKeeper(registry, entry.name, claim_id, lease, str(entry))
+        self.lease_keeper.on_lost = self._withdraw_copies
         self.bytes_downloaded = 0
         self._closed = False  # set when the attempt ends: late callbacks of abandoned streams are ignored
         # The nursery on-demand fetches run in; None until the transfers start and after they end.
@@ -200,6 +201,19 @@ class EntryDownload:
         if self.lease_keeper.lost:
             raise LeaseLost(f"{self.entry}: lease lost, stopped writing")
         await trio.to_thread.run_sync(self.remove_dead_partials, limiter=self.io_limiter)
+
+    def _withdraw_copies(self) -> None:
+        """The lease is lost: from now on nobody is served a byte of this attempt's copies.
+
+        Its writers are being cancelled, but a renewal stuck in a frozen registry can keep the
+        attempt from ending for a long time; meanwhile the partial files must not be offered
+        to readers (another node now owns the download), and readers that already had bytes of
+        them hold bytes nobody will verify.
+        """
+        self._closed = True  # late writes of abandoned streams land nowhere
+        for state in list(self._fds):
+            if not state.verified:
+                state.discard_copy()
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -663,8 +677,7 @@ class EntryDownload:
         assert partial is not None
         # Verified: readers waiting for verified bytes read the partial file (the blob's inode
         # to be) while it is made durable and renamed.
-        state.verified = True
-        state.notify()
+        state.mark_verified()
 
         def publish() -> Path:
             blob = self.cache.publish_blob(self.entry.repo_id, file.etag, partial, fd)

@@ -156,6 +156,12 @@ class FileState:
             self.present.clear()
         self.notify()
 
+    def mark_verified(self) -> None:
+        """The current copy passed its checksum: every byte readers got of it was right."""
+        self.verified = True
+        self.exposed = False
+        self.notify()
+
     def tainted(self, first_generation: int) -> bool:
         """True if a handle opened at ``first_generation`` was open while an exposed copy was discarded."""
         return self.last_tainted_generation >= first_generation
@@ -164,8 +170,8 @@ class FileState:
         """Raise for a handle (opened at ``first_generation``) that may hold bytes of a bad copy."""
         if self.tainted(first_generation):
             raise CopyDiscarded(
-                f"{self.file.path}: bytes served through this handle came from a copy that failed "
-                "verification; reopen the file"
+                f"{self.file.path}: bytes served through this handle came from a copy that was discarded "
+                "unverified (it failed its checksum, or its download was abandoned); reopen the file"
             )
 
     def expose(self) -> int:

@@ -13,6 +13,7 @@ stopped writing by then, whatever the registry does.  Two things can make it lap
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -41,6 +42,9 @@ class LeaseKeeper:
         self.lost = False
         self.stopped_at: float | None = None  # when the download was told to stop (trio's clock)
         self._trust = trio.CancelScope()
+        # Called once, at the moment the lease stops being trusted (before the download's
+        # tasks have wound down): the copy being written must stop being served at once.
+        self.on_lost: Callable[[], None] | None = None
 
     async def run(self, download_scope: trio.CancelScope) -> None:
         """Renew until cancelled; the moment the lease cannot be trusted, cancel ``download_scope``.
@@ -88,5 +92,7 @@ class LeaseKeeper:
         if not self.lost:
             log.log(level, "%s: %s", self.label, why)
             self.stopped_at = trio.current_time()
-        self.lost = True
+            self.lost = True
+            if self.on_lost is not None:
+                self.on_lost()
         download_scope.cancel()

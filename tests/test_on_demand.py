@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from tests.hubserver import FakeHub
-from tests.mounting import requires_fuse, run_cli
+from tests.mounting import requires_fuse, run_cli, wait_until
 
 pytestmark = requires_fuse
 
@@ -168,10 +168,15 @@ def test_sixteen_threads_on_one_handle_of_a_downloading_file(hub: FakeHub, new_r
     assert results == dict.fromkeys(range(16), True)
     # The readers far from offset 0 were served by their own requests, not in file order.
     assert len(range_starts(hub, repo, "model.safetensors")) > 2
+    # No byte is written twice: requests stop where another has the bytes. What a stopped request
+    # had already pushed into its socket is the waste: 1.07-1.13x here (a loopback socket holds
+    # MBs), short of issue 14's 1.05x; a bound, so that waste never grows unnoticed.
+    wait_until(lambda: os.getxattr(path, "user.mxfs.status") == b"cached", 60, "the file is cached")
+    assert hub.bytes_served(repo, "model.safetensors") <= len(data) * 1.2
 
 
-def test_connections_grow_while_each_one_is_the_limit(hub: FakeHub, new_repo_id, mxfs_mount) -> None:
-    """A server that throttles each connection: the download opens more of them (up to 8)."""
+def test_a_download_keeps_its_connections_busy(hub: FakeHub, new_repo_id, mxfs_mount) -> None:
+    """A server that paces each connection (a CDN): the download keeps several in flight."""
     repo = new_repo_id()
     data = payload(32 * MiB, seed=5)
     hub.add_repo(repo, {"model.safetensors": data})

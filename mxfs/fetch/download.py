@@ -160,6 +160,8 @@ class EntryDownload:
         # are bounded by the work in flight, not by the number of files in the repo.
         self._resumed: dict[str, tuple[Path, PartialMap]] = {}
         self._starting: dict[FileState, trio.Event] = {}
+        # Per etag, the files with that content: the first is downloaded, the others linked.
+        self._twins: dict[str, list[FileState]] = {}
         # Per file, the one stream that fetches it whole because the server ignored Range.
         self._whole: dict[FileState, Stream] = {}
         self._fds: dict[FileState, int] = {}
@@ -221,7 +223,14 @@ class EntryDownload:
         self._resumed = await trio.to_thread.run_sync(self._prepare, limiter=self.io_limiter)
         await self._adopt_existing_blobs()
         for state in self.states.values():
-            if not state.complete:
+            if state.complete:
+                continue
+            # Files with the same content (one etag) are one blob: the first downloads it, the
+            # others are linked to it when it is published (two partial files of one name
+            # would truncate each other).
+            twins = self._twins.setdefault(state.file.etag, [])
+            twins.append(state)
+            if len(twins) == 1:
                 self._plan(state)
         try:
             with domain_errors_ungrouped():
@@ -367,7 +376,8 @@ class EntryDownload:
         self._pending[state] = self._queue.push_file(state, size, state.file.path, step)
 
     def _next_chunk(self) -> Chunk[FileState] | None:
-        waited = {state: state.wanted_offsets for state in self._waiting_files}
+        # A reader of a file whose twin (same content) is downloaded waits on the twin's ranges.
+        waited = {self._twins.get(s.file.etag, [s])[0]: s.wanted_offsets for s in self._waiting_files}
         return self._queue.pop(waited)
 
     # -- transfer ---------------------------------------------------------------------------
@@ -637,7 +647,12 @@ class EntryDownload:
                 await state.wait_changed()
                 continue
             async with hasher.lock:
-                await trio.to_thread.run_sync(hasher.feed, fd, upto, limiter=self.io_limiter)
+                try:
+                    await trio.to_thread.run_sync(hasher.feed, fd, upto, limiter=self.io_limiter)
+                except OSError as exc:
+                    # The final check hashes again from where this stopped, and fails the copy.
+                    log.warning("%s/%s: could not hash the partial file: %s", self.entry, state.file.path, exc)
+                    return
 
     async def _verified(self, state: FileState) -> bool:
         """Finish the file's hash (usually only its last bytes are left) and compare."""
@@ -679,9 +694,12 @@ class EntryDownload:
         # to be) while it is made durable and renamed.
         state.mark_verified()
 
+        twins = [twin for twin in self._twins.get(file.etag, ()) if twin is not state]
+
         def publish() -> Path:
             blob = self.cache.publish_blob(self.entry.repo_id, file.etag, partial, fd)
-            self.cache.link_snapshot(self.entry.repo_id, self.entry.commit, file.path, file.etag)
+            for published in (state, *twins):
+                self.cache.link_snapshot(self.entry.repo_id, self.entry.commit, published.file.path, file.etag)
             self.partial_maps.remove(self.entry.repo_id, file.etag)
             return blob
 
@@ -693,6 +711,8 @@ class EntryDownload:
             os.close(self._fds.pop(state))
         state.on_wait = None
         state.set_blob(blob, same_inode=True)
+        for twin in twins:
+            twin.set_blob(blob)
         # Keep nothing per file once it is published: a repo of thousands of files must not
         # hold a descriptor or bookkeeping for each until the whole entry is done.
         for per_file in (self._pending, self._verify_failures, self._last_window, self._on_demand_paused_until):

@@ -22,11 +22,13 @@ import trio
 from mxfs import __version__
 from mxfs.cache import HubCache
 from mxfs.config import OPTIONS, ConfigError, Settings, format_size, get_value, load_settings, toml_value
-from mxfs.daemon import apply_pins, make_evictor, match_entries, open_services, serve, unmount
+from mxfs.daemon import make_evictor, open_services, serve
 from mxfs.errors import MxfsError
 from mxfs.evict import Report
 from mxfs.fetch import Entry, Fetcher, StateDir
+from mxfs.mounts import unmount
 from mxfs.names import parse_model_arg
+from mxfs.pins import apply_pins, match_entries
 from mxfs.registry import Record, Registry, RegistryError, Status, open_registry, parse_entry_name, redact_url
 
 log = logging.getLogger("mxfs")

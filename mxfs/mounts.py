@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -27,35 +28,53 @@ MAX_BACKGROUND = 64
 # -- what is mounted where ---------------------------------------------------------------------
 
 
-def _unescape_mountinfo(field: str) -> str:
+@dataclass(frozen=True)
+class Mount:
+    """One line of mountinfo."""
+
+    device: tuple[int, int]  # (major, minor)
+    mount_point: str
+    fstype: str  # "fuse.mxfs", "ext4", ...
+
+
+def _unescape(field: str) -> str:
     """mountinfo writes space, tab, newline and backslash in paths as octal escapes (``\\040``)."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """The mounts in a mountinfo text, in mount order: the last one on a path is the visible one."""
+    mounts = []
+    for line in text.splitlines():
+        before, _, after = line.partition(" - ")
+        fields, fstype = before.split(), after.split()[:1]
+        if len(fields) > 4 and fstype:
+            major, _, minor = fields[2].partition(":")
+            mounts.append(Mount((int(major), int(minor)), _unescape(fields[4]), fstype[0]))
+    return mounts
+
+
+def current_mounts() -> list[Mount]:
+    with open("/proc/self/mountinfo") as f:
+        return parse_mountinfo(f.read())
 
 
 def mount_type(mountpoint: Path) -> str | None:
     """The filesystem type mounted at ``mountpoint`` (``fuse.mxfs``), or None if nothing is."""
     target = os.path.abspath(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            before, _, after = line.partition(" - ")
-            fields = before.split()
-            if len(fields) > 4 and _unescape_mountinfo(fields[4]) == target:
-                found = after.split()[0]  # the last mount on a path is the visible one
-    return found
+    found = [m.fstype for m in current_mounts() if m.mount_point == target]
+    return found[-1] if found else None
 
 
-def _mount_device(mountpoint: Path) -> tuple[int, int] | None:
-    """The (major, minor) of our mount, from mountinfo: stat() on it would wait for ourselves."""
+def fuse_device(mountpoint: Path, mounts: list[Mount] | None = None) -> tuple[int, int] | None:
+    """The (major, minor) of the FUSE mount at ``mountpoint``, or None if there is none."""
     target = str(mountpoint.resolve())
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and fields[4] == target and " - fuse" in line:
-                major, minor = fields[2].split(":")
-                found = (int(major), int(minor))
-    return found
+    found = [
+        m.device
+        for m in (current_mounts() if mounts is None else mounts)
+        if m.mount_point == target and m.fstype.startswith("fuse")
+    ]
+    return found[-1] if found else None
 
 
 # -- stale mounts and unmount ------------------------------------------------------------------
@@ -138,7 +157,7 @@ def unmount(mountpoint: Path, *, lazy: bool = False) -> str:
 
 def tune_fuse_connection(mountpoint: Path) -> None:
     """Raise readahead and background requests of the FUSE connection (root only; best effort)."""
-    device = _mount_device(mountpoint)
+    device = fuse_device(mountpoint)
     if device is None:
         return
     major, minor = device

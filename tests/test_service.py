@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from mxfs import cli, mounts, systemd
+from mxfs import cli, systemd
 from mxfs.cache import HubCache
 from mxfs.fetch import StateDir
 from mxfs.hub import HubFile, RepoTree
@@ -299,11 +299,6 @@ def test_unmount_refuses_what_is_not_mxfs(tmp_path: Path) -> None:
     done = run_cli("unmount", str(tmp_path), timeout=30)
     assert done.returncode == 1
     assert "not mounted" in done.stderr
-
-
-def test_mountinfo_paths_with_spaces_are_unescaped() -> None:
-    assert mounts._unescape_mountinfo(r"/mnt/my\040models") == "/mnt/my models"
-    assert mounts._unescape_mountinfo(r"/a\134b") == "/a\\b"
 
 
 # -- allow_other, uid, gid, token_file ----------------------------------------------------------

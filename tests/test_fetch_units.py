@@ -33,7 +33,7 @@ from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, Offli
 from mxfs.fetch.download import hash_matches
 from mxfs.fetch.entry import Entry, tree_record
 from mxfs.fetch.files import FileState, SharedFd, read_at
-from mxfs.hub import HubFile, RangeBody, RepoTree, RetryPolicy, Transient, _translate
+from mxfs.hub import HubFile, RangeBody, RepoTree, Transient, _translate
 from mxfs.registry import entry_name
 
 COMMIT = "c" * 40
@@ -451,13 +451,6 @@ def test_translate_unknown_error() -> None:
     result = _translate(ValueError("weird"), "org/model")
     assert type(result) is HubUnavailable
     assert "ValueError" in str(result)
-
-
-def test_retry_policy_delays() -> None:
-    policy = RetryPolicy(attempts=5, initial_delay=0.5, max_delay=10.0)
-    assert [policy.delay(i) for i in range(7)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
-    assert RetryPolicy().attempts >= 1
-    assert all(RetryPolicy().delay(i) <= RetryPolicy().max_delay for i in range(100))
 
 
 # -- read_at --------------------------------------------------------------------------------------

@@ -43,9 +43,10 @@ from mxfs.fetch.files import FileState, Stream
 from mxfs.fetch.lease import LeaseKeeper
 from mxfs.fetch.partials import PartialMap, PartialMaps
 from mxfs.fetch.plan import ALIGN, Chunk, ChunkQueue, chunk_size_for
-from mxfs.hub import HubClient, HubFile, RangeBody, RetryPolicy, Transient
+from mxfs.hub import HubClient, HubFile, RangeBody, Transient
 from mxfs.ranges import RangeSet
 from mxfs.registry import Registry
+from mxfs.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +414,7 @@ class EntryDownload:
                         state.notify()
             except Transient as exc:
                 failures += 1
-                if failures >= self.retry.attempts:
+                if self.retry.gives_up_after(failures):
                     raise HubUnavailable(f"{exc} (gave up after {failures} attempts)") from exc
                 delay = self.retry.delay(failures - 1)
                 log.warning("%s/%s: %s; resuming in %.1fs", self.entry, state.file.path, exc, delay)

@@ -55,21 +55,18 @@ from mxfs.registry import (
     Status,
     parse_entry_name,
 )
+from mxfs.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
-# Attempts of one coordination task before it gives up and leaves the entry in ERROR; the next
-# open after the backoff starts a new one.
-MAX_ATTEMPTS = 3
+# Attempts of one coordination task, 2 and 4 s apart, before it gives up and leaves the entry in
+# ERROR; an open after a further backoff (growing with each failure, up to a minute) starts anew.
+ENTRY_RETRY = RetryPolicy(attempts=3, initial_delay=2.0, max_delay=60.0)
 REGISTRY_WARNING_INTERVAL = 30.0
 # Every node touches the entries it has open this often, so eviction elsewhere sees them in use.
 TOUCH_INTERVAL = 60.0
 # How long a stopping daemon tries to hand its running claims back.
 RELEASE_TIMEOUT = 2.0
-
-
-def _backoff(failures: int) -> float:
-    return min(60.0, 2.0 * math.pow(2, failures - 1))
 
 
 class EntryFetch:
@@ -423,18 +420,20 @@ class Fetcher:
                     return
                 except DiskFull as exc:
                     ef.failures += 1
-                    if self.on_disk_full is None or ef.failures >= MAX_ATTEMPTS:
+                    if self.on_disk_full is None or ENTRY_RETRY.gives_up_after(ef.failures):
                         self._fail(ef, exc, permanent=False)
                         return
                     log.warning("%s: %s; evicting unused models, then retrying", entry, exc)
                     await self.on_disk_full(sum(s.file.size for s in ef.states.values() if not s.complete))
                 except MxfsError as exc:
                     ef.failures += 1
-                    if ef.failures >= MAX_ATTEMPTS:
+                    if ENTRY_RETRY.gives_up_after(ef.failures):
                         self._fail(ef, exc, permanent=False)
                         return
-                    delay = _backoff(ef.failures)
-                    log.warning("%s: %s; attempt %d of %d in %.0fs", entry, exc, ef.failures + 1, MAX_ATTEMPTS, delay)
+                    delay = ENTRY_RETRY.delay(ef.failures - 1)
+                    log.warning(
+                        "%s: %s; attempt %d of %d in %.0fs", entry, exc, ef.failures + 1, ENTRY_RETRY.attempts, delay
+                    )
                     await trio.sleep(delay)
         except Exception:
             # A bug must cost this entry, not the mount: log it loudly and fail its readers.
@@ -449,7 +448,7 @@ class Fetcher:
 
     def _fail(self, ef: EntryFetch, exc: MxfsError, *, permanent: bool) -> None:
         ef.failures += 1
-        ef.retry_at = trio.current_time() + _backoff(ef.failures)
+        ef.retry_at = trio.current_time() + ENTRY_RETRY.delay(ef.failures - 1)
         if isinstance(exc, AccessDenied):
             log.error("%s: %s. Set HF_TOKEN (or token_file) to a token that can read this repo.", ef.entry, exc)
         else:

@@ -5,7 +5,8 @@ any of its files starts one coordination task, which loops until the entry is in
 
 * every file already in the cache → make sure the registry says DOWNLOADED, done;
 * otherwise ask the registry: ``try_claim`` (no record, or a DOWNLOADING record whose lease
-  expired), ``try_retake`` from DOWNLOADED (the files vanished) or from ERROR (retry);
+  expired), ``try_retake`` from DOWNLOADED (the files vanished) or ``try_reset_error_for_retry``
+  (an ERROR entry);
 * the winner downloads (:class:`EntryDownload`); everybody else waits, watching the blobs
   appear in the shared cache and the record's status, and tries again after each poll, which is
   how an expired lease is taken over.

@@ -105,16 +105,6 @@ class PrefixHasher:
         return self.pos == self.file.size and self._digest.hexdigest() == self._expected
 
 
-def hash_matches(fd: int, file: HubFile) -> bool:
-    """Check a complete copy against the Hub's hash: LFS sha256, else git's blob sha1."""
-    hasher = PrefixHasher(file)
-    try:
-        hasher.feed(fd, file.size)
-    except OSError:
-        return False
-    return hasher.matches()
-
-
 class EntryDownload:
     """One owner's download of one entry."""
 
@@ -791,4 +781,4 @@ def _disk_error(exc: OSError, what: str) -> MxfsError:
     return MxfsError(f"{what}: {exc}")
 
 
-__all__: Sequence[str] = ("EntryDownload", "LeaseLost", "hash_matches")
+__all__: Sequence[str] = ("EntryDownload", "LeaseLost")

@@ -82,7 +82,6 @@ class EntryFetch:
             state.discards = discards
             state.waiting_files = waiting_files
         self.running = False
-        self.role: str | None = None  # "owner" or "waiter" while running
         self.error: MxfsError | None = None
         self.retry_at = 0.0
         self.failures = 0
@@ -407,10 +406,8 @@ class Fetcher:
                         raise OfflineMiss(f"{entry}: HF_HUB_OFFLINE is set and not all of its files are cached")
                     claim_id = uuid.uuid4().hex
                     if await self._try_acquire(ef, claim_id):
-                        ef.role = "owner"
                         await self._download(ef, claim_id)
                         return
-                    ef.role = "waiter"
                     await self._wait_for_news(entry.name)
                 except LeaseLost as exc:
                     metrics.DOWNLOADS_FAILED.inc()
@@ -442,7 +439,6 @@ class Fetcher:
             self._fail(ef, MxfsError(f"{entry}: internal error (see the daemon log)"), permanent=True)
         finally:
             ef.running = False
-            ef.role = None
             if ef.error is None and not ef.complete and any(s.waiting for s in ef.states.values()):
                 # Files vanished while this task was finishing (see ``open``): readers wait for them.
                 self.ensure_started(ef)

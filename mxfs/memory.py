@@ -29,12 +29,9 @@ class Activity(Protocol):
 def bound_malloc_retention() -> None:
     """Keep the daemon's memory near its working set under sustained load.
 
-    By default glibc gives each of the daemon's ~80 worker threads an arena of its own, and
-    raises its mmap threshold after every large free, so the 1-8 MiB read and hash buffers end
-    up in arenas that keep their peak for good: a soak of 32 readers left the daemon 40-70 MiB
-    above its baseline with nothing open.  Two arenas and a fixed 4 MiB threshold (buffers above
-    it are mapped and returned at once; 1 MiB read buffers are reused from the heap) keep it
-    within a few MiB.  Does nothing where malloc is not glibc's.
+    glibc gives each worker thread an arena of its own and raises its mmap threshold after every
+    large free, so the 1-8 MiB read and hash buffers would pile up in arenas that keep their peak.
+    Two arenas and a fixed 4 MiB threshold (larger buffers are mapped and returned at once) bound it.
     """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None)

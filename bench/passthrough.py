@@ -22,7 +22,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 try:
-    from mxfs.daemon import tune_fuse_connection
+    from mxfs.mounts import tune_fuse_connection
 except Exception:  # pragma: no cover - the bench still works without mxfs importable
     tune_fuse_connection = None
 

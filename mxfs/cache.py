@@ -149,17 +149,6 @@ class HubCache:
         except FileNotFoundError:
             return False
 
-    def snapshot_is_complete(self, repo_id: str, commit: str, files: Iterable[TreeFileRecord]) -> bool:
-        """Every file is linked in ``snapshots/<commit>`` and its blob is present."""
-        for file in files:
-            link = self.snapshot_file(repo_id, commit, file.path)
-            try:
-                if link.stat().st_size != file.size:  # follows the symlink: a dangling one raises
-                    return False
-            except FileNotFoundError:
-                return False
-        return True
-
     def read_ref(self, repo_id: str, revision: str) -> str | None:
         try:
             commit = self.ref_path(repo_id, revision).read_text().strip()
@@ -199,14 +188,6 @@ class HubCache:
                 yield Path(dirpath) / filename
 
     # -- writing -----------------------------------------------------------------------------
-
-    def ensure_snapshot_dir(self, repo_id: str, commit: str) -> Path:
-        repo = self.repo_dir(repo_id)
-        make_dirs(repo / "blobs")
-        make_dirs(repo / "refs")
-        snapshot = self.snapshot_dir(repo_id, commit)
-        make_dirs(snapshot)
-        return snapshot
 
     def create_incomplete(self, repo_id: str, etag: str, writer_id: str) -> tuple[Path, int]:
         """Create a fresh partial file private to ``writer_id``; returns its path and a read-write fd.

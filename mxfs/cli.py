@@ -16,17 +16,30 @@ import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from mxfs import __version__
 from mxfs.cache import HubCache
-from mxfs.config import OPTIONS, ConfigError, Settings, format_size, get_value, load_settings, toml_value
-from mxfs.daemon import apply_pins, make_evictor, match_entries, open_services, serve, unmount
+from mxfs.config import (
+    DEFAULT_CONFIG_FILE,
+    OPTIONS,
+    ConfigError,
+    Settings,
+    default_text,
+    format_size,
+    get_value,
+    load_settings,
+    toml_value,
+)
+from mxfs.daemon import make_evictor, open_services, serve
 from mxfs.errors import MxfsError
 from mxfs.evict import Report
 from mxfs.fetch import Entry, Fetcher, StateDir
+from mxfs.mounts import unmount
 from mxfs.names import parse_model_arg
+from mxfs.pins import apply_pins, match_entries
 from mxfs.registry import Record, Registry, RegistryError, Status, open_registry, parse_entry_name, redact_url
 
 log = logging.getLogger("mxfs")
@@ -59,8 +72,14 @@ FLAG_KEYS = {
 }
 
 
+def _add_setting(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, text: str, **kw: Any) -> None:
+    """A flag for the setting :data:`FLAG_KEYS` names; its help ends in the setting's default."""
+    key = FLAG_KEYS[flag.removeprefix("--").replace("-", "_")]
+    parser.add_argument(flag, help=f"{text} (default {default_text(key)})", **kw)
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="settings file (default /etc/mxfs/mxfs.toml, if it exists)")
+    parser.add_argument("--config", type=Path, help=f"settings file (default {DEFAULT_CONFIG_FILE}, if it exists)")
     parser.add_argument(
         "--print-config", action="store_true", help="print the effective settings as TOML (secrets redacted) and exit"
     )
@@ -68,30 +87,31 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_cache_options(parser: argparse.ArgumentParser) -> None:
     _add_config_options(parser)
-    parser.add_argument("--cache-dir", help="HF hub-cache root (default /var/cache/mxfs)")
-    parser.add_argument("--state-dir", help="mxfs state: registry, listings (default /var/cache/mxfs-state)")
+    _add_setting(parser, "--cache-dir", "HF hub-cache root")
+    _add_setting(parser, "--state-dir", "mxfs state: registry, listings")
     parser.add_argument("--registry", help="registry URL: sqlite:///path, redis://... (default: in the state dir)")
-    parser.add_argument("--revision", help="revision shown as /<org>/<name> (default main)")
-    parser.add_argument("--lease", help="download lease, e.g. 30s (default 30s)")
-    parser.add_argument("--negative-ttl", help="how long a name the Hub does not know stays unknown (default 30s)")
-    parser.add_argument("--verify", help="fast: serve bytes before the checksum; strict: only verified (default fast)")
-    parser.add_argument("--connections", help="parallel connections of one model's download (default 8)")
-    parser.add_argument("--chunk-size", help="size of one range request (default 64MiB)")
-    parser.add_argument("--poll-interval", help="how often a waiter checks another's download (default 0.5s)")
+    _add_setting(parser, "--revision", "revision shown as /<org>/<name>")
+    _add_setting(parser, "--lease", "download lease, e.g. 30s")
+    _add_setting(parser, "--negative-ttl", "how long a name the Hub does not know stays unknown")
+    _add_setting(parser, "--verify", "fast: serve bytes before the checksum; strict: only verified")
+    _add_setting(parser, "--connections", "parallel connections of one model's download")
+    _add_setting(parser, "--chunk-size", "size of one range request")
+    _add_setting(parser, "--poll-interval", "how often a waiter checks another's download")
     parser.add_argument("--token-file", help="file holding the Hub token (like HF_TOKEN); keep it mode 0600")
-    parser.add_argument("--log-level", help="debug, info, warning, error (default info)")
+    _add_setting(parser, "--log-level", "debug, info, warning, error")
 
 
 def _add_mount_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    _add_setting(
+        parser,
         "--allow-other",
+        "let users other than the daemon's read the mount",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="let users other than the daemon's read the mount (default off)",
     )
     parser.add_argument("--uid", help="owner shown for files and folders, a number or a name (default: the daemon's)")
     parser.add_argument("--gid", help="group shown for files and folders, a number or a name (default: the daemon's)")
-    parser.add_argument("--metrics-address", help="where /metrics listens, HOST:PORT; '' turns it off (127.0.0.1:9400)")
+    _add_setting(parser, "--metrics-address", "where /metrics listens, HOST:PORT; '' turns it off")
 
 
 def _add_eviction_options(parser: argparse.ArgumentParser) -> None:
@@ -104,12 +124,12 @@ def _add_eviction_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="do not run the background eviction task",
     )
-    group.add_argument("--check-interval", help="how often the eviction task runs (default 5m)")
-    group.add_argument("--unused-threshold", help="evict models unused for this long (default 7d)")
-    group.add_argument("--max-models", help="keep at most this many models (default off)")
-    group.add_argument("--max-cache-size", help="keep the cache below this size (default off)")
-    group.add_argument("--min-free-space", help="keep this much free on the cache's disk (default off)")
-    group.add_argument("--in-use-grace", help="never evict a model used this recently (default 10m)")
+    _add_setting(group, "--check-interval", "how often the eviction task runs")
+    _add_setting(group, "--unused-threshold", "evict models unused for this long")
+    _add_setting(group, "--max-models", "keep at most this many models")
+    _add_setting(group, "--max-cache-size", "keep the cache below this size")
+    _add_setting(group, "--min-free-space", "keep this much free on the cache's disk")
+    _add_setting(group, "--in-use-grace", "never evict a model used this recently")
 
 
 def build_parser() -> argparse.ArgumentParser:

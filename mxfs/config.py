@@ -26,6 +26,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mxfs.errors import InvalidName
 from mxfs.names import parse_model_arg, validate_revision
@@ -141,12 +142,6 @@ class EvictionSettings:
     # Models (``org/name`` or ``org/name@rev``) the daemon pins in the registry: never evicted.
     pinned: list[str] = field(default_factory=list)
 
-    def validate(self) -> None:
-        if self.check_interval <= 0:
-            raise ConfigError(f"eviction.check_interval: must be positive, got {self.check_interval!r}")
-        if self.max_models is not None and self.max_models < 0:
-            raise ConfigError(f"eviction.max_models: cannot be negative, got {self.max_models!r}")
-
 
 @dataclass
 class Settings:
@@ -191,21 +186,15 @@ class Settings:
         return self.registry or f"sqlite://{(self.state_dir / 'registry.db').absolute()}"
 
     def validate(self) -> None:
-        try:
-            self.eviction.validate()
-            if self.verify not in ("fast", "strict"):
-                raise ConfigError(f"verify: expected 'fast' or 'strict', got {self.verify!r}")
-            if self.lease <= 0:
-                raise ConfigError(f"lease: must be positive, got {self.lease!r}")
-            if self.connections < 1:
-                raise ConfigError(f"connections: must be at least 1, got {self.connections!r}")
-            if self.chunk_size < 1024 * 1024:
-                raise ConfigError(f"chunk_size: must be at least 1MiB, got {self.chunk_size!r}")
-        except ConfigError as exc:
-            key = str(exc).split(":", 1)[0]
-            if key in self.sources:
-                raise ConfigError(f"{exc} (from {self.sources[key]})") from None
-            raise
+        """Hold every value to its option's limit, as the parsers do: settings made in code (tests,
+        embedders) never went through them."""
+        for option in OPTIONS:
+            try:
+                option.check(get_value(self, option.key))
+            except ConfigError as exc:
+                if option.key in self.sources:
+                    raise ConfigError(f"{exc} (from {self.sources[option.key]})") from None
+                raise
 
     def read_token(self) -> str | None:
         """The Hub token from ``token_file`` (None when unset); warns if others may read the file.
@@ -237,6 +226,8 @@ class Settings:
 # -- the keys -------------------------------------------------------------------------------------
 
 Parser = Callable[[object, str], object]
+# What is wrong with a parsed value ("must be positive"), or None if nothing is.
+Limit = Callable[[Any], str | None]
 _OFF = ("off", "none", "")
 
 
@@ -276,53 +267,40 @@ def _bool(raw: object, key: str) -> bool:
     raise ConfigError(f"{key}: expected true or false, got {raw!r}")
 
 
-def _int(minimum: int) -> Parser:
-    def parse_int(raw: object, key: str) -> int:
-        if isinstance(raw, str) and re.fullmatch(r"[+-]?\d+", raw.strip()):
-            value = int(raw.strip())
-        elif isinstance(raw, int) and not isinstance(raw, bool):
-            value = raw
-        else:
-            raise ConfigError(f"{key}: expected a whole number, got {raw!r}")
-        if value < minimum:
-            raise ConfigError(f"{key}: must be at least {minimum}, got {raw!r}")
-        return value
-
-    return parse_int
+def _int(raw: object, key: str) -> int:
+    if isinstance(raw, str) and re.fullmatch(r"[+-]?\d+", raw.strip()):
+        return int(raw.strip())
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    raise ConfigError(f"{key}: expected a whole number, got {raw!r}")
 
 
-def _duration(*, positive: bool) -> Parser:
-    def parse(raw: object, key: str) -> float:
-        if not isinstance(raw, str | int | float):
-            raise ConfigError(f"{key}: expected a duration such as 30s, 5m, 2h30m or 7d, got {raw!r}")
-        seconds = parse_duration(raw, key)
-        if positive and seconds <= 0:
-            raise ConfigError(f"{key}: must be positive, got {raw!r}")
-        return seconds
-
-    return parse
+def _duration(raw: object, key: str) -> float:
+    if not isinstance(raw, str | int | float):
+        raise ConfigError(f"{key}: expected a duration such as 30s, 5m, 2h30m or 7d, got {raw!r}")
+    return parse_duration(raw, key)
 
 
-def _size(minimum: int = 0, spelled: str = "") -> Parser:
-    def parse(raw: object, key: str) -> int:
-        if not isinstance(raw, str | int | float):
-            raise ConfigError(f"{key}: expected a size such as 500GiB, 10GB or 1048576, got {raw!r}")
-        size = parse_size(raw, key)
-        if size < minimum:
-            raise ConfigError(f"{key}: must be at least {spelled or minimum}, got {raw!r}")
-        return size
-
-    return parse
+def _size(raw: object, key: str) -> int:
+    if not isinstance(raw, str | int | float):
+        raise ConfigError(f"{key}: expected a size such as 500GiB, 10GB or 1048576, got {raw!r}")
+    return parse_size(raw, key)
 
 
-def _choice(*values: str) -> Parser:
-    def parse(raw: object, key: str) -> str:
-        text = _text(raw, key).lower()
-        if text not in values:
-            raise ConfigError(f"{key}: expected one of {', '.join(values)}, got {raw!r}")
-        return text
+def _lowercase(raw: object, key: str) -> str:
+    return _text(raw, key).lower()
 
-    return parse
+
+def _at_least(minimum: int, spelled: str = "") -> Limit:
+    return lambda value: f"must be at least {spelled or minimum}" if value < minimum else None
+
+
+def _positive(value: float) -> str | None:
+    return "must be positive" if value <= 0 else None
+
+
+def _one_of(*values: str) -> Limit:
+    return lambda value: None if value in values else f"expected one of {', '.join(values)}"
 
 
 def _revision(raw: object, key: str) -> str:
@@ -376,7 +354,7 @@ def _owner(database: str) -> Parser:
 
     def parse(raw: object, key: str) -> int:
         if isinstance(raw, int) or (isinstance(raw, str) and re.fullmatch(r"[+-]?\d+", raw.strip())):
-            return _int(0)(raw, key)
+            return _int(raw, key)
         name = _text(raw, key)
         try:
             return pwd.getpwnam(name).pw_uid if database == "user" else grp.getgrnam(name).gr_gid
@@ -388,16 +366,29 @@ def _owner(database: str) -> Parser:
 
 @dataclass(frozen=True)
 class Option:
-    """One setting: its key path in the file, how to read a value, and what it means."""
+    """One setting: its key path in the file, how to read a value, what it means, and its limit."""
 
     key: str
     kind: str  # how --print-config spells a value: path, text, bool, int, duration, size, models
     parse: Parser
     help: str
+    # Checked on values from the file, the environment and flags, and by Settings.validate.
+    limit: Limit | None = None
 
     @property
     def env(self) -> str:
         return ENV_PREFIX + self.key.upper().replace(".", "_")
+
+    def read(self, raw: object) -> object:
+        """A value as the file, the environment or a flag spells it: parsed, then checked."""
+        value = self.parse(raw, self.key)
+        self.check(value, raw)
+        return value
+
+    def check(self, value: object, spelled: object = None) -> None:
+        """ConfigError naming the key and the value (as ``spelled``, if given) if it breaks the limit."""
+        if value is not None and self.limit is not None and (problem := self.limit(value)):
+            raise ConfigError(f"{self.key}: {problem}, got {value if spelled is None else spelled!r}")
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -405,36 +396,43 @@ OPTIONS: tuple[Option, ...] = (
     Option("state_dir", "path", _path, "mxfs's own state: SQLite registry, resolved revisions, tree listings"),
     Option("registry", "text", _text, "registry URL: sqlite:///path, redis://..., rediss://..."),
     Option("revision", "text", _revision, "the revision /<org>/<name> shows"),
-    Option("lease", "duration", _duration(positive=True), "download lease; the owner renews it every third of it"),
+    Option("lease", "duration", _duration, "download lease; the owner renews it every third of it", _positive),
+    Option("negative_ttl", "duration", _duration, "how long a name the Hub does not know stays unknown"),
     Option(
-        "negative_ttl", "duration", _duration(positive=False), "how long a name the Hub does not know stays unknown"
+        "verify",
+        "text",
+        _lowercase,
+        "fast: serve bytes as they arrive; strict: only verified files",
+        _one_of("fast", "strict"),
     ),
-    Option(
-        "verify", "text", _choice("fast", "strict"), "fast: serve bytes as they arrive; strict: only verified files"
-    ),
-    Option("connections", "int", _int(1), "parallel HTTP connections of one model's download"),
-    Option("chunk_size", "size", _size(1024 * 1024, "1MiB"), "size of one range request of a large file"),
-    Option(
-        "poll_interval", "duration", _duration(positive=True), "how often a waiter looks at another node's download"
-    ),
+    Option("connections", "int", _int, "parallel HTTP connections of one model's download", _at_least(1)),
+    Option("chunk_size", "size", _size, "size of one range request of a large file", _at_least(1 << 20, "1MiB")),
+    Option("poll_interval", "duration", _duration, "how often a waiter looks at another node's download", _positive),
     Option("allow_other", "bool", _bool, "let users other than the daemon's read the mount (pods running as non-root)"),
-    Option("uid", "int", _optional(_owner("user")), "owner shown for files and folders (default: the daemon's user)"),
-    Option("gid", "int", _optional(_owner("group")), "group shown for files and folders (default: the daemon's group)"),
+    Option(
+        "uid",
+        "int",
+        _optional(_owner("user")),
+        "owner shown for files and folders (default: the daemon's user)",
+        _at_least(0),
+    ),
+    Option(
+        "gid",
+        "int",
+        _optional(_owner("group")),
+        "group shown for files and folders (default: the daemon's group)",
+        _at_least(0),
+    ),
     Option("metrics_address", "text", _address, "where Prometheus /metrics listens; empty: off"),
-    Option("log_level", "text", _choice(*LOG_LEVELS), "debug, info, warning, error"),
+    Option("log_level", "text", _lowercase, "debug, info, warning, error", _one_of(*LOG_LEVELS)),
     Option("token_file", "path", _optional(_path), "a file holding the Hub token (like HF_TOKEN); keep it mode 0600"),
     Option("eviction.enabled", "bool", _bool, "run the background eviction task"),
-    Option("eviction.check_interval", "duration", _duration(positive=True), "how often the eviction task runs"),
-    Option(
-        "eviction.unused_threshold",
-        "duration",
-        _optional(_duration(positive=False)),
-        "evict models unused for this long",
-    ),
-    Option("eviction.max_models", "int", _optional(_int(0)), "keep at most this many models"),
-    Option("eviction.max_cache_size", "size", _optional(_size()), "keep the cache's blobs below this size"),
-    Option("eviction.min_free_space", "size", _optional(_size()), "keep this much free on the cache's disk"),
-    Option("eviction.in_use_grace", "duration", _duration(positive=False), "never evict a model used this recently"),
+    Option("eviction.check_interval", "duration", _duration, "how often the eviction task runs", _positive),
+    Option("eviction.unused_threshold", "duration", _optional(_duration), "evict models unused for this long"),
+    Option("eviction.max_models", "int", _optional(_int), "keep at most this many models", _at_least(0)),
+    Option("eviction.max_cache_size", "size", _optional(_size), "keep the cache's blobs below this size"),
+    Option("eviction.min_free_space", "size", _optional(_size), "keep this much free on the cache's disk"),
+    Option("eviction.in_use_grace", "duration", _duration, "never evict a model used this recently"),
     Option("eviction.pinned", "models", _models, "models never evicted (org/name, or org/name@rev)"),
 )
 OPTIONS_BY_KEY = {option.key: option for option in OPTIONS}
@@ -458,6 +456,16 @@ def toml_value(option: Option, value: object) -> str | None:
         return json.dumps([str(item) for item in value])
     # A JSON string (or array of strings) is also a valid TOML basic string (or array).
     return json.dumps(str(value))
+
+
+def default_text(key: str) -> str:
+    """``key``'s default as help text spells it: ``30s``, ``64MiB``, ``off``."""
+    value = get_value(Settings(), key)
+    if value is None or isinstance(value, bool):
+        return "on" if value else "off"
+    text = toml_value(OPTIONS_BY_KEY[key], value)
+    assert text is not None
+    return json.loads(text) if text.startswith('"') else text
 
 
 def get_value(settings: Settings, key: str) -> object:
@@ -554,7 +562,7 @@ def load_settings(
             if option is None:
                 raise _unknown(key, where(key))
             try:
-                value = option.parse(raw, key)
+                value = option.read(raw)
             except ConfigError as exc:
                 raise ConfigError(f"{exc} (from {where(key)})") from None
             _set_value(settings, key, value)

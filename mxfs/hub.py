@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -42,6 +41,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from mxfs import metrics
 from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, OfflineMiss
+from mxfs.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -333,16 +333,8 @@ class RangeBody:
         raise Transient(f"{self._what}: body ended {remaining} bytes early")
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded exponential backoff: attempts and delays are finite, so a dead Hub means EIO, not a hang."""
-
-    attempts: int = 5
-    initial_delay: float = 0.5
-    max_delay: float = 10.0
-
-    def delay(self, attempt: int) -> float:
-        return min(self.max_delay, self.initial_delay * math.pow(2, attempt))
+# One request to the Hub (metadata, or a range of a file): five tries, 0.5, 1, 2 and 4 s apart.
+HUB_RETRY = RetryPolicy(attempts=5, initial_delay=0.5, max_delay=10.0)
 
 
 class Hub:
@@ -351,7 +343,7 @@ class Hub:
     def __init__(self, client: HubClient, *, concurrency: int = 16, retry: RetryPolicy | None = None):
         self.client = client
         self.limiter = trio.CapacityLimiter(concurrency)
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or HUB_RETRY
 
     @property
     def offline(self) -> bool:
@@ -365,16 +357,17 @@ class Hub:
         made here only read metadata, so nothing is left half-written; the thread ends by itself
         at its timeout and its answer is dropped.
         """
-        for attempt in range(self.retry.attempts):
+        failures = 0
+        while True:
             try:
                 return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
             except Transient as exc:
-                if attempt + 1 == self.retry.attempts:
-                    raise HubUnavailable(f"{exc} (gave up after {attempt + 1} attempts)") from exc
-                delay = self.retry.delay(attempt)
+                failures += 1
+                if self.retry.gives_up_after(failures):
+                    raise HubUnavailable(f"{exc} (gave up after {failures} attempts)") from exc
+                delay = self.retry.delay(failures - 1)
                 log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
                 await trio.sleep(delay)
-        raise AssertionError("unreachable")
 
     async def resolve(self, repo_id: str, revision: str) -> Resolved:
         return await self.call(self.client.resolve, repo_id, revision, what=f"resolve {repo_id}@{revision}")

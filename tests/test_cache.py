@@ -34,7 +34,6 @@ def record(path: str, data: bytes, *, lfs: bool = False) -> TreeFileRecord:
 
 def store(cache: HubCache, repo_id: str, commit: str, rec: TreeFileRecord, data: bytes, writer: str = "w1") -> Path:
     """Download the way mxfs does: private partial file, publish, then link."""
-    cache.ensure_snapshot_dir(repo_id, commit)
     partial, fd = cache.create_incomplete(repo_id, rec.etag, writer)
     try:
         os.write(fd, data)
@@ -79,11 +78,15 @@ def no_temp_files(root: Path) -> None:
     assert leftovers == []
 
 
+def snapshot_reads_back(cache: HubCache, repo_id: str, commit: str, files: dict[str, bytes]) -> bool:
+    """Every file reads back through its snapshot link with the bytes it was stored with."""
+    return all(cache.snapshot_file(repo_id, commit, path).read_bytes() == data for path, data in files.items())
+
+
 # -- the layout, end to end ----------------------------------------------------------------------
 
 
 def test_layout_end_to_end(cache: HubCache) -> None:
-    cache.ensure_snapshot_dir(REPO, COMMIT_A)
     rec = record("config.json", FILES["config.json"])
 
     partial, fd = cache.create_incomplete(REPO, rec.etag, "node1-abc")
@@ -137,7 +140,7 @@ def test_layout_end_to_end(cache: HubCache) -> None:
 
     assert cache.cached_repos() == [REPO]
     assert cache.cached_commits(REPO) == [COMMIT_A]
-    assert cache.snapshot_is_complete(REPO, COMMIT_A, records)
+    assert snapshot_reads_back(cache, REPO, COMMIT_A, FILES)
     assert all(cache.file_is_cached(REPO, COMMIT_A, r) for r in records)
     assert cache.snapshot_size(REPO, COMMIT_A) == blob_sizes(FILES)
     no_temp_files(cache.root)
@@ -343,27 +346,6 @@ def test_file_is_cached(cache: HubCache) -> None:
     assert not cache.file_is_cached(REPO, COMMIT_A, TreeFileRecord("g", "f" * 40, 5, "f" * 40))
 
 
-def test_snapshot_is_complete(cache: HubCache) -> None:
-    records = [record(p, d, lfs=p in LFS) for p, d in FILES.items()]
-    assert not cache.snapshot_is_complete(REPO, COMMIT_A, records)
-    for rec in records[:-1]:
-        store(cache, REPO, COMMIT_A, rec, FILES[rec.path])
-    assert not cache.snapshot_is_complete(REPO, COMMIT_A, records)  # one link missing
-    assert cache.snapshot_is_complete(REPO, COMMIT_A, records[:-1])
-    store(cache, REPO, COMMIT_A, records[-1], FILES[records[-1].path])
-    assert cache.snapshot_is_complete(REPO, COMMIT_A, records)
-    assert cache.snapshot_is_complete(REPO, COMMIT_A, [])
-
-    # Size mismatch with the tree.
-    rec0 = records[0]
-    bigger = TreeFileRecord(rec0.path, rec0.etag, rec0.size + 1, rec0.blob_id, rec0.lfs_sha256)
-    assert not cache.snapshot_is_complete(REPO, COMMIT_A, [bigger, *records[1:]])
-
-    # A dangling link (its blob is gone) is not complete.
-    cache.blob_path(REPO, rec0.etag).unlink()
-    assert not cache.snapshot_is_complete(REPO, COMMIT_A, records)
-
-
 # -- deleting ------------------------------------------------------------------------------------
 
 
@@ -401,8 +383,7 @@ def test_delete_revision_frees_only_unshared_blobs(cache: HubCache) -> None:
     assert not cache.has_blob(REPO, git_blob_sha1(b"a" * 77))
     assert cache.has_blob(REPO, git_blob_sha1(FILES["config.json"]))
     assert cache.has_blob(REPO, hashlib.sha256(FILES["model.safetensors"]).hexdigest())
-    b_records = [record(p, d, lfs=p in LFS) for p, d in files_b.items()]
-    assert cache.snapshot_is_complete(REPO, COMMIT_B, b_records)
+    assert snapshot_reads_back(cache, REPO, COMMIT_B, files_b)
 
     info = scan_cache_dir(cache.root)
     assert info.warnings == []
@@ -462,7 +443,7 @@ def test_delete_revision_of_other_repo_keeps_blobs(cache: HubCache) -> None:
     populate(cache, "org/two", COMMIT_A, {"a.txt": b"same"})
     assert cache.delete_revision("org/one", COMMIT_A) == 4
     assert cache.cached_repos() == ["org/two"]
-    assert cache.snapshot_is_complete("org/two", COMMIT_A, [record("a.txt", b"same")])
+    assert snapshot_reads_back(cache, "org/two", COMMIT_A, {"a.txt": b"same"})
     assert scan_cache_dir(cache.root).warnings == []
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mxfs.config import ConfigError, Settings, format_size, parse_duration, parse_size
+from mxfs.cli import build_parser
+from mxfs.config import ConfigError, Settings, default_text, format_size, load_settings, parse_duration, parse_size
 
 # -- durations -----------------------------------------------------------------------------------
 
@@ -240,6 +241,28 @@ def test_settings_validate_rejects(changes: dict[str, object], key: str) -> None
 )
 def test_settings_validate_accepts_limits(changes: dict[str, object]) -> None:
     Settings(**changes).validate()  # type: ignore[arg-type]
+
+
+def test_a_limit_says_the_same_from_a_flag_and_from_code() -> None:
+    with pytest.raises(ConfigError, match=r"^lease: must be positive, got '0s' \(from flag --lease\)$"):
+        load_settings(None, env={"MXFS_CONFIG": "/dev/null"}, flags={"lease": ("0s", "--lease")})
+    with pytest.raises(ConfigError, match=r"^lease: must be positive, got 0.0$"):
+        Settings(lease=0.0).validate()
+
+
+def test_help_shows_the_defaults_of_the_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    assert [default_text(key) for key in ("lease", "chunk_size", "verify", "cache_dir")] == [
+        "30s",
+        "64MiB",
+        "fast",
+        "/var/cache/mxfs",
+    ]
+    assert default_text("allow_other") == default_text("eviction.max_models") == "off"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["mount", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "download lease, e.g. 30s (default 30s)" in help_text
+    assert "keep at most this many models (default off)" in help_text
 
 
 def test_settings_extra_is_per_instance() -> None:

@@ -21,7 +21,7 @@ from mxfs.fetch.download import EntryDownload
 from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import FileState, Stream
 from mxfs.fetch.partials import PartialMaps
-from mxfs.hub import HubFile, RepoTree, RetryPolicy
+from mxfs.hub import HUB_RETRY, HubFile, RepoTree
 
 SIZE = 1000
 
@@ -133,7 +133,7 @@ def make_download(tmp_path: Path, state: FileState) -> EntryDownload:
         chunk_size=1 << 20,
         net_limiter=trio.CapacityLimiter(1),
         io_limiter=trio.CapacityLimiter(1),
-        retry=RetryPolicy(),
+        retry=HUB_RETRY,
     )
 
 

@@ -394,7 +394,6 @@ def commit_of(n: int) -> str:
 
 def populate(cache: HubCache, repo_id: str, commit: str, files: dict[str, bytes], ref: str | None = "main") -> None:
     """Lay a complete revision out the way the fetcher does."""
-    cache.ensure_snapshot_dir(repo_id, commit)
     records = []
     for path, data in files.items():
         etag = git_blob_sha1(data)

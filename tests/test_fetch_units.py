@@ -30,10 +30,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, OfflineMiss, errno_for
-from mxfs.fetch.download import hash_matches
+from mxfs.fetch.download import PrefixHasher
 from mxfs.fetch.entry import Entry, tree_record
 from mxfs.fetch.files import FileState, SharedFd, read_at
-from mxfs.hub import HubFile, RangeBody, RepoTree, RetryPolicy, Transient, _translate
+from mxfs.hub import HubFile, RangeBody, RepoTree, Transient, _translate
 from mxfs.registry import entry_name
 
 COMMIT = "c" * 40
@@ -49,7 +49,17 @@ def write_file(tmp_path: Path, data: bytes, name: str = "f") -> int:
     return os.open(path, os.O_RDONLY)
 
 
-# -- hash_matches ---------------------------------------------------------------------------------
+# -- the Hub's checksums (PrefixHasher) -----------------------------------------------------------
+
+
+def hash_matches(fd: int, file: HubFile) -> bool:
+    """Whether the first ``file.size`` bytes of ``fd``, hashed in one pass, have the Hub's checksum."""
+    hasher = PrefixHasher(file)
+    try:
+        hasher.feed(fd, file.size)
+    except OSError:  # shorter than its size
+        return False
+    return hasher.matches()
 
 
 def test_git_blob_sha1_is_what_git_computes() -> None:
@@ -453,13 +463,6 @@ def test_translate_unknown_error() -> None:
     assert "ValueError" in str(result)
 
 
-def test_retry_policy_delays() -> None:
-    policy = RetryPolicy(attempts=5, initial_delay=0.5, max_delay=10.0)
-    assert [policy.delay(i) for i in range(7)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
-    assert RetryPolicy().attempts >= 1
-    assert all(RetryPolicy().delay(i) <= RetryPolicy().max_delay for i in range(100))
-
-
 # -- read_at --------------------------------------------------------------------------------------
 
 DATA = os.urandom(256 * 1024 + 123)
@@ -764,8 +767,6 @@ def test_chunk_size_keeps_the_download_window_a_fraction_of_the_file(size, conne
 
 
 def test_prefix_hasher_fed_in_pieces_matches_one_pass(tmp_path: Path) -> None:
-    from mxfs.fetch.download import PrefixHasher
-
     data = random.Random(3).randbytes(3_000_001)
     path = tmp_path / "blob"
     path.write_bytes(data)

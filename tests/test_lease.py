@@ -45,11 +45,16 @@ class Registry:
 
 async def download_under(keeper: LeaseKeeper, runs_for: float) -> float | None:
     """Run a pretend download of ``runs_for`` seconds under ``keeper``; when it was stopped, or None."""
+    stopped_at = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(keeper.run, nursery.cancel_scope)
-        await trio.sleep(runs_for)
+        try:
+            await trio.sleep(runs_for)
+        except trio.Cancelled:
+            stopped_at = trio.current_time()  # the keeper stopped the download
+            raise
         nursery.cancel_scope.cancel()  # finished: the end of the download ends its keeper
-    return keeper.stopped_at
+    return stopped_at
 
 
 def keeper_for(registry: Registry) -> LeaseKeeper:

@@ -67,7 +67,6 @@ def put_blob(services: Services, repo_id: str, commit: str, data: bytes, etag: s
     cache = services.cache
     cache.blob_path(repo_id, etag).parent.mkdir(parents=True, exist_ok=True)
     cache.blob_path(repo_id, etag).write_bytes(data)
-    cache.ensure_snapshot_dir(repo_id, commit)
     cache.link_snapshot(repo_id, commit, "model.bin", etag)
 
 

@@ -10,6 +10,7 @@ store.  Time-dependent tests use pytest-trio's ``mock_clock`` (a frozen trio clo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -597,7 +598,7 @@ async def test_an_unreachable_server(
 
 @pytest.fixture
 def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kube_api, "RETRY_BACKOFF", 0.01)
+    monkeypatch.setattr(kube_api, "API_RETRY", dataclasses.replace(kube_api.API_RETRY, initial_delay=0.01))
 
 
 def _requests(target: KubeTarget, verb: str) -> int:
@@ -650,7 +651,7 @@ async def test_a_server_that_stays_overloaded_is_an_error_after_bounded_retries(
 ) -> None:
     registry = await open_kube()
     before = _requests(kube_target, "get")
-    kube_target.server.overload(kube_api.MAX_RETRIES + 1, 503)
+    kube_target.server.overload(kube_api.API_RETRY.attempts, 503)
     with pytest.raises(RegistryError, match=r"503"):
         await registry.get_record(_name())
     assert _requests(kube_target, "get") == before  # every try was turned away before reaching the store

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from mxfs import cli, daemon
+from mxfs import cli, systemd
 from mxfs.cache import HubCache
 from mxfs.fetch import StateDir
 from mxfs.hub import HubFile, RepoTree
@@ -211,17 +211,17 @@ def test_watchdog_pings_at_least_every_half_period(
 def test_watchdog_period_is_for_this_process_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    assert daemon.watchdog_period() is None
+    assert systemd.watchdog_period() is None
     monkeypatch.setenv("WATCHDOG_USEC", "30000000")
-    assert daemon.watchdog_period() == 30.0
+    assert systemd.watchdog_period() == 30.0
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
-    assert daemon.watchdog_period() == 30.0
+    assert systemd.watchdog_period() == 30.0
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # meant for the process that started us
-    assert daemon.watchdog_period() is None
+    assert systemd.watchdog_period() is None
     monkeypatch.delenv("WATCHDOG_PID")
     for bad in ("0", "", "abc", "-5"):
         monkeypatch.setenv("WATCHDOG_USEC", bad)
-        assert daemon.watchdog_period() is None
+        assert systemd.watchdog_period() is None
 
 
 # -- stop, crash, restart, unmount ---------------------------------------------------------------
@@ -299,11 +299,6 @@ def test_unmount_refuses_what_is_not_mxfs(tmp_path: Path) -> None:
     done = run_cli("unmount", str(tmp_path), timeout=30)
     assert done.returncode == 1
     assert "not mounted" in done.stderr
-
-
-def test_mountinfo_paths_with_spaces_are_unescaped() -> None:
-    assert daemon._unescape_mountinfo(r"/mnt/my\040models") == "/mnt/my models"
-    assert daemon._unescape_mountinfo(r"/a\134b") == "/a\\b"
 
 
 # -- allow_other, uid, gid, token_file ----------------------------------------------------------

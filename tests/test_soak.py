@@ -42,12 +42,12 @@ INCOMPLETE = (
 # thousands.  Memory: glibc gives each thread that allocates its own malloc arena and keeps freed
 # memory there; the daemon's ~80 worker threads each allocate 1 MiB read and download buffers, so
 # by default RSS settles about 70 MiB above the warm-up (measured: 64 -> 130 MiB after 22 s, 137
-# after 60 s: a plateau, not a leak).  The daemon bounds that itself (daemon.bound_malloc_retention:
+# after 60 s: a plateau, not a leak).  The daemon bounds that itself (memory.bound_malloc_retention:
 # two arenas, a fixed mmap threshold; measured: 52 -> 74 MiB), so the slack can be tight enough to
 # catch a real leak: the soak reads about 15 GiB, and keeping even 0.2% of it would exceed it.
 FD_SLACK = 16
 # Idle worker threads exit after 10 s (trio's thread cache), and with them their stacks; the daemon
-# returns freed heap after a second idle (daemon._return_memory_when_idle). Both measurements of
+# returns freed heap after a second idle (memory.return_memory_when_idle). Both measurements of
 # RSS and descriptors are taken after this long idle, so they compare like with like.
 IDLE_SECONDS = 12.0
 # Measured on a 2-core VM with the daemon's own malloc bounds: 50 MiB idle after the warm-up,

@@ -43,9 +43,10 @@ from mxfs.fetch.files import FileState, Stream
 from mxfs.fetch.lease import LeaseKeeper
 from mxfs.fetch.partials import PartialMap, PartialMaps
 from mxfs.fetch.plan import ALIGN, Chunk, ChunkQueue, chunk_size_for
-from mxfs.hub import HubClient, HubFile, RangeBody, RetryPolicy, Transient
+from mxfs.hub import HubClient, HubFile, RangeBody, Transient
 from mxfs.ranges import RangeSet
 from mxfs.registry import Registry
+from mxfs.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +103,6 @@ class PrefixHasher:
 
     def matches(self) -> bool:
         return self.pos == self.file.size and self._digest.hexdigest() == self._expected
-
-
-def hash_matches(fd: int, file: HubFile) -> bool:
-    """Check a complete copy against the Hub's hash: LFS sha256, else git's blob sha1."""
-    hasher = PrefixHasher(file)
-    try:
-        hasher.feed(fd, file.size)
-    except OSError:
-        return False
-    return hasher.matches()
 
 
 class EntryDownload:
@@ -423,7 +414,7 @@ class EntryDownload:
                         state.notify()
             except Transient as exc:
                 failures += 1
-                if failures >= self.retry.attempts:
+                if self.retry.gives_up_after(failures):
                     raise HubUnavailable(f"{exc} (gave up after {failures} attempts)") from exc
                 delay = self.retry.delay(failures - 1)
                 log.warning("%s/%s: %s; resuming in %.1fs", self.entry, state.file.path, exc, delay)
@@ -810,4 +801,4 @@ def _disk_error(exc: OSError, what: str) -> MxfsError:
     return MxfsError(f"{what}: {exc}")
 
 
-__all__: Sequence[str] = ("EntryDownload", "LeaseLost", "hash_matches")
+__all__: Sequence[str] = ("EntryDownload", "LeaseLost")

@@ -5,7 +5,8 @@ any of its files starts one coordination task, which loops until the entry is in
 
 * every file already in the cache → make sure the registry says DOWNLOADED, done;
 * otherwise ask the registry: ``try_claim`` (no record, or a DOWNLOADING record whose lease
-  expired), ``try_retake`` from DOWNLOADED (the files vanished) or from ERROR (retry);
+  expired), ``try_retake`` from DOWNLOADED (the files vanished) or ``try_reset_error_for_retry``
+  (an ERROR entry);
 * the winner downloads (:class:`EntryDownload`); everybody else waits, watching the blobs
   appear in the shared cache and the record's status, and tries again after each poll, which is
   how an expired lease is taken over.
@@ -55,21 +56,18 @@ from mxfs.registry import (
     Status,
     parse_entry_name,
 )
+from mxfs.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
-# Attempts of one coordination task before it gives up and leaves the entry in ERROR; the next
-# open after the backoff starts a new one.
-MAX_ATTEMPTS = 3
+# Attempts of one coordination task, 2 and 4 s apart, before it gives up and leaves the entry in
+# ERROR; an open after a further backoff (growing with each failure, up to a minute) starts anew.
+ENTRY_RETRY = RetryPolicy(attempts=3, initial_delay=2.0, max_delay=60.0)
 REGISTRY_WARNING_INTERVAL = 30.0
 # Every node touches the entries it has open this often, so eviction elsewhere sees them in use.
 TOUCH_INTERVAL = 60.0
 # How long a stopping daemon tries to hand its running claims back.
 RELEASE_TIMEOUT = 2.0
-
-
-def _backoff(failures: int) -> float:
-    return min(60.0, 2.0 * math.pow(2, failures - 1))
 
 
 class EntryFetch:
@@ -84,7 +82,6 @@ class EntryFetch:
             state.discards = discards
             state.waiting_files = waiting_files
         self.running = False
-        self.role: str | None = None  # "owner" or "waiter" while running
         self.error: MxfsError | None = None
         self.retry_at = 0.0
         self.failures = 0
@@ -409,10 +406,8 @@ class Fetcher:
                         raise OfflineMiss(f"{entry}: HF_HUB_OFFLINE is set and not all of its files are cached")
                     claim_id = uuid.uuid4().hex
                     if await self._try_acquire(ef, claim_id):
-                        ef.role = "owner"
                         await self._download(ef, claim_id)
                         return
-                    ef.role = "waiter"
                     await self._wait_for_news(entry.name)
                 except LeaseLost as exc:
                     metrics.DOWNLOADS_FAILED.inc()
@@ -423,18 +418,20 @@ class Fetcher:
                     return
                 except DiskFull as exc:
                     ef.failures += 1
-                    if self.on_disk_full is None or ef.failures >= MAX_ATTEMPTS:
+                    if self.on_disk_full is None or ENTRY_RETRY.gives_up_after(ef.failures):
                         self._fail(ef, exc, permanent=False)
                         return
                     log.warning("%s: %s; evicting unused models, then retrying", entry, exc)
                     await self.on_disk_full(sum(s.file.size for s in ef.states.values() if not s.complete))
                 except MxfsError as exc:
                     ef.failures += 1
-                    if ef.failures >= MAX_ATTEMPTS:
+                    if ENTRY_RETRY.gives_up_after(ef.failures):
                         self._fail(ef, exc, permanent=False)
                         return
-                    delay = _backoff(ef.failures)
-                    log.warning("%s: %s; attempt %d of %d in %.0fs", entry, exc, ef.failures + 1, MAX_ATTEMPTS, delay)
+                    delay = ENTRY_RETRY.delay(ef.failures - 1)
+                    log.warning(
+                        "%s: %s; attempt %d of %d in %.0fs", entry, exc, ef.failures + 1, ENTRY_RETRY.attempts, delay
+                    )
                     await trio.sleep(delay)
         except Exception:
             # A bug must cost this entry, not the mount: log it loudly and fail its readers.
@@ -442,14 +439,13 @@ class Fetcher:
             self._fail(ef, MxfsError(f"{entry}: internal error (see the daemon log)"), permanent=True)
         finally:
             ef.running = False
-            ef.role = None
             if ef.error is None and not ef.complete and any(s.waiting for s in ef.states.values()):
                 # Files vanished while this task was finishing (see ``open``): readers wait for them.
                 self.ensure_started(ef)
 
     def _fail(self, ef: EntryFetch, exc: MxfsError, *, permanent: bool) -> None:
         ef.failures += 1
-        ef.retry_at = trio.current_time() + _backoff(ef.failures)
+        ef.retry_at = trio.current_time() + ENTRY_RETRY.delay(ef.failures - 1)
         if isinstance(exc, AccessDenied):
             log.error("%s: %s. Set HF_TOKEN (or token_file) to a token that can read this repo.", ef.entry, exc)
         else:

@@ -18,11 +18,8 @@ from mxfs.ranges import RangeSet
 async def read_at(fd: int, offset: int, size: int, limiter: trio.CapacityLimiter) -> bytes:
     """``size`` bytes at ``offset`` (fewer only at end of file), in a worker thread.
 
-    DESIGN section 10 suggested serving page-cache hits inline with ``preadv(RWF_NOWAIT)``.  Measured
-    with ``bench/run.py``, that halved the first read of a cached file (0.52x the bare passthrough
-    against 0.95x without it): a ``RWF_NOWAIT`` read does not drive the kernel's readahead, so a
-    sequential reader keeps finding the next pages cold.  Warm re-reads never reach the daemon
-    anyway (``keep_cache``), so the inline path bought nothing.
+    Even page-cache hits go through the thread: an inline ``preadv(RWF_NOWAIT)`` does not drive the
+    kernel's readahead, so a sequential reader would keep finding the next pages cold.
     """
     return await trio.to_thread.run_sync(os.pread, fd, size, offset, limiter=limiter)
 

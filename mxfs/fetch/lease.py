@@ -40,7 +40,6 @@ class LeaseKeeper:
         self.lease = lease
         self.label = label  # the entry, for log lines
         self.lost = False
-        self.stopped_at: float | None = None  # when the download was told to stop (trio's clock)
         self._trust = trio.CancelScope()
         # Called once, at the moment the lease stops being trusted (before the download's
         # tasks have wound down): the copy being written must stop being served at once.
@@ -91,7 +90,6 @@ class LeaseKeeper:
     def _give_up(self, download_scope: trio.CancelScope, why: str, level: int = logging.WARNING) -> None:
         if not self.lost:
             log.log(level, "%s: %s", self.label, why)
-            self.stopped_at = trio.current_time()
             self.lost = True
             if self.on_lost is not None:
                 self.on_lost()

@@ -187,7 +187,10 @@ class Registry(Protocol):
         ...
 
     async def try_reset_error_for_retry(self, name: str, claim_id: str, lease: float) -> bool:
-        """ModelExpress's name for ``try_retake(name, claim_id, lease, Status.ERROR)``."""
+        """Retry an ERROR entry: ``try_retake`` from ERROR, under ModelExpress's name for it.
+
+        Every backend has it from :class:`RegistryBackend`.
+        """
         ...
 
     async def set_pinned(self, name: str, pinned: bool) -> bool:
@@ -207,6 +210,16 @@ class Registry(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class RegistryBackend:
+    """The base of every backend: the operations written once, on top of the ones each backend has."""
+
+    async def try_retake(self, name: str, claim_id: str, lease: float, from_status: Status) -> bool:
+        raise NotImplementedError
+
+    async def try_reset_error_for_retry(self, name: str, claim_id: str, lease: float) -> bool:
+        return await self.try_retake(name, claim_id, lease, Status.ERROR)
 
 
 @runtime_checkable

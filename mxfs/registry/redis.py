@@ -61,6 +61,7 @@ from mxfs.registry.base import (
     Claimed,
     ClaimOutcome,
     Record,
+    RegistryBackend,
     RegistryError,
     Status,
     StatusCounts,
@@ -478,7 +479,7 @@ def _check_url(url: str) -> None:
         raise ValueError(f"redis URL {shown!r}: the path must be a database number, as in redis://host:6379/0")
 
 
-class RedisRegistry:
+class RedisRegistry(RegistryBackend):
     """The :class:`~mxfs.registry.base.Registry` on a Redis database; create it with :meth:`open`."""
 
     def __init__(self, pool: redis.ConnectionPool, url_for_logs: str) -> None:
@@ -673,9 +674,6 @@ class RedisRegistry:
     async def try_retake(self, name: str, claim_id: str, lease: float, from_status: Status) -> bool:
         args = [name, claim_id, lease_ms(lease), Status(from_status).value]
         return await self._script(self._retake, [_key(name), LRU_KEY], args) == 1
-
-    async def try_reset_error_for_retry(self, name: str, claim_id: str, lease: float) -> bool:
-        return await self.try_retake(name, claim_id, lease, Status.ERROR)
 
     async def set_pinned(self, name: str, pinned: bool) -> bool:
         return await self._script(self._set_pinned, [_key(name)], ["1" if pinned else "0"]) == 1

@@ -48,6 +48,7 @@ from mxfs.registry.base import (
     Claimed,
     ClaimOutcome,
     Record,
+    RegistryBackend,
     RegistryError,
     Status,
     StatusCounts,
@@ -376,7 +377,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-class SqliteRegistry:
+class SqliteRegistry(RegistryBackend):
     """The :class:`~mxfs.registry.base.Registry` on a SQLite file; create it with :meth:`open`."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
@@ -507,9 +508,6 @@ class SqliteRegistry:
             "from_status": Status(from_status).value,
         }
         return await self._write(_TRY_RETAKE, params) == 1
-
-    async def try_reset_error_for_retry(self, name: str, claim_id: str, lease: float) -> bool:
-        return await self.try_retake(name, claim_id, lease, Status.ERROR)
 
     async def set_pinned(self, name: str, pinned: bool) -> bool:
         return await self._write(_SET_PINNED, {"name": name, "pinned": int(pinned)}) == 1

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from mxfs import metrics
 from mxfs.registry import redact_url
 from mxfs.registry.base import RegistryError
 from mxfs.registry.kubernetes.config import ClusterConfig
+from mxfs.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,10 @@ PAGE_SIZE = 500
 # this often (as client-go does) always sends a valid one.
 TOKEN_REREAD_INTERVAL = 60.0
 # Answers that mean "not now": 429 from API priority and fairness when the server sheds load, and
-# 5xx while an API server restarts or etcd elects a leader.  Retried a few times, waiting what
-# the server's Retry-After asks (capped) or a jittered backoff; then the caller gets the error.
+# 5xx while an API server restarts or etcd elects a leader.  Tried five times, waiting what the
+# server's Retry-After asks (capped) or a jittered 0.25, 0.5, 1, 2 s; then the caller gets the error.
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
-MAX_RETRIES = 4
-RETRY_BACKOFF = 0.25
+API_RETRY = RetryPolicy(attempts=5, initial_delay=0.25, max_delay=2.0, jitter=True)
 MAX_RETRY_AFTER = 5.0
 
 
@@ -214,11 +213,11 @@ class KubeApi:
         write is either fenced by its resourceVersion or a create, so one that was applied
         before its answer got lost comes back as a 409 the caller already handles by re-reading.
         """
-        for attempt in range(MAX_RETRIES):
+        for retry in range(API_RETRY.attempts - 1):
             response = await self._authorized(method, path, params, json_body)
             if response.status_code not in RETRIED_STATUSES:
                 return response
-            delay = self._retry_delay(response, attempt)
+            delay = self._retry_delay(response, retry)
             log.debug(
                 "%s: %s %s answered %d; retrying in %.2fs", self._where, method, path, response.status_code, delay
             )
@@ -227,14 +226,14 @@ class KubeApi:
         return await self._authorized(method, path, params, json_body)  # the last try, whatever it answers
 
     @staticmethod
-    def _retry_delay(response: httpx2.Response, attempt: int) -> float:
+    def _retry_delay(response: httpx2.Response, retry: int) -> float:
         try:
             asked = float(response.headers.get("Retry-After", ""))
         except ValueError:
             asked = -1.0
         if asked >= 0:
             return min(asked, MAX_RETRY_AFTER)
-        return RETRY_BACKOFF * 2**attempt * random.uniform(0.5, 1.0)
+        return API_RETRY.delay(retry)
 
     async def _authorized(
         self,

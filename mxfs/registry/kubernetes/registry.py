@@ -68,6 +68,7 @@ from mxfs.registry.base import (
     Claimed,
     ClaimOutcome,
     Record,
+    RegistryBackend,
     RegistryError,
     Status,
     StatusCounts,
@@ -326,7 +327,7 @@ def _done(result: T) -> _Plan[T]:
 # -- the registry --------------------------------------------------------------------------------
 
 
-class KubernetesRegistry:
+class KubernetesRegistry(RegistryBackend):
     """The :class:`~mxfs.registry.base.Registry` on ModelCacheEntry objects; create it with :meth:`open`."""
 
     def __init__(self, api: KubeApi, url_for_logs: str) -> None:
@@ -596,9 +597,6 @@ class KubernetesRegistry:
             return _Plan(True, self._replace(obj, {**changes, "message": None, "sizeBytes": None}))
 
         return await self._change(name, decide)
-
-    async def try_reset_error_for_retry(self, name: str, claim_id: str, lease: float) -> bool:
-        return await self.try_retake(name, claim_id, lease, Status.ERROR)
 
     # -- other writes ------------------------------------------------------------------------------
 

@@ -438,6 +438,44 @@ class Suite:
         assert kept_cache is not None
         return mx, hf, kept_cache
 
+    def many_files(self) -> None:
+        """c''. Cold loads of repos of many small files: the cost should grow linearly with the count."""
+        repos = {}
+        for count in (500, 5000):
+            repo_dir = self.work / f"files-{count}"
+            (repo_dir / "parts").mkdir(parents=True)
+            for i in range(count):
+                (repo_dir / "parts" / f"{i:05d}.json").write_bytes(os.urandom(1024))
+            repos[f"bench/files-{count}"] = repo_dir
+        hub = HubServer(repos, self.work / "hub-files.log")
+        try:
+            for repo_id in repos:
+                count = repo_id.rsplit("-", 1)[1]
+                mx, hf = [], []
+                for _ in range(self.repeat):
+                    cache, state = self.fresh("cache"), self.fresh("state")
+                    with self.mxfs(cache, state, "files", hub.endpoint) as d:
+                        t0 = time.perf_counter()
+                        parts = d.mnt / repo_id / "parts"
+                        for name in sorted(os.listdir(parts)):
+                            read_file(parts / name)
+                        mx.append(time.perf_counter() - t0)
+                    shutil.rmtree(cache)
+                    shutil.rmtree(state)
+                    from huggingface_hub import snapshot_download
+
+                    hcache = self.fresh("hfcache")
+                    t0 = time.perf_counter()
+                    snap = Path(snapshot_download(repo_id, cache_dir=str(hcache), endpoint=hub.endpoint))
+                    for name in sorted(os.listdir(snap / "parts")):
+                        read_file(snap / "parts" / name)
+                    hf.append(time.perf_counter() - t0)
+                    shutil.rmtree(hcache)
+                self.add(f"c''. cold load of a repo of {count} files of 1 KiB, read one by one", "s", mx,
+                         {"snapshot_download + read": hf}, higher_better=False)  # fmt: skip
+        finally:
+            hub.stop()
+
     def paced_cold_loads(self) -> None:
         """c'. Cold loads from a Hub paced like a CDN: PACE bytes/s per connection."""
         repos = {}
@@ -605,6 +643,9 @@ class Suite:
             os.environ.update(self.env)  # before huggingface_hub is imported here
             log(f"hub at {hub.endpoint}")
             sections = self.args.sections
+            if "files" in sections:
+                log("c''. repos of many files")
+                self.many_files()
             if "paced" in sections:
                 log("c'. cold loads from a paced Hub")
                 self.paced_cold_loads()
@@ -691,8 +732,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) afterwards")
     parser.add_argument("--pace", type=parse_size, default=parse_size("200MiB"),
                         help="per-connection rate of the paced Hub, bytes/s (default 200MiB: a CDN)")  # fmt: skip
-    parser.add_argument("--sections", type=lambda t: set(t.split(",")), default={"paced", "cold", "ttfb", "cached"},
-                        help="comma-separated: paced,cold,ttfb,cached (default all)")  # fmt: skip
+    sections = {"files", "paced", "cold", "ttfb", "cached"}
+    parser.add_argument("--sections", type=lambda t: set(t.split(",")), default=sections,
+                        help="comma-separated: files,paced,cold,ttfb,cached (default all)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.size < MIB:
         parser.error("--repeat >= 1 and --size >= 1MiB")

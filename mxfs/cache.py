@@ -24,18 +24,16 @@ collects.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from mxfs.names import COMMIT_RE
+from mxfs.tree import HubFile, RepoTree
 
 INCOMPLETE_SUFFIX = ".incomplete"
-TREE_FORMAT_VERSION = 1  # huggingface_hub's `trees/<commit>.json` format
 # The most any folder or file of the cache (and of the state beside it) is ever created with:
 # readable by the users of the mount and by programs that use the HF cache directly, writable by
 # the daemon alone, whatever the umask it was started with (systemd's default is 0022, but a
@@ -92,17 +90,6 @@ def atomic_write_text(path: Path, text: str, *, tmp_dir: Path | None = None) -> 
             tmp.unlink()
 
 
-@dataclass(frozen=True)
-class TreeFileRecord:
-    """What the cache needs to know of one file to lay it out: its path, etag and size."""
-
-    path: str
-    etag: str
-    size: int
-    blob_id: str
-    lfs_sha256: str | None = None
-
-
 class HubCache:
     """One HF hub-cache root directory."""
 
@@ -139,11 +126,12 @@ class HubCache:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def has_blob(self, repo_id: str, etag: str) -> bool:
-        return self.blob_path(repo_id, etag).is_file()
+    def has_blob(self, repo_id: str, file: HubFile) -> bool:
+        """The file's verified blob is in the cache (its snapshot link may still be missing).
 
-    def file_is_cached(self, repo_id: str, commit: str, file: TreeFileRecord) -> bool:
-        """The file's verified blob exists (its snapshot link may still be missing)."""
+        Only a verified blob ever gets its final name (``publish_blob``), so its presence at the
+        file's size is the whole check: no byte of it needs reading.
+        """
         try:
             return self.blob_path(repo_id, file.etag).stat().st_size == file.size
         except FileNotFoundError:
@@ -250,17 +238,9 @@ class HubCache:
         """Record that ``revision`` is ``commit``. Only for a snapshot that exists (scan rule)."""
         atomic_write_text(self.ref_path(repo_id, revision), commit, tmp_dir=self.repo_dir(repo_id))
 
-    def write_tree(self, repo_id: str, commit: str, files: Iterable[TreeFileRecord]) -> None:
+    def write_tree(self, tree: RepoTree) -> None:
         """Write huggingface_hub's ``trees/<commit>.json`` so its offline mode knows the file list."""
-        entries = {}
-        for f in sorted(files, key=lambda f: f.path):
-            info: dict[str, object] = {"size": f.size, "blob_id": f.blob_id}
-            if f.lfs_sha256 is not None:
-                info["lfs_sha256"] = f.lfs_sha256
-                info["lfs_size"] = f.size
-            entries[f.path] = info
-        data = {"format_version": TREE_FORMAT_VERSION, "files": entries}
-        atomic_write_text(self.tree_path(repo_id, commit), json.dumps(data, indent=1))
+        atomic_write_text(self.tree_path(tree.repo_id, tree.commit), tree.to_json())
 
     def remove_stale_incomplete(
         self, repo_id: str, older_than: float, *, etags: Iterable[str] | None = None, keep: str = ""

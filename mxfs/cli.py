@@ -331,7 +331,7 @@ def _download_progress(state: StateDir, cache: HubCache, record: Record) -> tupl
     if tree is None:
         return None
     total = sum(f.size for f in tree.files)
-    have = sum(f.size for f in tree.files if cache.has_blob(repo_id, f.etag))
+    have = sum(f.size for f in tree.files if cache.has_blob(repo_id, f))
     return have, total
 
 

@@ -34,8 +34,8 @@ import trio
 from mxfs import metrics
 from mxfs.errors import AccessDenied, InvalidName, MxfsError, NameTooLong, NotFound, ReadOnly, errno_for
 from mxfs.fetch import Entry, Fetcher, OpenFile
-from mxfs.hub import HubFile
 from mxfs.names import ModelRef, check_component_length, model_dir_name, parse_model_dir, validate_repo_part
+from mxfs.tree import HubFile
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,11 @@ Nothing here knows about FUSE, the registry or the cache layout.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -42,6 +41,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 from mxfs import metrics
 from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, OfflineMiss
 from mxfs.retry import RetryPolicy
+from mxfs.tree import HubFile, RepoTree
 
 log = logging.getLogger(__name__)
 
@@ -67,55 +67,6 @@ CHUNK_SIZE = 1 << 20
 # A tree listing comes in pages (1000 entries each): a bound, so a server that keeps sending a
 # "next" link cannot keep a lookup busy forever.
 MAX_TREE_PAGES = 10_000
-
-
-@dataclass(frozen=True)
-class HubFile:
-    """One file of a repo at one commit, as the Hub's tree listing describes it."""
-
-    path: str
-    size: int
-    blob_id: str
-    lfs_sha256: str | None = None
-
-    @property
-    def etag(self) -> str:
-        """The cache's blob name: LFS sha256 for LFS files, else the git blob sha1 (as huggingface_hub)."""
-        return self.lfs_sha256 or self.blob_id
-
-
-@dataclass(frozen=True)
-class RepoTree:
-    """A repo at one commit: every file with its exact size, known before any byte is downloaded."""
-
-    repo_id: str
-    commit: str
-    commit_date: datetime
-    files: tuple[HubFile, ...]
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "repo_id": self.repo_id,
-                "commit": self.commit,
-                "commit_date": self.commit_date.isoformat(),
-                "files": [asdict(f) for f in self.files],
-            }
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> RepoTree:
-        data = json.loads(text)
-        return cls(
-            repo_id=data["repo_id"],
-            commit=data["commit"],
-            commit_date=datetime.fromisoformat(data["commit_date"]),
-            files=tuple(HubFile(**f) for f in data["files"]),
-        )
-
-    @property
-    def size(self) -> int:
-        return sum(f.size for f in self.files)
 
 
 @dataclass(frozen=True)

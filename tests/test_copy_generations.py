@@ -21,7 +21,8 @@ from mxfs.fetch.download import EntryDownload
 from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import FileState, Stream
 from mxfs.fetch.partials import PartialMaps
-from mxfs.hub import HUB_RETRY, HubFile, RepoTree
+from mxfs.hub import HUB_RETRY
+from mxfs.tree import HubFile, RepoTree
 
 SIZE = 1000
 

@@ -29,7 +29,7 @@ from huggingface_hub import scan_cache_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mxfs.cache import HubCache, TreeFileRecord, repo_folder_name
+from mxfs.cache import HubCache, repo_folder_name
 from mxfs.evict import (
     EVICTION_LOCK,
     CacheUsage,
@@ -44,6 +44,7 @@ from mxfs.evict import (
     select_victims,
 )
 from mxfs.registry import Claimed, Record, RegistryError, Status, entry_name, open_registry
+from mxfs.tree import HubFile, RepoTree
 
 # -- the policy: pure functions over records -----------------------------------------------------
 
@@ -397,7 +398,7 @@ def populate(cache: HubCache, repo_id: str, commit: str, files: dict[str, bytes]
     records = []
     for path, data in files.items():
         etag = git_blob_sha1(data)
-        records.append(TreeFileRecord(path=path, etag=etag, size=len(data), blob_id=etag))
+        records.append(HubFile(path=path, size=len(data), blob_id=etag))
         partial, fd = cache.create_incomplete(repo_id, etag, "writer")
         try:
             os.write(fd, data)
@@ -407,7 +408,7 @@ def populate(cache: HubCache, repo_id: str, commit: str, files: dict[str, bytes]
         cache.link_snapshot(repo_id, commit, path, etag)
     if ref is not None:
         cache.write_ref(repo_id, ref, commit)
-    cache.write_tree(repo_id, commit, records)
+    cache.write_tree(RepoTree(repo_id, commit, datetime.now(UTC), tuple(records)))
 
 
 def distinct_bytes(*file_sets: dict[str, bytes]) -> int:
@@ -527,9 +528,9 @@ async def test_cycle_with_max_models_evicts_the_least_recently_used(cache: HubCa
     assert cache.read_ref("org/a", "v2") is None and cache.read_ref("org/a", "refs/pr/1") is None
     assert cache.read_ref("org/a", "v1") == commit_of(1) and cache.read_ref("org/a", "main") == commit_of(3)
     assert not cache.tree_path("org/a", commit_of(2)).exists()
-    assert cache.has_blob("org/a", git_blob_sha1(SHARED))
+    assert cache.blob_path("org/a", git_blob_sha1(SHARED)).exists()
     for data in files_for(2).values():
-        assert not cache.has_blob("org/a", git_blob_sha1(data))
+        assert not cache.blob_path("org/a", git_blob_sha1(data)).exists()
     assert not cache.repo_dir("org/b").exists()
     # The surviving snapshots are intact: every link resolves and has the right bytes.
     for n, files in ((1, files_a1), (3, files_a3)):

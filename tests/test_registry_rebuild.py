@@ -27,11 +27,11 @@ import pytest
 
 from mxfs.cache import HubCache
 from mxfs.fetch import StateDir
-from mxfs.hub import HubFile, RepoTree
 from mxfs.rebuild import REBUILT_MESSAGE, open_registry_recovering
 from mxfs.registry import Record, Registry, RegistryError, Status, entry_name
 from mxfs.registry import sqlite as sqlite_backend
 from mxfs.registry.sqlite import RegistryCorrupt, SqliteRegistry, quarantine
+from mxfs.tree import HubFile, RepoTree
 from tests.hubserver import FakeHub
 from tests.mounting import MountedFs, requires_fuse, run_cli, wait_until
 

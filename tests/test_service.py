@@ -32,8 +32,8 @@ import pytest
 from mxfs import cli, systemd
 from mxfs.cache import HubCache
 from mxfs.fetch import StateDir
-from mxfs.hub import HubFile, RepoTree
 from mxfs.registry import Record, Status, entry_name, parse_entry_name
+from mxfs.tree import HubFile, RepoTree
 from tests.hubserver import FakeHub
 from tests.mounting import REPO_ROOT, MountedFs, requires_fuse, run_cli
 

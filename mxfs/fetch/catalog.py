@@ -14,7 +14,6 @@ An existing huggingface_hub cache mounted as is works offline too: its ``refs/``
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -26,8 +25,9 @@ import trio
 from mxfs.cache import HubCache, atomic_write_text
 from mxfs.errors import HubUnavailable, InvalidName, MxfsError, NotFound, OfflineMiss
 from mxfs.fetch.entry import Entry
-from mxfs.hub import Hub, HubFile, RepoTree, Resolved
+from mxfs.hub import Hub, Resolved
 from mxfs.names import COMMIT_RE, ModelRef
+from mxfs.tree import HubFile, RepoTree
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class StateDir:
     def read_tree(self, repo_id: str, commit: str) -> RepoTree | None:
         path = self._repo(repo_id) / "trees" / f"{commit}.json"
         try:
-            return RepoTree.from_json(path.read_text())
+            return RepoTree.from_json(path.read_text(), repo_id, commit)
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as exc:
@@ -85,25 +85,24 @@ def tree_from_hf_cache(cache: HubCache, repo_id: str, commit: str) -> RepoTree |
     snapshot = cache.snapshot_dir(repo_id, commit)
     if not snapshot.is_dir():
         return None
-    files: list[HubFile] = []
-    with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
-        data = json.loads(cache.tree_path(repo_id, commit).read_text())
-        for path, info in data["files"].items():
-            files.append(HubFile(path, int(info["size"]), info["blob_id"], info.get("lfs_sha256")))
-    if not files:
-        # No listing: trust the snapshot links (etag = blob name; sha256 if it has 64 hex digits).
-        for dirpath, _dirs, filenames in os.walk(snapshot):
-            for filename in filenames:
-                link = Path(dirpath) / filename
-                try:
-                    size = link.stat().st_size
-                except FileNotFoundError:
-                    continue
-                etag = os.path.basename(os.readlink(link)) if link.is_symlink() else ""
-                rel = link.relative_to(snapshot).as_posix()
-                sha256 = etag if len(etag) == 64 else None
-                files.append(HubFile(rel, size, etag if len(etag) == 40 else "", sha256))
     mtime = datetime.fromtimestamp(snapshot.stat().st_mtime, UTC)
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+        tree = RepoTree.from_json(cache.tree_path(repo_id, commit).read_text(), repo_id, commit, mtime)
+        if tree.files:
+            return tree
+    # No listing: trust the snapshot links (etag = blob name; sha256 if it has 64 hex digits).
+    files: list[HubFile] = []
+    for dirpath, _dirs, filenames in os.walk(snapshot):
+        for filename in filenames:
+            link = Path(dirpath) / filename
+            try:
+                size = link.stat().st_size
+            except FileNotFoundError:
+                continue
+            etag = os.path.basename(os.readlink(link)) if link.is_symlink() else ""
+            rel = link.relative_to(snapshot).as_posix()
+            sha256 = etag if len(etag) == 64 else None
+            files.append(HubFile(rel, size, etag if len(etag) == 40 else "", sha256))
     return RepoTree(repo_id, commit, mtime, tuple(sorted(files, key=lambda f: f.path)))
 
 

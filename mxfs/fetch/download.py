@@ -38,15 +38,16 @@ from mxfs.errors import (
     MxfsError,
     domain_errors_ungrouped,
 )
-from mxfs.fetch.entry import Entry, tree_record
+from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import FileState, Stream
 from mxfs.fetch.lease import LeaseKeeper
 from mxfs.fetch.partials import PartialMap, PartialMaps
 from mxfs.fetch.plan import ALIGN, Chunk, ChunkQueue, chunk_size_for
-from mxfs.hub import HubClient, HubFile, RangeBody, Transient
+from mxfs.hub import HubClient, RangeBody, Transient
 from mxfs.ranges import RangeSet
 from mxfs.registry import Registry
 from mxfs.retry import RetryPolicy
+from mxfs.tree import HubFile
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ class EntryDownload:
             found = []
             for state in todo:
                 file = state.file
-                if self.cache.file_is_cached(self.entry.repo_id, self.entry.commit, tree_record(file)):
+                if self.cache.has_blob(self.entry.repo_id, file):
                     self.cache.link_snapshot(self.entry.repo_id, self.entry.commit, file.path, file.etag)
                     found.append(state)
             return found

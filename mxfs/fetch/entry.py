@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from mxfs.cache import TreeFileRecord
-from mxfs.hub import HubFile, RepoTree
 from mxfs.registry import entry_name
+from mxfs.tree import HubFile, RepoTree
 
 
 class Entry:
@@ -47,9 +46,3 @@ class Entry:
 
     def __str__(self) -> str:
         return f"{self.repo_id}@{self.commit[:12]}"
-
-
-def tree_record(file: HubFile) -> TreeFileRecord:
-    return TreeFileRecord(
-        path=file.path, etag=file.etag, size=file.size, blob_id=file.blob_id, lfs_sha256=file.lfs_sha256
-    )

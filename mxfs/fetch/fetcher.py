@@ -41,10 +41,10 @@ from mxfs.errors import (
 )
 from mxfs.fetch.catalog import Catalog
 from mxfs.fetch.download import EntryDownload, LeaseLost
-from mxfs.fetch.entry import Entry, tree_record
+from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import CopyDiscarded, FileState, SharedFd, read_at
 from mxfs.fetch.partials import PartialMaps
-from mxfs.hub import Hub, HubFile
+from mxfs.hub import Hub
 from mxfs.names import ModelRef
 from mxfs.registry import (
     AlreadyExists,
@@ -57,6 +57,7 @@ from mxfs.registry import (
     parse_entry_name,
 )
 from mxfs.retry import RetryPolicy
+from mxfs.tree import HubFile
 
 log = logging.getLogger(__name__)
 
@@ -346,8 +347,7 @@ class Fetcher:
     def file_status(self, entry: Entry, path: str) -> str:
         ef = self._entries.get(entry.name)
         if ef is None:
-            record = tree_record(entry.files[path])
-            return "cached" if self.cache.file_is_cached(entry.repo_id, entry.commit, record) else "remote"
+            return "cached" if self.cache.has_blob(entry.repo_id, entry.files[path]) else "remote"
         state = ef.states[path]
         if state.complete:
             return "cached"
@@ -461,7 +461,7 @@ class Fetcher:
             for path, state in ef.states.items():
                 if state.complete:
                     continue
-                if self.cache.file_is_cached(entry.repo_id, entry.commit, tree_record(state.file)):
+                if self.cache.has_blob(entry.repo_id, state.file):
                     self.cache.link_snapshot(entry.repo_id, entry.commit, path, state.file.etag)
                     found.append(path)
             return found
@@ -571,7 +571,7 @@ class Fetcher:
         revisions = [ref.revision for ref, e in self.catalog.resolved_refs().items() if e is entry]
 
         def write() -> None:
-            self.cache.write_tree(entry.repo_id, entry.commit, (tree_record(f) for f in entry.files.values()))
+            self.cache.write_tree(entry.tree)
             for revision in revisions:
                 if revision != entry.commit:
                     self.cache.write_ref(entry.repo_id, revision, entry.commit)

@@ -11,8 +11,8 @@ from pathlib import Path
 import trio
 
 from mxfs.errors import IntegrityError, MxfsError
-from mxfs.hub import HubFile
 from mxfs.ranges import RangeSet
+from mxfs.tree import HubFile
 
 
 async def read_at(fd: int, offset: int, size: int, limiter: trio.CapacityLimiter) -> bytes:

@@ -28,9 +28,10 @@ import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
-from mxfs.names import COMMIT_RE
+from mxfs.names import COMMIT_RE, repo_folder, repo_id_of_folder
 from mxfs.tree import HubFile, RepoTree
 
 INCOMPLETE_SUFFIX = ".incomplete"
@@ -44,7 +45,8 @@ FILE_MODE = 0o644
 
 
 def repo_folder_name(repo_id: str) -> str:
-    return "models--" + repo_id.replace("/", "--")
+    """The repo's folder in the cache root: ``models--org--name``."""
+    return "models--" + repo_folder(repo_id)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,6 +90,15 @@ def atomic_write_text(path: Path, text: str, *, tmp_dir: Path | None = None) -> 
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def read_commit(path: Path) -> str | None:
+    """The commit hash a ref file holds; None if there is no such file or it holds anything else."""
+    try:
+        commit = path.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    return commit if COMMIT_RE.fullmatch(commit) else None
 
 
 class HubCache:
@@ -138,24 +149,16 @@ class HubCache:
             return False
 
     def read_ref(self, repo_id: str, revision: str) -> str | None:
-        try:
-            commit = self.ref_path(repo_id, revision).read_text().strip()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
-        return commit if COMMIT_RE.fullmatch(commit) else None
+        return read_commit(self.ref_path(repo_id, revision))
 
     def cached_repos(self) -> list[str]:
         """Repo ids that have a folder in the cache (models only)."""
-        repos = []
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        for name in names:
-            if name.startswith("models--") and name.count("--") == 2:
-                _, org, model = name.split("--")
-                repos.append(f"{org}/{model}")
-        return sorted(repos)
+        repos = (repo_id_of_folder(name.removeprefix("models--")) for name in names if name.startswith("models--"))
+        return sorted(repo for repo in repos if repo is not None)
 
     def cached_commits(self, repo_id: str) -> list[str]:
         try:
@@ -174,6 +177,32 @@ class HubCache:
         for dirpath, _dirnames, filenames in os.walk(base):
             for filename in filenames:
                 yield Path(dirpath) / filename
+
+    def read_tree(self, repo_id: str, commit: str) -> RepoTree | None:
+        """The listing of a revision the cache holds, from ``trees/<commit>.json`` or, where
+        huggingface_hub wrote none, its snapshot links; None if the revision is not here."""
+        snapshot = self.snapshot_dir(repo_id, commit)
+        if not snapshot.is_dir():
+            return None
+        mtime = datetime.fromtimestamp(snapshot.stat().st_mtime, UTC)
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+            tree = RepoTree.from_json(self.tree_path(repo_id, commit).read_text(), repo_id, commit, mtime)
+            if tree.files:
+                return tree
+        # No listing: trust the snapshot links (etag = blob name; sha256 if it has 64 hex digits).
+        files: list[HubFile] = []
+        for dirpath, _dirs, filenames in os.walk(snapshot):
+            for filename in filenames:
+                link = Path(dirpath) / filename
+                try:
+                    size = link.stat().st_size
+                except FileNotFoundError:
+                    continue
+                etag = os.path.basename(os.readlink(link)) if link.is_symlink() else ""
+                rel = link.relative_to(snapshot).as_posix()
+                sha256 = etag if len(etag) == 64 else None
+                files.append(HubFile(rel, size, etag if len(etag) == 40 else "", sha256))
+        return RepoTree(repo_id, commit, mtime, tuple(sorted(files, key=lambda f: f.path)))
 
     # -- writing -----------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from mxfs import metrics
 from mxfs.cache import HubCache
 from mxfs.config import Settings
 from mxfs.evict import Evictor, Rules
-from mxfs.fetch import Catalog, Fetcher, StateDir
+from mxfs.fetch import Catalog, Fetcher
 from mxfs.fs import MxfsOperations
 from mxfs.hub import Hub, HubClient
 from mxfs.memory import bound_malloc_retention, return_memory_when_idle
@@ -37,6 +37,7 @@ from mxfs.mounts import MountProbe, prepare_mountpoint, tune_fuse_connection
 from mxfs.pins import keep_pins
 from mxfs.rebuild import open_registry_recovering
 from mxfs.registry import Registry, redact_url
+from mxfs.statedir import StateDir
 from mxfs.systemd import feed_watchdog, sd_notify, watchdog_period
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ import trio
 from mxfs import metrics
 from mxfs.cache import HubCache, repo_folder_name
 from mxfs.config import format_size
-from mxfs.registry import Record, Registry, RegistryError, Status, parse_entry_name
+from mxfs.names import EntryName, entry_label
+from mxfs.registry import Record, Registry, RegistryError, Status
 
 log = logging.getLogger(__name__)
 
@@ -159,17 +160,10 @@ class Report:
         return {v.reason for v in self.evicted}
 
 
-def ours(records: Iterable[Record]) -> list[Record]:
+def mxfs_records(records: Iterable[Record]) -> list[Record]:
     """Only mxfs entries: a shared Redis also holds ModelExpress's own records (``org/name``),
     which describe another cache and must never be evicted from this one."""
-    result = []
-    for record in records:
-        try:
-            parse_entry_name(record.model_name)
-        except ValueError:
-            continue
-        result.append(record)
-    return result
+    return [record for record in records if EntryName.parse(record.model_name) is not None]
 
 
 def open_blob_etags(cache_root: Path) -> set[tuple[str, str]]:
@@ -209,12 +203,11 @@ def entries_with_open_blobs(cache: HubCache, records: Sequence[Record]) -> set[s
         return set()
     result = set()
     for record in records:
-        try:
-            repo_id, commit = parse_entry_name(record.model_name)
-        except ValueError:
+        name = EntryName.parse(record.model_name)
+        if name is None:
             continue
-        folder = repo_folder_name(repo_id)
-        for link in cache.snapshot_links(repo_id, commit):
+        folder = repo_folder_name(name.repo_id)
+        for link in cache.snapshot_links(name.repo_id, name.commit):
             with contextlib.suppress(OSError):
                 if (folder, os.path.basename(os.readlink(link))) in open_blobs:
                     result.add(record.model_name)
@@ -311,7 +304,7 @@ class Evictor:
         return report
 
     async def _sweep(self, dry_run: bool, need_free: int = 0) -> Report:
-        records = ours(await self.registry.list_by_last_used())
+        records = mxfs_records(await self.registry.list_by_last_used())
         usage = await trio.to_thread.run_sync(self._usage, self.cache, limiter=self.limiter)
         sizes = await trio.to_thread.run_sync(self._sizes, records, limiter=self.limiter)
         open_names = await self._protected_names(records)
@@ -339,22 +332,26 @@ class Evictor:
     def _sizes(self, records: Sequence[Record]) -> dict[str, int]:
         sizes = {}
         for record in records:
-            with contextlib.suppress(ValueError, OSError):
-                repo_id, commit = parse_entry_name(record.model_name)
-                sizes[record.model_name] = self.cache.snapshot_size(repo_id, commit)
+            name = EntryName.parse(record.model_name)
+            if name is not None:
+                with contextlib.suppress(OSError):
+                    sizes[record.model_name] = self.cache.snapshot_size(name.repo_id, name.commit)
         return sizes
 
     async def _evict(self, record: Record) -> int | None:
         """Remove the record (if unchanged), then the revision; None if the record changed."""
-        repo_id, commit = parse_entry_name(record.model_name)
+        name = EntryName.parse(record.model_name)
+        assert name is not None, "only mxfs_records() are ever evicted"
         if not await self.registry.delete_if_unchanged(record.model_name, record.status, record.last_used_at):
             return None
-        return await trio.to_thread.run_sync(self.cache.delete_revision, repo_id, commit, limiter=self.limiter)
+        return await trio.to_thread.run_sync(
+            self.cache.delete_revision, name.repo_id, name.commit, limiter=self.limiter
+        )
 
     async def evict(self, names: Iterable[str], *, force: bool = False) -> Report:
         """``mxfs evict``: remove these entries now (reason ``manual``), within the safety rules."""
         wanted = set(names)
-        records = [r for r in ours(await self.registry.list_by_last_used()) if r.model_name in wanted]
+        records = [r for r in mxfs_records(await self.registry.list_by_last_used()) if r.model_name in wanted]
         open_names = await self._protected_names(records)
         now = datetime.now(UTC)
         report = Report()
@@ -376,16 +373,8 @@ class Evictor:
     def _log(self, report: Report, usage: CacheUsage | None) -> None:
         verb = "would evict" if report.dry_run else "evicted"
         for victim in report.evicted:
-            log.info("%s %s (%s, reason %s)", verb, _pretty(victim.name), format_size(victim.size), victim.reason)
+            log.info("%s %s (%s, reason %s)", verb, entry_label(victim.name), format_size(victim.size), victim.reason)
         for name, why in report.skipped:
-            log.info("kept %s: %s", _pretty(name), why)
+            log.info("kept %s: %s", entry_label(name), why)
         if report.evicted or usage is None:
             log.info("eviction: %s %d entries, %s freed", verb, len(report.evicted), format_size(report.bytes_freed))
-
-
-def _pretty(name: str) -> str:
-    try:
-        repo_id, commit = parse_entry_name(name)
-    except ValueError:
-        return name
-    return f"{repo_id}@{commit[:12]}"

@@ -259,11 +259,11 @@ class MxfsOperations(pyfuse3.Operations):
         """
         discards = self.fetcher.discarded_copies()
         task_status.started()
-        async for entry_name, path in discards:
+        async for entry_key, path in discards:
             nodes = [
                 node
                 for node in list(self._nodes.values())
-                if node.kind == "file" and node.path == path and node.entry and node.entry.name == entry_name
+                if node.kind == "file" and node.path == path and node.entry and node.entry.registry_key == entry_key
             ]
             for node in nodes:
                 self._retire(node)

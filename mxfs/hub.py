@@ -40,6 +40,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from mxfs import metrics
 from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, OfflineMiss
+from mxfs.names import EntryName
 from mxfs.retry import RetryPolicy
 from mxfs.tree import HubFile, RepoTree
 
@@ -138,7 +139,7 @@ class HubClient:
 
     def list_tree(self, repo_id: str, commit: str, commit_date: datetime) -> RepoTree:
         """Every file of the repo at ``commit``, subfolders included, with sizes and hashes."""
-        what = f"{repo_id}@{commit[:12]}"
+        what = EntryName(repo_id, commit).label
         self._check_online(what)
         try:
             with metrics.hub_request("tree"):
@@ -185,8 +186,8 @@ class HubClient:
             params = None  # the next link carries the query, cursor included
             if url is not None and not url.startswith(f"{self.endpoint}/"):
                 # The request carries the token: never send it where the listing points elsewhere.
-                raise HubUnavailable(f"{repo_id}@{commit[:12]}: tree listing continues off the Hub at {url!r}")
-        raise HubUnavailable(f"{repo_id}@{commit[:12]}: tree listing has more than {MAX_TREE_PAGES} pages")
+                raise HubUnavailable(f"{EntryName(repo_id, commit)}: tree listing continues off the Hub at {url!r}")
+        raise HubUnavailable(f"{EntryName(repo_id, commit)}: tree listing has more than {MAX_TREE_PAGES} pages")
 
     @contextmanager
     def open_range(self, repo_id: str, commit: str, path: str, start: int, end: int) -> Iterator[RangeBody]:
@@ -196,7 +197,7 @@ class HubClient:
         the Authorization header when the redirect leaves the Hub's origin.  The server may ignore
         ``Range`` and answer 200 with the whole file: :class:`RangeBody` then skips to ``start``.
         """
-        what = f"{repo_id}@{commit[:12]}/{path}"
+        what = f"{EntryName(repo_id, commit)}/{path}"
         self._check_online(what)
         url = hf_hub_url(repo_id, path, revision=commit, endpoint=self.endpoint)
         headers = build_hf_headers(token=self._token)
@@ -329,5 +330,5 @@ class Hub:
             repo_id,
             resolved.commit,
             resolved.commit_date,
-            what=f"list {repo_id}@{resolved.commit[:12]}",
+            what=f"list {EntryName(repo_id, resolved.commit)}",
         )

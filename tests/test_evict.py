@@ -43,7 +43,8 @@ from mxfs.evict import (
     protected,
     select_victims,
 )
-from mxfs.registry import Claimed, Record, RegistryError, Status, entry_name, open_registry
+from mxfs.names import EntryName
+from mxfs.registry import Claimed, Record, RegistryError, Status, open_registry
 from mxfs.tree import HubFile, RepoTree
 
 # -- the policy: pure functions over records -----------------------------------------------------
@@ -418,7 +419,7 @@ def distinct_bytes(*file_sets: dict[str, bytes]) -> int:
 
 
 async def record_downloaded(registry: Any, repo_id: str, commit: str, size: int) -> str:
-    name = entry_name(repo_id, commit)
+    name = EntryName(repo_id, commit).key
     assert await registry.try_claim(name, "claim", 60) == Claimed()
     assert await registry.finish_claim(name, "claim", Status.DOWNLOADED, size_bytes=size)
     return name
@@ -488,10 +489,10 @@ async def test_cycle_with_max_models_evicts_the_least_recently_used(cache: HubCa
     files_a2 = {**files_for(2), "shared.json": SHARED}
     files_a3 = {**files_for(3), "shared.json": SHARED, "copy.json": SHARED}
     files_b = files_for(4)
-    a1 = entry_name("org/a", commit_of(1))
-    a2 = entry_name("org/a", commit_of(2))
-    a3 = entry_name("org/a", commit_of(3))
-    b = entry_name("org/b", commit_of(4))
+    a1 = EntryName("org/a", commit_of(1)).key
+    a2 = EntryName("org/a", commit_of(2)).key
+    a3 = EntryName("org/a", commit_of(3)).key
+    b = EntryName("org/b", commit_of(4)).key
     for repo_id, n, files, ref in (
         ("org/a", 1, files_a1, "v1"),
         ("org/a", 2, files_a2, "v2"),
@@ -705,7 +706,7 @@ async def test_manual_evict_within_the_safety_rules(cache: HubCache, registry: A
     rules = Rules(unused_threshold=None, max_models=100, in_use_grace=600.0)
     evictor = Evictor(registry, cache, rules, open_entries=lambda: {opened})
 
-    report = await evictor.evict([old, pinned, opened, recent, entry_name("org/unknown", commit_of(9))])
+    report = await evictor.evict([old, pinned, opened, recent, EntryName("org/unknown", commit_of(9)).key])
 
     assert [(v.name, v.reason) for v in report.evicted] == [(old, Reason.MANUAL)]
     assert report.bytes_freed == distinct_bytes(files_for(1))
@@ -730,7 +731,7 @@ async def test_manual_evict_within_the_safety_rules(cache: HubCache, registry: A
 
 
 async def test_manual_evict_skips_entries_not_downloaded(cache: HubCache, registry: Any) -> None:
-    name = entry_name("org/loading", commit_of(1))
+    name = EntryName("org/loading", commit_of(1)).key
     assert await registry.try_claim(name, "c", 60) == Claimed()
     report = await Evictor(registry, cache, Rules(**EVICT_NOW)).evict([name], force=True)
     assert report.evicted == []

@@ -36,7 +36,7 @@ from mxfs.fetch.download import PrefixHasher
 from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import FileState, SharedFd, read_at
 from mxfs.hub import RangeBody, Transient, _translate
-from mxfs.registry import entry_name
+from mxfs.names import EntryName
 from mxfs.tree import HubFile, RepoTree
 
 COMMIT = "c" * 40
@@ -239,7 +239,7 @@ def test_entry_children_index() -> None:
     assert entry.repo_id == "org/model"
     assert entry.commit == COMMIT
     assert entry.size == tree.size
-    assert entry.name == entry_name("org/model", COMMIT)
+    assert entry.registry_key == EntryName("org/model", COMMIT).key
     assert str(entry) == f"org/model@{COMMIT[:12]}"
 
 

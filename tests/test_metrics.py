@@ -26,7 +26,8 @@ from mxfs.daemon import Services, open_services
 from mxfs.errors import MxfsError
 from mxfs.evict import Reason, Report, Victim
 from mxfs.hub import HubClient
-from mxfs.registry import Record, RegistryError, Status, entry_name
+from mxfs.names import EntryName
+from mxfs.registry import Record, RegistryError, Status
 from tests.hubserver import FakeHub
 from tests.mounting import MountedFs, requires_fuse
 from tests.scrape import free_port, http_scrape, parse, value
@@ -57,7 +58,7 @@ async def scrape(services: Services, accept: str = "") -> tuple[dict, str, str]:
 
 
 async def add_downloaded(services: Services, repo_id: str, commit: str, size: int = 0) -> str:
-    name = entry_name(repo_id, commit)
+    name = EntryName(repo_id, commit).key
     await services.registry.try_claim(name, "c1", 30.0)
     await services.registry.finish_claim(name, "c1", Status.DOWNLOADED, None, size)
     return name
@@ -124,7 +125,7 @@ async def test_openmetrics_on_request(services: Services) -> None:
 async def test_entries_and_cache_bytes_follow_the_registry_and_the_disk(services: Services) -> None:
     await add_downloaded(services, "org/one", COMMIT, 100_000)
     await add_downloaded(services, "org/two", "b" * 40)
-    await services.registry.try_claim(entry_name("org/three", COMMIT), "c2", 30.0)
+    await services.registry.try_claim(EntryName("org/three", COMMIT).key, "c2", 30.0)
     put_blob(services, "org/one", COMMIT, os.urandom(100_000))
     samples, _, _ = await scrape(services)
     assert value(samples, "mxfs_entries", status="downloaded") == 2
@@ -168,7 +169,7 @@ async def test_manual_eviction_counts_entries_and_bytes(services: Services) -> N
 
 async def test_eviction_cycle_counts_by_reason(services: Services) -> None:
     old = datetime.now(UTC) - timedelta(days=30)
-    record = Record(entry_name("org/old", COMMIT), "HuggingFace", Status.DOWNLOADED, old, old)
+    record = Record(EntryName("org/old", COMMIT).key, "HuggingFace", Status.DOWNLOADED, old, old)
     before = event("mxfs_evictions_total", reason="time"), event("mxfs_eviction_cycles_total")
     metrics.record_evictions(Report(dry_run=True, evicted=[Victim(record, Reason.TIME, 10)]), cycle=True)
     assert (event("mxfs_evictions_total", reason="time"), event("mxfs_eviction_cycles_total")) == before

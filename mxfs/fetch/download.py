@@ -159,7 +159,7 @@ class EntryDownload:
         self._fds: dict[FileState, int] = {}
         self._verify_failures: dict[FileState, int] = {}
         self._hashers: dict[FileState, PrefixHasher] = {}
-        self.lease_keeper = LeaseKeeper(registry, entry.name, claim_id, lease, str(entry))
+        self.lease_keeper = LeaseKeeper(registry, entry.registry_key, claim_id, lease, str(entry))
         self.lease_keeper.on_lost = self._withdraw_copies
         self.bytes_downloaded = 0
         self._closed = False  # set when the attempt ends: late callbacks of abandoned streams are ignored

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from mxfs.registry import entry_name
+from mxfs.names import EntryName
 from mxfs.tree import HubFile, RepoTree
 
 
@@ -33,16 +33,15 @@ class Entry:
         return self.tree.commit
 
     @cached_property
-    def name(self) -> str:
-        """The registry key."""
-        return entry_name(self.repo_id, self.commit)
+    def registry_key(self) -> str:
+        return EntryName(self.repo_id, self.commit).key
 
     @property
     def size(self) -> int:
         return self.tree.size
 
     def __repr__(self) -> str:
-        return f"<Entry {self.repo_id}@{self.commit[:12]}>"
+        return f"<Entry {self}>"
 
     def __str__(self) -> str:
-        return f"{self.repo_id}@{self.commit[:12]}"
+        return EntryName(self.repo_id, self.commit).label

@@ -45,7 +45,7 @@ from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import CopyDiscarded, FileState, SharedFd, read_at
 from mxfs.fetch.partials import PartialMaps
 from mxfs.hub import Hub
-from mxfs.names import ModelRef
+from mxfs.names import EntryName, ModelRef
 from mxfs.registry import (
     AlreadyExists,
     Claimed,
@@ -54,7 +54,6 @@ from mxfs.registry import (
     Registry,
     RegistryError,
     Status,
-    parse_entry_name,
 )
 from mxfs.retry import RetryPolicy
 from mxfs.tree import HubFile
@@ -79,7 +78,7 @@ class EntryFetch:
         self.states = {path: FileState(f) for path, f in entry.files.items()}
         waiting_files: set[FileState] = set()
         for state in self.states.values():
-            state.entry_name = entry.name
+            state.entry_key = entry.registry_key
             state.discards = discards
             state.waiting_files = waiting_files
         self.running = False
@@ -222,7 +221,7 @@ class Fetcher:
         # (where it can: Redis pub/sub).
         self._finish_notifier = registry if isinstance(registry, FinishNotifier) else None
         self._finished: dict[str, trio.Event] = {}
-        # (entry name, path) of every copy discarded after some of its bytes were read: the
+        # (entry key, path) of every copy discarded after some of its bytes were read: the
         # filesystem drops the kernel's cached pages of those files.  Rare, so unbounded.
         self._discards_send, self._discards_receive = trio.open_memory_channel[tuple[str, str]](math.inf)
         self.bytes_read = 0
@@ -263,7 +262,7 @@ class Fetcher:
             await event.wait()
 
     def discarded_copies(self) -> trio.MemoryReceiveChannel[tuple[str, str]]:
-        """(entry name, path) of each copy discarded after readers were served some of its bytes."""
+        """(entry key, path) of each copy discarded after readers were served some of its bytes."""
         return self._discards_receive
 
     # -- names --------------------------------------------------------------------------------
@@ -289,9 +288,9 @@ class Fetcher:
     # -- opening and reading -------------------------------------------------------------------
 
     def entry_fetch(self, entry: Entry) -> EntryFetch:
-        ef = self._entries.get(entry.name)
+        ef = self._entries.get(entry.registry_key)
         if ef is None:
-            ef = self._entries[entry.name] = EntryFetch(entry, self._discards_send)
+            ef = self._entries[entry.registry_key] = EntryFetch(entry, self._discards_send)
         return ef
 
     async def open(self, entry: Entry, path: str) -> OpenFile:
@@ -341,11 +340,11 @@ class Fetcher:
 
     def copy_generation(self, entry: Entry, path: str) -> int:
         """The generation of the file's current copy on this node (0 before it is first opened)."""
-        ef = self._entries.get(entry.name)
+        ef = self._entries.get(entry.registry_key)
         return ef.states[path].generation if ef is not None else 0
 
     def file_status(self, entry: Entry, path: str) -> str:
-        ef = self._entries.get(entry.name)
+        ef = self._entries.get(entry.registry_key)
         if ef is None:
             return "cached" if self.cache.has_blob(entry.repo_id, entry.files[path]) else "remote"
         state = ef.states[path]
@@ -356,13 +355,13 @@ class Fetcher:
     async def entry_status(self, entry: Entry) -> str:
         """The registry's status of the entry, lower-cased; ``remote`` if it has no record."""
         try:
-            status = await self.registry.get_status(entry.name)
+            status = await self.registry.get_status(entry.registry_key)
         except RegistryError as exc:
             raise RegistryUnavailable(f"{entry}: registry unavailable: {exc}") from exc
         return status.lower() if status is not None else "remote"
 
     def progress(self, entry: Entry) -> tuple[int, int]:
-        ef = self._entries.get(entry.name)
+        ef = self._entries.get(entry.registry_key)
         return ef.progress() if ef else (0, entry.size)
 
     async def prefetch(self, entry: Entry) -> None:
@@ -408,7 +407,7 @@ class Fetcher:
                     if await self._try_acquire(ef, claim_id):
                         await self._download(ef, claim_id)
                         return
-                    await self._wait_for_news(entry.name)
+                    await self._wait_for_news(entry.registry_key)
                 except LeaseLost as exc:
                     metrics.DOWNLOADS_FAILED.inc()
                     log.warning("%s", exc)
@@ -473,7 +472,7 @@ class Fetcher:
 
     async def _try_acquire(self, ef: EntryFetch, claim_id: str) -> bool:
         """One round of the claim protocol; True if this node now owns the download."""
-        name, lease = ef.entry.name, self.settings.lease
+        name, lease = ef.entry.registry_key, self.settings.lease
         try:
             outcome = await self.registry.try_claim(name, claim_id, lease)
             if isinstance(outcome, Claimed):
@@ -545,7 +544,7 @@ class Fetcher:
 
     async def _finish(self, ef: EntryFetch, claim_id: str, status: Status, message: str | None) -> bool:
         try:
-            return await self.registry.finish_claim(ef.entry.name, claim_id, status, message, ef.entry.size)
+            return await self.registry.finish_claim(ef.entry.registry_key, claim_id, status, message, ef.entry.size)
         except RegistryError as exc:
             log.error("%s: could not record %s in the registry: %s", ef.entry, status, exc)
             return False
@@ -553,7 +552,7 @@ class Fetcher:
     async def _publish_complete(self, ef: EntryFetch) -> None:
         """Everything is on disk: refs, HF tree listing, and a DOWNLOADED record if there is none."""
         await self._write_refs(ef)
-        name = ef.entry.name
+        name = ef.entry.registry_key
         try:
             record = await self.registry.get_record(name)
             if record is None or record.status != Status.DOWNLOADED:
@@ -582,7 +581,7 @@ class Fetcher:
 
     async def _touch(self, entry: Entry) -> None:
         try:
-            await self.registry.touch(entry.name)
+            await self.registry.touch(entry.registry_key)
         except RegistryError as exc:
             self._warn_registry("%s: could not update last-used time: %s", entry, exc)
 
@@ -603,10 +602,8 @@ class Fetcher:
 
 def record_repo(record: Record) -> str:
     """The repo id of an mxfs entry record; "" for records that are not ours (ModelExpress's)."""
-    try:
-        return parse_entry_name(record.model_name)[0]
-    except ValueError:
-        return ""
+    name = EntryName.parse(record.model_name)
+    return name.repo_id if name is not None else ""
 
 
 __all__ = ["EntryFetch", "Fetcher", "OpenFile"]

@@ -24,8 +24,6 @@ from mxfs.registry.base import (
     RegistryError,
     Status,
     StatusCounts,
-    entry_name,
-    parse_entry_name,
     redact_url,
 )
 
@@ -40,9 +38,7 @@ __all__ = [
     "RegistryError",
     "Status",
     "StatusCounts",
-    "entry_name",
     "open_registry",
-    "parse_entry_name",
     "redact_url",
 ]
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,23 +20,6 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 PROVIDER = "HuggingFace"
-
-# An entry name is ModelExpress's model_name for one commit of a repo with full weights:
-# ``mx1:<commit>:-:<org>/<name>``.  The ``-`` means "all files", not a subset.
-_ENTRY_RE = re.compile(r"^mx1:(?P<commit>[0-9a-f]{40}):-:(?P<repo_id>[^/]+/[^/]+)$")
-
-
-def entry_name(repo_id: str, commit: str) -> str:
-    """The registry key of ``repo_id`` at ``commit``."""
-    return f"mx1:{commit}:-:{repo_id}"
-
-
-def parse_entry_name(name: str) -> tuple[str, str]:
-    """Split an entry name into ``(repo_id, commit)``; ValueError if it is not one of ours."""
-    match = _ENTRY_RE.fullmatch(name)
-    if match is None:
-        raise ValueError(f"not an mxfs entry name: {name!r}")
-    return match["repo_id"], match["commit"]
 
 
 class Status(enum.StrEnum):

@@ -35,7 +35,7 @@ from mxfs.config import (
 )
 from mxfs.daemon import make_evictor, open_services, serve
 from mxfs.errors import MxfsError
-from mxfs.evict import Report
+from mxfs.evict import EvictionReport
 from mxfs.fetch import Entry, Fetcher
 from mxfs.mounts import unmount
 from mxfs.names import EntryName, entry_label, parse_model_arg, short_commit
@@ -475,7 +475,7 @@ async def _report_progress(fetcher: Fetcher, entry: Entry, report: ProgressRepor
 # -- gc, evict, pin ------------------------------------------------------------------------------
 
 
-def _print_report(report: Report) -> None:
+def _print_report(report: EvictionReport) -> None:
     verb = "would evict" if report.dry_run else "evicted"
     for victim in report.evicted:
         print(f"{verb} {entry_label(victim.name)}  {format_size(victim.size)}  ({victim.reason})")
@@ -546,7 +546,7 @@ async def _refresh(settings: Settings, models: list[str]) -> int:
         for text in models:
             try:
                 ref = parse_model_arg(text, settings.revision)
-                previous, entry = await services.fetcher.catalog.refresh(ref)
+                previous, entry = await services.catalog.refresh(ref)
             except MxfsError as exc:
                 failed += 1
                 log.error("%s: %s", text, exc)

@@ -29,7 +29,7 @@ import trio
 
 from mxfs import metrics
 from mxfs.cache import HubCache, repo_folder_name
-from mxfs.config import format_size
+from mxfs.config import Rules, format_size
 from mxfs.names import EntryName, entry_label
 from mxfs.registry import Record, Registry, RegistryError, Status
 
@@ -39,6 +39,8 @@ EVICTION_LOCK = "evict"
 
 
 class Reason(enum.StrEnum):
+    """Why an entry was evicted: the rule that chose it, or ``mxfs evict``. A metric label too."""
+
     TIME = "time"
     COUNT = "count"
     SIZE = "size"
@@ -46,15 +48,8 @@ class Reason(enum.StrEnum):
     MANUAL = "manual"
 
 
-@dataclass(frozen=True)
-class Rules:
-    """Eviction limits; ``None`` switches a rule off."""
-
-    unused_threshold: float | None = 7 * 86400.0
-    max_models: int | None = None
-    max_cache_size: int | None = None
-    min_free_space: int | None = None
-    in_use_grace: float = 600.0
+metrics.start_series(metrics.EVICTIONS, "reason", Reason)
+metrics.start_series(metrics.EVICTED_BYTES, "reason", Reason)
 
 
 @dataclass(frozen=True)
@@ -147,17 +142,28 @@ def select_victims(
 
 
 @dataclass
-class Report:
-    """What one eviction cycle did."""
+class EvictionReport:
+    """What one eviction (a cycle, or ``mxfs evict``) did, or would do with ``dry_run``."""
 
     evicted: list[Victim] = field(default_factory=list)
     bytes_freed: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (entry, why)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (entry key, why)
     dry_run: bool = False
 
     @property
     def reasons(self) -> set[Reason]:
         return {v.reason for v in self.evicted}
+
+
+def record_evictions(report: EvictionReport, *, cycle: bool) -> None:
+    """Count what one eviction did (``cycle``: a sweep, not ``mxfs evict``); a dry run did nothing."""
+    if report.dry_run:
+        return
+    if cycle:
+        metrics.EVICTION_CYCLES.inc()
+    for victim in report.evicted:
+        metrics.EVICTIONS.labels(reason=victim.reason.value).inc()
+        metrics.EVICTED_BYTES.labels(reason=victim.reason.value).inc(victim.size)
 
 
 def mxfs_records(records: Iterable[Record]) -> list[Record]:
@@ -215,7 +221,7 @@ def entries_with_open_blobs(cache: HubCache, records: Sequence[Record]) -> set[s
     return result
 
 
-def measure(cache: HubCache) -> CacheUsage:
+def measure_cache_usage(cache: HubCache) -> CacheUsage:
     """Bytes held by the cache's blobs (partial downloads included) and free bytes (statvfs)."""
     total = 0
     for repo in cache.root.glob("models--*"):
@@ -238,7 +244,7 @@ class Evictor:
         *,
         check_interval: float = 300.0,
         open_entries: Callable[[], set[str]] = set,
-        usage: Callable[[HubCache], CacheUsage] = measure,
+        usage: Callable[[HubCache], CacheUsage] = measure_cache_usage,
     ) -> None:
         self.registry = registry
         self.cache = cache
@@ -250,7 +256,7 @@ class Evictor:
         self._wakeup = trio.Event()
         self._lock = trio.Lock()
         self.limiter = trio.CapacityLimiter(2)
-        self.last_report: Report | None = None
+        self.last_report: EvictionReport | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run a cycle every ``check_interval`` and whenever :meth:`request_cycle` is called."""
@@ -267,9 +273,9 @@ class Evictor:
                 # A failing cycle (a cache file system error, say) must not take the mount down.
                 log.exception("eviction cycle failed; trying again at the next interval")
 
-    def usage(self) -> CacheUsage:
-        """Bytes the cache holds and bytes free on its disk now (blocking: call it from a thread)."""
-        return self._usage(self.cache)
+    async def usage(self) -> CacheUsage:
+        """Bytes the cache holds and bytes free on its disk now (measured in a worker thread)."""
+        return await trio.to_thread.run_sync(self._usage, self.cache, limiter=self.limiter)
 
     def request_cycle(self) -> None:
         """Ask for a cycle now (a download hit ENOSPC)."""
@@ -279,7 +285,7 @@ class Evictor:
         on_disk = await trio.to_thread.run_sync(entries_with_open_blobs, self.cache, records, limiter=self.limiter)
         return set(self._open_entries()) | on_disk
 
-    async def make_room(self, needed: int) -> Report:
+    async def make_room(self, needed: int) -> EvictionReport:
         """A download found the disk full: a cycle that also frees ``needed`` bytes if it can.
 
         Without a ``min_free_space`` rule a full disk would otherwise evict nothing; with one, the
@@ -287,25 +293,25 @@ class Evictor:
         """
         return await self.cycle(need_free=needed)
 
-    async def cycle(self, *, dry_run: bool = False, need_free: int = 0) -> Report:
+    async def cycle(self, *, dry_run: bool = False, need_free: int = 0) -> EvictionReport:
         """One sweep under the registry's eviction lock; returns what it evicted (or would)."""
         async with self._lock:
             ttl = max(self.check_interval, 600.0)
             if not await self.registry.try_lock(EVICTION_LOCK, self._owner, ttl):
                 log.debug("eviction: another node is sweeping")
-                return Report(dry_run=dry_run)
+                return EvictionReport(dry_run=dry_run)
             try:
                 report = await self._sweep(dry_run, need_free)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.registry.unlock(EVICTION_LOCK, self._owner)
         self.last_report = report
-        metrics.record_evictions(report, cycle=True)
+        record_evictions(report, cycle=True)
         return report
 
-    async def _sweep(self, dry_run: bool, need_free: int = 0) -> Report:
+    async def _sweep(self, dry_run: bool, need_free: int = 0) -> EvictionReport:
         records = mxfs_records(await self.registry.list_by_last_used())
-        usage = await trio.to_thread.run_sync(self._usage, self.cache, limiter=self.limiter)
+        usage = await self.usage()
         sizes = await trio.to_thread.run_sync(self._sizes, records, limiter=self.limiter)
         open_names = await self._protected_names(records)
         rules = self.rules
@@ -314,7 +320,7 @@ class Evictor:
         victims = select_victims(
             records, now=datetime.now(UTC), rules=rules, usage=usage, sizes=sizes, open_entries=open_names
         )
-        report = Report(dry_run=dry_run)
+        report = EvictionReport(dry_run=dry_run)
         for victim in victims:
             if dry_run:
                 report.evicted.append(victim)
@@ -348,13 +354,13 @@ class Evictor:
             self.cache.delete_revision, name.repo_id, name.commit, limiter=self.limiter
         )
 
-    async def evict(self, names: Iterable[str], *, force: bool = False) -> Report:
+    async def evict(self, names: Iterable[str], *, force: bool = False) -> EvictionReport:
         """``mxfs evict``: remove these entries now (reason ``manual``), within the safety rules."""
         wanted = set(names)
         records = [r for r in mxfs_records(await self.registry.list_by_last_used()) if r.model_name in wanted]
         open_names = await self._protected_names(records)
         now = datetime.now(UTC)
-        report = Report()
+        report = EvictionReport()
         for record in records:
             why = protected(record, now=now, rules=self.rules, open_entries=open_names, force=force)
             if why is not None:
@@ -367,10 +373,10 @@ class Evictor:
             report.evicted.append(Victim(record, Reason.MANUAL, freed))
             report.bytes_freed += freed
         self._log(report, None)
-        metrics.record_evictions(report, cycle=False)
+        record_evictions(report, cycle=False)
         return report
 
-    def _log(self, report: Report, usage: CacheUsage | None) -> None:
+    def _log(self, report: EvictionReport, usage: CacheUsage | None) -> None:
         verb = "would evict" if report.dry_run else "evicted"
         for victim in report.evicted:
             log.info("%s %s (%s, reason %s)", verb, entry_label(victim.name), format_size(victim.size), victim.reason)

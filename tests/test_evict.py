@@ -30,15 +30,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mxfs.cache import HubCache, repo_folder_name
+from mxfs.config import Rules
 from mxfs.evict import (
     EVICTION_LOCK,
     CacheUsage,
+    EvictionReport,
     Evictor,
     Reason,
-    Report,
-    Rules,
     entries_with_open_blobs,
-    measure,
+    measure_cache_usage,
     open_blob_etags,
     protected,
     select_victims,
@@ -660,7 +660,7 @@ async def test_no_sweep_while_another_node_holds_the_lock(cache: HubCache, regis
 
     report = await evictor.cycle()
 
-    assert report == Report()
+    assert report == EvictionReport()
     assert sorted(await names(registry)) == sorted([a, b])
     assert cached_revisions(cache) == {("org/a", commit_of(1)), ("org/b", commit_of(2))}
     # Our failed attempt did not steal or release the other node's lock.
@@ -678,16 +678,16 @@ async def test_two_evictors_one_lock(cache: HubCache, registry: Any) -> None:
     a = await add_entry(cache, registry, "org/a", 1, files_for(1), ref="main")
     rules = Rules(max_models=0, **EVICT_NOW)
     second = Evictor(registry, cache, rules)
-    inner_reports: list[Report] = []
+    inner_reports: list[EvictionReport] = []
 
     def usage_running_the_other(c: HubCache) -> CacheUsage:
         # Runs in a worker thread during the first Evictor's sweep, with its lock held.
         inner_reports.append(trio.from_thread.run(second.cycle))
-        return measure(c)
+        return measure_cache_usage(c)
 
     first = Evictor(registry, cache, rules, usage=usage_running_the_other)
     report = await first.cycle()
-    assert inner_reports == [Report()]
+    assert inner_reports == [EvictionReport()]
     assert [v.name for v in report.evicted] == [a]
 
 
@@ -841,13 +841,13 @@ async def test_an_open_partial_file_counts_as_open(cache: HubCache, registry: An
     path.unlink()
 
 
-async def test_measure_reports_plausible_numbers(cache: HubCache, registry: Any) -> None:
-    empty = measure(cache)
+async def test_measure_cache_usage_reports_plausible_numbers(cache: HubCache, registry: Any) -> None:
+    empty = measure_cache_usage(cache)
     assert empty.cache_bytes == 0
     assert empty.free_bytes > 0
     await add_entry(cache, registry, "org/a", 1, files_for(1), ref="main")
     await add_entry(cache, registry, "org/b", 2, {**files_for(2), "big": b"x" * 100_000}, ref="main")
-    usage = measure(cache)
+    usage = measure_cache_usage(cache)
     written = distinct_bytes(files_for(1)) + distinct_bytes({**files_for(2), "big": b"x" * 100_000})
     assert usage.cache_bytes >= written
     # Disk blocks, not more than a few blocks of slack per blob.
@@ -894,7 +894,7 @@ async def test_size_rule_uses_the_measured_cache(cache: HubCache, registry: Any)
     a = await add_entry(cache, registry, "org/a", 1, files_for(1), ref="main")
     b = await add_entry(cache, registry, "org/b", 2, files_for(2), ref="main")
     await touch_in_order(registry, a, b)
-    total = measure(cache).cache_bytes
+    total = measure_cache_usage(cache).cache_bytes
     # Just under the cache's size: the oldest entry goes (whatever it frees is enough).
     report = await Evictor(registry, cache, Rules(max_cache_size=total - 1, **EVICT_NOW)).cycle()
     assert [(v.name, v.reason) for v in report.evicted] == [(a, Reason.SIZE)]
@@ -930,14 +930,14 @@ class CycleLog:
         self._ended = trio.Event()
         real = evictor.cycle
 
-        async def cycle(*, dry_run: bool = False) -> Report:
+        async def cycle(*, dry_run: bool = False) -> EvictionReport:
             start = trio.current_time()
             if len(self.calls) >= 1000:  # a loop that never waits: fail instead of hanging
                 raise RunawayLoop(f"{len(self.calls)} cycles at t={start}")
             if on_call is not None:
                 on_call(len(self.calls))
             try:
-                return Report(dry_run=dry_run) if fake else await real(dry_run=dry_run)
+                return EvictionReport(dry_run=dry_run) if fake else await real(dry_run=dry_run)
             except BaseException as exc:
                 self.errors.append(exc)
                 raise
@@ -1009,11 +1009,11 @@ async def test_run_survives_a_registry_outage(tmp_path: Path, autojump_clock: An
     evictor = Evictor(None, HubCache(tmp_path), Rules(), check_interval=interval)  # type: ignore[arg-type]
     calls: list[float] = []
 
-    async def cycle(*, dry_run: bool = False) -> Report:
+    async def cycle(*, dry_run: bool = False) -> EvictionReport:
         calls.append(trio.current_time())
         if len(calls) <= 2:
             raise RegistryError("registry down")
-        return Report()
+        return EvictionReport()
 
     evictor.cycle = cycle  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:

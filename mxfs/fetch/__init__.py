@@ -2,6 +2,6 @@
 
 from mxfs.fetch.catalog import Catalog
 from mxfs.fetch.entry import Entry
-from mxfs.fetch.fetcher import EntryFetch, Fetcher, OpenFile
+from mxfs.fetch.fetcher import Activity, EntryFetch, Fetcher, OpenFile
 
-__all__ = ["Catalog", "Entry", "EntryFetch", "Fetcher", "OpenFile"]
+__all__ = ["Activity", "Catalog", "Entry", "EntryFetch", "Fetcher", "OpenFile"]

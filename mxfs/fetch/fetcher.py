@@ -70,6 +70,15 @@ TOUCH_INTERVAL = 60.0
 RELEASE_TIMEOUT = 2.0
 
 
+@dataclass(frozen=True)
+class Activity:
+    """Reads and downloads on this node now, for the metrics exporter."""
+
+    bytes_read: int  # returned by reads through the mount since start-up
+    open_handles: int
+    downloads_running: int  # entries this node downloads as the claim owner
+
+
 class EntryFetch:
     """This node's view of one entry: per-file state, who downloads it, and what went wrong."""
 
@@ -333,6 +342,15 @@ class Fetcher:
     def downloads_running(self) -> bool:
         """True while this node downloads any entry."""
         return any(ef.download is not None for ef in self._entries.values())
+
+    def activity(self) -> Activity:
+        """Reads and downloads now: cheap enough for every scrape."""
+        entries = self._entries.values()
+        return Activity(
+            bytes_read=self.bytes_read,
+            open_handles=sum(ef.handles for ef in entries),
+            downloads_running=sum(1 for ef in entries if ef.download is not None),
+        )
 
     def open_entries(self) -> set[str]:
         """Registry names of entries with an open file on this node (eviction must spare them)."""
@@ -606,4 +624,4 @@ def record_repo(record: Record) -> str:
     return name.repo_id if name is not None else ""
 
 
-__all__ = ["EntryFetch", "Fetcher", "OpenFile"]
+__all__ = ["Activity", "EntryFetch", "Fetcher", "OpenFile"]

@@ -434,7 +434,7 @@ class MxfsOperations(pyfuse3.Operations):
                 org, _, name = repo.partition("/")
                 if org == node.org:
                     names[name] = ModelRef(repo, self.default_revision)
-            for ref in self.fetcher.catalog.resolved_refs():
+            for ref in self.fetcher.resolved_refs():
                 if ref.repo_id.split("/", 1)[0] == node.org:
                     names[model_dir_name(ref, self.default_revision)] = ref
             return [(name, self._model_node(node, name, ref)) for name, ref in sorted(names.items())]
@@ -540,7 +540,7 @@ class MxfsOperations(pyfuse3.Operations):
 
     @fuse_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        st = await trio.to_thread.run_sync(os.statvfs, self.fetcher.cache.root)
+        st = await self.fetcher.cache_statvfs()
         data = pyfuse3.StatvfsData()
         data.f_bsize, data.f_frsize = st.f_bsize, st.f_frsize
         data.f_blocks, data.f_bfree, data.f_bavail = st.f_blocks, st.f_bfree, st.f_bavail

@@ -279,6 +279,10 @@ class Fetcher:
     async def lookup(self, ref: ModelRef) -> Entry:
         return await self.catalog.lookup(ref)
 
+    def resolved_refs(self) -> list[ModelRef]:
+        """The names resolved so far (for listing: a model directory shows once it is used)."""
+        return list(self.catalog.resolved_refs())
+
     async def known_repos(self) -> list[str]:
         """Repos with something in the cache, the state dir or the registry (for listing)."""
 
@@ -338,6 +342,14 @@ class Fetcher:
     async def _blob_still_there(self, ef: EntryFetch, state: FileState) -> bool:
         blob = state.blob
         return blob is not None and await trio.to_thread.run_sync(os.path.exists, blob, limiter=self.io_limiter)
+
+    async def cache_statvfs(self) -> os.statvfs_result:
+        """``statvfs`` of the cache's file system: what the mount reports as its size and free space.
+
+        Not under ``io_limiter``: the readiness and watchdog probes are statfs calls, and must be
+        answered while reads fill every slot.
+        """
+        return await trio.to_thread.run_sync(os.statvfs, self.cache.root)
 
     def downloads_running(self) -> bool:
         """True while this node downloads any entry."""

@@ -326,9 +326,7 @@ def _download_progress(state: StateDir, cache: HubCache, record: Record) -> tupl
     tree = state.read_tree(name.repo_id, name.commit)
     if tree is None:
         return None
-    total = sum(f.size for f in tree.files)
-    have = sum(f.size for f in tree.files if cache.has_blob(name.repo_id, f))
-    return have, total
+    return tree.progress(lambda f: f.size if cache.has_blob(name.repo_id, f) else 0)
 
 
 def _ago(when: datetime) -> str:

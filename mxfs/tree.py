@@ -12,6 +12,7 @@ that huggingface_hub does not record.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -46,6 +47,14 @@ class RepoTree:
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
+
+    def progress(self, bytes_present: Callable[[HubFile], int]) -> tuple[int, int]:
+        """How far a download of the tree is: (bytes present, bytes in all).
+
+        ``bytes_present`` says how many bytes of a file are there: the downloading process counts
+        the ranges of partial files it holds, any other process only the verified blobs it sees.
+        """
+        return sum(bytes_present(f) for f in self.files), self.size
 
     def to_json(self) -> str:
         """The listing in huggingface_hub's ``trees/<commit>.json`` format, with the commit date added."""

@@ -103,9 +103,8 @@ class EntryFetch:
         return all(s.complete for s in self.states.values())
 
     def progress(self) -> tuple[int, int]:
-        """(bytes present on this node, total bytes)."""
-        have = sum(s.file.size if s.complete else s.present.total for s in self.states.values())
-        return have, self.entry.size
+        """(bytes present on this node, partial files included, total bytes)."""
+        return self.entry.tree.progress(lambda f: self.states[f.path].bytes_present)
 
     def set_error(self, error: MxfsError) -> None:
         self.error = error

@@ -104,6 +104,11 @@ class FileState:
     def complete(self) -> bool:
         return self.blob is not None
 
+    @property
+    def bytes_present(self) -> int:
+        """How much of the file this node has: all of it once complete, else its present ranges."""
+        return self.file.size if self.complete else self.present.total
+
     def notify(self) -> None:
         """Wake every reader waiting on this file (they re-check what they wait for)."""
         self._changed.set()

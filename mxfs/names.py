@@ -137,7 +137,7 @@ class ModelRef:
     revision: str
 
     @property
-    def pinned_to_commit(self) -> bool:
+    def revision_is_commit(self) -> bool:
         return bool(COMMIT_RE.fullmatch(self.revision))
 
     def __str__(self) -> str:

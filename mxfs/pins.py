@@ -38,7 +38,7 @@ def match_entries(settings: Settings, records: list[Record], models: list[str]) 
         explicit = "@" in text
         commit = None
         if explicit:
-            commit = ref.revision if ref.pinned_to_commit else None
+            commit = ref.revision if ref.revision_is_commit else None
             commit = commit or recorded_commit(state, cache, ref.repo_id, ref.revision)
         found = [
             entry.key for entry in entries if entry.repo_id == ref.repo_id and (not explicit or entry.commit == commit)

@@ -172,7 +172,7 @@ def test_invalid_revisions(revision: str) -> None:
 def test_plain_name_uses_default_revision() -> None:
     ref = parse_model_dir("sentence-transformers", "all-MiniLM-L6-v2", "main")
     assert ref == ModelRef("sentence-transformers/all-MiniLM-L6-v2", "main")
-    assert not ref.pinned_to_commit
+    assert not ref.revision_is_commit
     assert str(ref) == "sentence-transformers/all-MiniLM-L6-v2@main"
     assert parse_model_dir("org", "name", "v2").revision == "v2"
 
@@ -181,10 +181,10 @@ def test_name_at_tag() -> None:
     assert parse_model_dir("org", "name@v1.0", "main") == ModelRef("org/name", "v1.0")
 
 
-def test_name_at_commit_is_pinned() -> None:
+def test_name_at_commit_names_a_commit() -> None:
     ref = parse_model_dir("org", f"name@{COMMIT}", "main")
     assert ref == ModelRef("org/name", COMMIT)
-    assert ref.pinned_to_commit
+    assert ref.revision_is_commit
 
 
 @pytest.mark.parametrize(
@@ -198,7 +198,7 @@ def test_name_at_commit_is_pinned() -> None:
     ],
 )
 def test_not_a_commit(revision: str) -> None:
-    assert not ModelRef("org/name", revision).pinned_to_commit
+    assert not ModelRef("org/name", revision).revision_is_commit
 
 
 @pytest.mark.parametrize("component", ["name@refs%2Fpr%2F1", "name@refs%2fpr%2f1"])

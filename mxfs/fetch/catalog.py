@@ -80,7 +80,7 @@ class Catalog:
 
     async def _resolve(self, ref: ModelRef) -> Entry:
         resolved: Resolved | None = None
-        if ref.pinned_to_commit:
+        if ref.revision_is_commit:
             commit = ref.revision
         else:
             try:
@@ -92,7 +92,7 @@ class Catalog:
                     raise
                 log.warning("%s: Hub unavailable (%s); using cached resolution %s", ref, exc, short_commit(commit))
         entry = await self._entry_at(ref.repo_id, commit, resolved)
-        if not ref.pinned_to_commit:
+        if not ref.revision_is_commit:
             await trio.to_thread.run_sync(
                 self.state.write_ref, ref.repo_id, ref.revision, commit, limiter=self.io_limiter
             )
@@ -112,7 +112,7 @@ class Catalog:
         Unlike a first lookup this never falls back to a recorded resolution: a refresh that
         cannot reach the Hub raises (HubUnavailable / OfflineMiss) and changes nothing.
         """
-        if ref.pinned_to_commit:
+        if ref.revision_is_commit:
             raise InvalidName(f"{ref}: a commit never moves; refresh a branch or tag")
         previous = await trio.to_thread.run_sync(
             self.state.read_ref, ref.repo_id, ref.revision, limiter=self.io_limiter
@@ -134,7 +134,7 @@ class Catalog:
         ref whose new commit cannot be listed (Hub down, listing not recorded) stays where it is
         and is tried again next time.
         """
-        movable = [(ref, entry) for ref, entry in self._by_ref.items() if not ref.pinned_to_commit]
+        movable = [(ref, entry) for ref, entry in self._by_ref.items() if not ref.revision_is_commit]
         if not movable:
             return []
 

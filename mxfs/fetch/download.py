@@ -354,7 +354,7 @@ class EntryDownload:
                 state.present.total,
                 file.size,
             )
-        state.on_wait = functools.partial(self.want, state)
+        state.on_wait = functools.partial(self.on_reader_wait, state)
         if file.size == 0:
             state.notify()
         self._fds[state] = fd
@@ -568,7 +568,7 @@ class EntryDownload:
 
     # -- on-demand ranges ---------------------------------------------------------------------
 
-    def want(self, state: FileState, start: int, end: int) -> None:
+    def on_reader_wait(self, state: FileState, start: int, end: int) -> None:
         """A reader waits for ``[start, end)``: fetch it now unless a stream is about to bring it."""
         if self._transfers is None or state not in self._fds or self.client.ignores_ranges:
             return  # (a range request would bring the whole file: readers wait for the stream)

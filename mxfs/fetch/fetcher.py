@@ -151,7 +151,7 @@ class OpenFile:
     closed: bool = False
     # Held from open() to close() once the file is complete: the blob's inode stays readable even
     # if eviction (here or on another node) unlinks it while the file is open.
-    pinned: SharedFd | None = None
+    held_fd: SharedFd | None = None
 
     @property
     def file(self) -> HubFile:
@@ -175,18 +175,18 @@ class OpenFile:
                 raise CopyDiscarded(f"{self.ef.entry}/{exc}") from None
             self._check_copy()
         generation = state.expose()
-        if self.pinned is None and state.complete:
-            self.pinned = state.acquire_fd()
-        shared = self.pinned or state.acquire_fd()
+        if self.held_fd is None and state.complete:
+            self.held_fd = state.acquire_fd()
+        shared = self.held_fd or state.acquire_fd()
         try:
             data = await read_at(shared.fd, offset, end - offset, self.fetcher.io_limiter)
         finally:
-            if shared is not self.pinned:
+            if shared is not self.held_fd:
                 shared.release()
         # The copy may have been discarded while the pread ran (it then taints this handle,
         # since the copy was marked exposed before): these bytes may be of either copy.
         self._check_copy()
-        if state.generation != generation and shared is not self.pinned:
+        if state.generation != generation and shared is not self.held_fd:
             raise IntegrityError(f"{self.ef.entry}/{self.file.path}: the copy changed under a read")
         self.fetcher.bytes_read += len(data)
         return data
@@ -205,9 +205,9 @@ class OpenFile:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.pinned is not None:
-                self.pinned.release()
-                self.pinned = None
+            if self.held_fd is not None:
+                self.held_fd.release()
+                self.held_fd = None
             self.fetcher._release(self)
 
 
@@ -309,21 +309,21 @@ class Fetcher:
         """Open a file for reading: returns at once, the download (if any) starts in the background."""
         ef = self.entry_fetch(entry)
         state = ef.states[path]
-        pinned = None
+        held_fd = None
         if state.complete and await self._blob_still_there(ef, state):
             # An open() of a local file: cheap, and it must not race the state from a thread.
             # It is also the check that counts: eviction (here or on another node) may have
             # taken the blob since it was seen above.
             with contextlib.suppress(FileNotFoundError):
-                pinned = state.acquire_fd()
-        if state.complete and pinned is None:
+                held_fd = state.acquire_fd()
+        if state.complete and held_fd is None:
             log.warning("%s: %s vanished from the cache; fetching it again", entry, path)
             for s in ef.states.values():
                 s.blob = None
                 s.retire_fd()
             ef.reset_done()
         handle = OpenFile(self, ef, state, strict=self.settings.verify == "strict", first_generation=state.generation)
-        handle.pinned = pinned
+        handle.held_fd = held_fd
         ef.handles += 1
         self._spawn(self._touch, entry)
         if not state.complete:

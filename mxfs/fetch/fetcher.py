@@ -364,7 +364,7 @@ class Fetcher:
         )
 
     def open_entries(self) -> set[str]:
-        """Registry names of entries with an open file on this node (eviction must spare them)."""
+        """Registry keys of entries with an open file on this node (eviction must spare them)."""
         return {name for name, ef in self._entries.items() if ef.handles > 0}
 
     def copy_generation(self, entry: Entry, path: str) -> int:

@@ -24,18 +24,17 @@ collects.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-from mxfs.names import COMMIT_RE
+from mxfs.names import COMMIT_RE, repo_folder, repo_id_of_folder
+from mxfs.tree import HubFile, RepoTree
 
 INCOMPLETE_SUFFIX = ".incomplete"
-TREE_FORMAT_VERSION = 1  # huggingface_hub's `trees/<commit>.json` format
 # The most any folder or file of the cache (and of the state beside it) is ever created with:
 # readable by the users of the mount and by programs that use the HF cache directly, writable by
 # the daemon alone, whatever the umask it was started with (systemd's default is 0022, but a
@@ -46,7 +45,8 @@ FILE_MODE = 0o644
 
 
 def repo_folder_name(repo_id: str) -> str:
-    return "models--" + repo_id.replace("/", "--")
+    """The repo's folder in the cache root: ``models--org--name``."""
+    return "models--" + repo_folder(repo_id)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -92,15 +92,13 @@ def atomic_write_text(path: Path, text: str, *, tmp_dir: Path | None = None) -> 
             tmp.unlink()
 
 
-@dataclass(frozen=True)
-class TreeFileRecord:
-    """What the cache needs to know of one file to lay it out: its path, etag and size."""
-
-    path: str
-    etag: str
-    size: int
-    blob_id: str
-    lfs_sha256: str | None = None
+def read_commit(path: Path) -> str | None:
+    """The commit hash a ref file holds; None if there is no such file or it holds anything else."""
+    try:
+        commit = path.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    return commit if COMMIT_RE.fullmatch(commit) else None
 
 
 class HubCache:
@@ -139,35 +137,28 @@ class HubCache:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def has_blob(self, repo_id: str, etag: str) -> bool:
-        return self.blob_path(repo_id, etag).is_file()
+    def has_blob(self, repo_id: str, file: HubFile) -> bool:
+        """The file's verified blob is in the cache (its snapshot link may still be missing).
 
-    def file_is_cached(self, repo_id: str, commit: str, file: TreeFileRecord) -> bool:
-        """The file's verified blob exists (its snapshot link may still be missing)."""
+        Only a verified blob ever gets its final name (``publish_blob``), so its presence at the
+        file's size is the whole check: no byte of it needs reading.
+        """
         try:
             return self.blob_path(repo_id, file.etag).stat().st_size == file.size
         except FileNotFoundError:
             return False
 
     def read_ref(self, repo_id: str, revision: str) -> str | None:
-        try:
-            commit = self.ref_path(repo_id, revision).read_text().strip()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
-        return commit if COMMIT_RE.fullmatch(commit) else None
+        return read_commit(self.ref_path(repo_id, revision))
 
     def cached_repos(self) -> list[str]:
         """Repo ids that have a folder in the cache (models only)."""
-        repos = []
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        for name in names:
-            if name.startswith("models--") and name.count("--") == 2:
-                _, org, model = name.split("--")
-                repos.append(f"{org}/{model}")
-        return sorted(repos)
+        repos = (repo_id_of_folder(name.removeprefix("models--")) for name in names if name.startswith("models--"))
+        return sorted(repo for repo in repos if repo is not None)
 
     def cached_commits(self, repo_id: str) -> list[str]:
         try:
@@ -186,6 +177,32 @@ class HubCache:
         for dirpath, _dirnames, filenames in os.walk(base):
             for filename in filenames:
                 yield Path(dirpath) / filename
+
+    def read_tree(self, repo_id: str, commit: str) -> RepoTree | None:
+        """The listing of a revision the cache holds, from ``trees/<commit>.json`` or, where
+        huggingface_hub wrote none, its snapshot links; None if the revision is not here."""
+        snapshot = self.snapshot_dir(repo_id, commit)
+        if not snapshot.is_dir():
+            return None
+        mtime = datetime.fromtimestamp(snapshot.stat().st_mtime, UTC)
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+            tree = RepoTree.from_json(self.tree_path(repo_id, commit).read_text(), repo_id, commit, mtime)
+            if tree.files:
+                return tree
+        # No listing: trust the snapshot links (etag = blob name; sha256 if it has 64 hex digits).
+        files: list[HubFile] = []
+        for dirpath, _dirs, filenames in os.walk(snapshot):
+            for filename in filenames:
+                link = Path(dirpath) / filename
+                try:
+                    size = link.stat().st_size
+                except FileNotFoundError:
+                    continue
+                etag = os.path.basename(os.readlink(link)) if link.is_symlink() else ""
+                rel = link.relative_to(snapshot).as_posix()
+                sha256 = etag if len(etag) == 64 else None
+                files.append(HubFile(rel, size, etag if len(etag) == 40 else "", sha256))
+        return RepoTree(repo_id, commit, mtime, tuple(sorted(files, key=lambda f: f.path)))
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -250,17 +267,9 @@ class HubCache:
         """Record that ``revision`` is ``commit``. Only for a snapshot that exists (scan rule)."""
         atomic_write_text(self.ref_path(repo_id, revision), commit, tmp_dir=self.repo_dir(repo_id))
 
-    def write_tree(self, repo_id: str, commit: str, files: Iterable[TreeFileRecord]) -> None:
+    def write_tree(self, tree: RepoTree) -> None:
         """Write huggingface_hub's ``trees/<commit>.json`` so its offline mode knows the file list."""
-        entries = {}
-        for f in sorted(files, key=lambda f: f.path):
-            info: dict[str, object] = {"size": f.size, "blob_id": f.blob_id}
-            if f.lfs_sha256 is not None:
-                info["lfs_sha256"] = f.lfs_sha256
-                info["lfs_size"] = f.size
-            entries[f.path] = info
-        data = {"format_version": TREE_FORMAT_VERSION, "files": entries}
-        atomic_write_text(self.tree_path(repo_id, commit), json.dumps(data, indent=1))
+        atomic_write_text(self.tree_path(tree.repo_id, tree.commit), tree.to_json())
 
     def remove_stale_incomplete(
         self, repo_id: str, older_than: float, *, etags: Iterable[str] | None = None, keep: str = ""

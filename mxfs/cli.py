@@ -35,12 +35,13 @@ from mxfs.config import (
 )
 from mxfs.daemon import make_evictor, open_services, serve
 from mxfs.errors import MxfsError
-from mxfs.evict import Report
-from mxfs.fetch import Entry, Fetcher, StateDir
+from mxfs.evict import EvictionReport
+from mxfs.fetch import Entry, Fetcher
 from mxfs.mounts import unmount
-from mxfs.names import parse_model_arg
+from mxfs.names import EntryName, entry_label, parse_model_arg, short_commit
 from mxfs.pins import apply_pins, match_entries
-from mxfs.registry import Record, Registry, RegistryError, Status, open_registry, parse_entry_name, redact_url
+from mxfs.registry import Record, Registry, RegistryError, Status, open_registry, redact_url
+from mxfs.statedir import StateDir
 
 log = logging.getLogger("mxfs")
 
@@ -292,10 +293,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _status_row(record: Record, refs: dict[str, list[str]], progress: tuple[int, int] | None) -> dict[str, object]:
-    try:
-        repo_id, commit = parse_entry_name(record.model_name)
-    except ValueError:
-        repo_id, commit = record.model_name, ""
+    name = EntryName.parse(record.model_name)
+    repo_id, commit = (name.repo_id, name.commit) if name is not None else (record.model_name, "")
     if record.status == Status.DOWNLOADED:
         downloaded = record.size_bytes
     else:
@@ -321,18 +320,13 @@ def _download_progress(state: StateDir, cache: HubCache, record: Record) -> tupl
     cache, so it works whichever process (or node, on a shared cache) downloads.  Whole files
     only: a large file counts once it is complete.
     """
-    if record.status != Status.DOWNLOADING:
+    name = EntryName.parse(record.model_name)
+    if record.status != Status.DOWNLOADING or name is None:
         return None
-    try:
-        repo_id, commit = parse_entry_name(record.model_name)
-    except ValueError:
-        return None
-    tree = state.read_tree(repo_id, commit)
+    tree = state.read_tree(name.repo_id, name.commit)
     if tree is None:
         return None
-    total = sum(f.size for f in tree.files)
-    have = sum(f.size for f in tree.files if cache.has_blob(repo_id, f.etag))
-    return have, total
+    return tree.progress(lambda f: f.size if cache.has_blob(name.repo_id, f) else 0)
 
 
 def _ago(when: datetime) -> str:
@@ -356,7 +350,7 @@ def _status_table(rows: list[dict[str, object]], records: list[Record]) -> list[
         else:
             size_text = format_size(size) if isinstance(size, int) else "-"
         revision = str(row["revision"])
-        revision = revision if len(revision) < 20 else revision[:12]
+        revision = revision if len(revision) < 20 else short_commit(revision)
         lines.append(
             (str(row["model"]), revision, status, size_text, _ago(record.last_used_at), "yes" if row["pinned"] else "")
         )
@@ -378,15 +372,12 @@ async def _status(settings: Settings, as_json: bool) -> int:
 
     state, cache = StateDir(settings.state_dir), HubCache(settings.cache_dir)
 
+    def refs(record: Record) -> dict[str, list[str]]:
+        name = EntryName.parse(record.model_name)
+        return state.refs_by_commit(name.repo_id) if name is not None else {}
+
     def rows() -> list[dict[str, object]]:
-        return [
-            _status_row(
-                record,
-                state.refs_by_commit(record.model_name.rsplit(":", 1)[-1]),
-                _download_progress(state, cache, record),
-            )
-            for record in records
-        ]
+        return [_status_row(record, refs(record), _download_progress(state, cache, record)) for record in records]
 
     table = await trio.to_thread.run_sync(rows)
     if as_json:
@@ -466,7 +457,7 @@ async def _prefetch(settings: Settings, models: list[str]) -> int:
                         report.update(*services.fetcher.progress(entry))
                 finally:
                     report.close()
-                log.info("%s: cached (%s, %s)", text, entry.commit[:12], format_size(entry.size))
+                log.info("%s: cached (%s, %s)", text, short_commit(entry.commit), format_size(entry.size))
             except MxfsError as exc:
                 failed += 1
                 log.error("%s: %s", text, exc)
@@ -482,14 +473,12 @@ async def _report_progress(fetcher: Fetcher, entry: Entry, report: ProgressRepor
 # -- gc, evict, pin ------------------------------------------------------------------------------
 
 
-def _print_report(report: Report) -> None:
+def _print_report(report: EvictionReport) -> None:
     verb = "would evict" if report.dry_run else "evicted"
     for victim in report.evicted:
-        repo_id, commit = parse_entry_name(victim.name)
-        print(f"{verb} {repo_id}@{commit[:12]}  {format_size(victim.size)}  ({victim.reason})")
+        print(f"{verb} {entry_label(victim.name)}  {format_size(victim.size)}  ({victim.reason})")
     for name, why in report.skipped:
-        repo_id, commit = parse_entry_name(name)
-        print(f"kept {repo_id}@{commit[:12]}: {why}")
+        print(f"kept {entry_label(name)}: {why}")
     print(
         f"{len(report.evicted)} entries, {format_size(report.bytes_freed)} {'to free' if report.dry_run else 'freed'}"
     )
@@ -532,8 +521,7 @@ async def _pin(settings: Settings, models: list[str], pinned: bool) -> int:
         names, unmatched = await _entry_names(settings, registry, models)
         for name in names:
             await registry.set_pinned(name, pinned)
-            repo_id, commit = parse_entry_name(name)
-            print(f"{'pinned' if pinned else 'unpinned'} {repo_id}@{commit[:12]}")
+            print(f"{'pinned' if pinned else 'unpinned'} {entry_label(name)}")
     finally:
         await registry.aclose()
     for text in unmatched:
@@ -556,15 +544,16 @@ async def _refresh(settings: Settings, models: list[str]) -> int:
         for text in models:
             try:
                 ref = parse_model_arg(text, settings.revision)
-                previous, entry = await services.fetcher.catalog.refresh(ref)
+                previous, entry = await services.catalog.refresh(ref)
             except MxfsError as exc:
                 failed += 1
                 log.error("%s: %s", text, exc)
                 continue
+            commit = short_commit(entry.commit)
             if previous == entry.commit:
-                print(f"{ref}: unchanged ({entry.commit[:12]})")
+                print(f"{ref}: unchanged ({commit})")
             elif previous is None:
-                print(f"{ref}: {entry.commit[:12]}")
+                print(f"{ref}: {commit}")
             else:
-                print(f"{ref}: {previous[:12]} -> {entry.commit[:12]}")
+                print(f"{ref}: {short_commit(previous)} -> {commit}")
     return 1 if failed else 0

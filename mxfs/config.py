@@ -129,16 +129,27 @@ def format_exact_size(n: int) -> str:
 
 
 @dataclass
-class EvictionSettings:
-    """DESIGN section 6; ``None`` switches a rule off."""
+class Rules:
+    """The eviction policy's limits (DESIGN section 6); ``None`` switches a rule off.
 
-    enabled: bool = True
-    check_interval: float = 300.0
+    Defined once, here, for both sides: each is an ``eviction.*`` key of :data:`OPTIONS`, and
+    :func:`mxfs.evict.select_victims` applies them.  A new rule is a field here, its key in
+    :data:`OPTIONS` and its step in the policy.
+    """
+
     unused_threshold: float | None = 7 * 86400.0
     max_models: int | None = None
     max_cache_size: int | None = None
     min_free_space: int | None = None
     in_use_grace: float = 600.0
+
+
+@dataclass
+class EvictionSettings(Rules):
+    """The ``[eviction]`` table: the rules, and how the background task applies them."""
+
+    enabled: bool = True
+    check_interval: float = 300.0
     # Models (``org/name`` or ``org/name@rev``) the daemon pins in the registry: never evicted.
     pinned: list[str] = field(default_factory=list)
 

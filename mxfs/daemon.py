@@ -25,11 +25,12 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from mxfs import metrics
+from mxfs import exporter
 from mxfs.cache import HubCache
 from mxfs.config import Settings
-from mxfs.evict import Evictor, Rules
-from mxfs.fetch import Catalog, Fetcher, StateDir
+from mxfs.evict import Evictor
+from mxfs.exporter import ScrapeSources
+from mxfs.fetch import Catalog, Fetcher
 from mxfs.fs import MxfsOperations
 from mxfs.hub import Hub, HubClient
 from mxfs.memory import bound_malloc_retention, return_memory_when_idle
@@ -37,6 +38,7 @@ from mxfs.mounts import MountProbe, prepare_mountpoint, tune_fuse_connection
 from mxfs.pins import keep_pins
 from mxfs.rebuild import open_registry_recovering
 from mxfs.registry import Registry, redact_url
+from mxfs.statedir import StateDir
 from mxfs.systemd import feed_watchdog, sd_notify, watchdog_period
 
 log = logging.getLogger(__name__)
@@ -57,21 +59,19 @@ class Services:
     fetcher: Fetcher
     evictor: Evictor
 
+    def scrape_sources(self) -> ScrapeSources:
+        """What the metrics exporter reads at each scrape."""
+        return ScrapeSources(
+            entry_counts=self.registry.status_counts, cache_usage=self.evictor.usage, activity=self.fetcher.activity
+        )
+
 
 def make_evictor(settings: Settings, registry: Registry, cache: HubCache, fetcher: Fetcher | None = None) -> Evictor:
-    ev = settings.eviction
-    rules = Rules(
-        unused_threshold=ev.unused_threshold,
-        max_models=ev.max_models,
-        max_cache_size=ev.max_cache_size,
-        min_free_space=ev.min_free_space,
-        in_use_grace=ev.in_use_grace,
-    )
     return Evictor(
         registry,
         cache,
-        rules,
-        check_interval=ev.check_interval,
+        settings.eviction,
+        check_interval=settings.eviction.check_interval,
         open_entries=fetcher.open_entries if fetcher is not None else set,
     )
 
@@ -171,7 +171,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
     bound_malloc_retention()
     mountpoint = await trio.to_thread.run_sync(prepare_mountpoint, mountpoint)
     # Bound before mounting: a taken port is a clear startup error, not a half-started daemon.
-    listeners = await metrics.listen(settings.metrics_address) if settings.metrics_address else []
+    listeners = await exporter.listen(settings.metrics_address) if settings.metrics_address else []
     async with open_services(settings) as services:
         ops = MxfsOperations(services.fetcher, settings.revision, uid=settings.uid, gid=settings.gid)
         options = set(pyfuse3.default_options) | {"fsname=mxfs", "subtype=mxfs", "ro"}
@@ -184,10 +184,10 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
             async with trio.open_nursery() as nursery:
                 await nursery.start(_stop_on_signals, ops)
                 await nursery.start(return_memory_when_idle, services.fetcher)
-                await nursery.start(_follow_refreshes, services.fetcher.catalog, ops)
+                await nursery.start(_follow_refreshes, services.catalog, ops)
                 await nursery.start(ops.drop_discarded_pages)
                 if listeners:
-                    nursery.start_soon(metrics.serve, listeners, services)
+                    nursery.start_soon(exporter.serve, listeners, services.scrape_sources())
                 if settings.eviction.pinned:
                     await nursery.start(keep_pins, settings, services.registry)
                 if settings.eviction.enabled:

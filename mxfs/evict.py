@@ -29,8 +29,9 @@ import trio
 
 from mxfs import metrics
 from mxfs.cache import HubCache, repo_folder_name
-from mxfs.config import format_size
-from mxfs.registry import Record, Registry, RegistryError, Status, parse_entry_name
+from mxfs.config import Rules, format_size
+from mxfs.names import EntryName, entry_label
+from mxfs.registry import Record, Registry, RegistryError, Status
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ EVICTION_LOCK = "evict"
 
 
 class Reason(enum.StrEnum):
+    """Why an entry was evicted: the rule that chose it, or ``mxfs evict``. A metric label too."""
+
     TIME = "time"
     COUNT = "count"
     SIZE = "size"
@@ -45,15 +48,8 @@ class Reason(enum.StrEnum):
     MANUAL = "manual"
 
 
-@dataclass(frozen=True)
-class Rules:
-    """Eviction limits; ``None`` switches a rule off."""
-
-    unused_threshold: float | None = 7 * 86400.0
-    max_models: int | None = None
-    max_cache_size: int | None = None
-    min_free_space: int | None = None
-    in_use_grace: float = 600.0
+metrics.start_series(metrics.EVICTIONS, "reason", Reason)
+metrics.start_series(metrics.EVICTED_BYTES, "reason", Reason)
 
 
 @dataclass(frozen=True)
@@ -146,12 +142,12 @@ def select_victims(
 
 
 @dataclass
-class Report:
-    """What one eviction cycle did."""
+class EvictionReport:
+    """What one eviction (a cycle, or ``mxfs evict``) did, or would do with ``dry_run``."""
 
     evicted: list[Victim] = field(default_factory=list)
     bytes_freed: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (entry, why)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (entry key, why)
     dry_run: bool = False
 
     @property
@@ -159,17 +155,21 @@ class Report:
         return {v.reason for v in self.evicted}
 
 
-def ours(records: Iterable[Record]) -> list[Record]:
+def record_evictions(report: EvictionReport, *, cycle: bool) -> None:
+    """Count what one eviction did (``cycle``: a sweep, not ``mxfs evict``); a dry run did nothing."""
+    if report.dry_run:
+        return
+    if cycle:
+        metrics.EVICTION_CYCLES.inc()
+    for victim in report.evicted:
+        metrics.EVICTIONS.labels(reason=victim.reason.value).inc()
+        metrics.EVICTED_BYTES.labels(reason=victim.reason.value).inc(victim.size)
+
+
+def mxfs_records(records: Iterable[Record]) -> list[Record]:
     """Only mxfs entries: a shared Redis also holds ModelExpress's own records (``org/name``),
     which describe another cache and must never be evicted from this one."""
-    result = []
-    for record in records:
-        try:
-            parse_entry_name(record.model_name)
-        except ValueError:
-            continue
-        result.append(record)
-    return result
+    return [record for record in records if EntryName.parse(record.model_name) is not None]
 
 
 def open_blob_etags(cache_root: Path) -> set[tuple[str, str]]:
@@ -209,12 +209,11 @@ def entries_with_open_blobs(cache: HubCache, records: Sequence[Record]) -> set[s
         return set()
     result = set()
     for record in records:
-        try:
-            repo_id, commit = parse_entry_name(record.model_name)
-        except ValueError:
+        name = EntryName.parse(record.model_name)
+        if name is None:
             continue
-        folder = repo_folder_name(repo_id)
-        for link in cache.snapshot_links(repo_id, commit):
+        folder = repo_folder_name(name.repo_id)
+        for link in cache.snapshot_links(name.repo_id, name.commit):
             with contextlib.suppress(OSError):
                 if (folder, os.path.basename(os.readlink(link))) in open_blobs:
                     result.add(record.model_name)
@@ -222,7 +221,7 @@ def entries_with_open_blobs(cache: HubCache, records: Sequence[Record]) -> set[s
     return result
 
 
-def measure(cache: HubCache) -> CacheUsage:
+def measure_cache_usage(cache: HubCache) -> CacheUsage:
     """Bytes held by the cache's blobs (partial downloads included) and free bytes (statvfs)."""
     total = 0
     for repo in cache.root.glob("models--*"):
@@ -245,7 +244,7 @@ class Evictor:
         *,
         check_interval: float = 300.0,
         open_entries: Callable[[], set[str]] = set,
-        usage: Callable[[HubCache], CacheUsage] = measure,
+        usage: Callable[[HubCache], CacheUsage] = measure_cache_usage,
     ) -> None:
         self.registry = registry
         self.cache = cache
@@ -257,7 +256,7 @@ class Evictor:
         self._wakeup = trio.Event()
         self._lock = trio.Lock()
         self.limiter = trio.CapacityLimiter(2)
-        self.last_report: Report | None = None
+        self.last_report: EvictionReport | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run a cycle every ``check_interval`` and whenever :meth:`request_cycle` is called."""
@@ -274,9 +273,9 @@ class Evictor:
                 # A failing cycle (a cache file system error, say) must not take the mount down.
                 log.exception("eviction cycle failed; trying again at the next interval")
 
-    def usage(self) -> CacheUsage:
-        """Bytes the cache holds and bytes free on its disk now (blocking: call it from a thread)."""
-        return self._usage(self.cache)
+    async def usage(self) -> CacheUsage:
+        """Bytes the cache holds and bytes free on its disk now (measured in a worker thread)."""
+        return await trio.to_thread.run_sync(self._usage, self.cache, limiter=self.limiter)
 
     def request_cycle(self) -> None:
         """Ask for a cycle now (a download hit ENOSPC)."""
@@ -286,7 +285,7 @@ class Evictor:
         on_disk = await trio.to_thread.run_sync(entries_with_open_blobs, self.cache, records, limiter=self.limiter)
         return set(self._open_entries()) | on_disk
 
-    async def make_room(self, needed: int) -> Report:
+    async def make_room(self, needed: int) -> EvictionReport:
         """A download found the disk full: a cycle that also frees ``needed`` bytes if it can.
 
         Without a ``min_free_space`` rule a full disk would otherwise evict nothing; with one, the
@@ -294,25 +293,25 @@ class Evictor:
         """
         return await self.cycle(need_free=needed)
 
-    async def cycle(self, *, dry_run: bool = False, need_free: int = 0) -> Report:
+    async def cycle(self, *, dry_run: bool = False, need_free: int = 0) -> EvictionReport:
         """One sweep under the registry's eviction lock; returns what it evicted (or would)."""
         async with self._lock:
             ttl = max(self.check_interval, 600.0)
             if not await self.registry.try_lock(EVICTION_LOCK, self._owner, ttl):
                 log.debug("eviction: another node is sweeping")
-                return Report(dry_run=dry_run)
+                return EvictionReport(dry_run=dry_run)
             try:
                 report = await self._sweep(dry_run, need_free)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.registry.unlock(EVICTION_LOCK, self._owner)
         self.last_report = report
-        metrics.record_evictions(report, cycle=True)
+        record_evictions(report, cycle=True)
         return report
 
-    async def _sweep(self, dry_run: bool, need_free: int = 0) -> Report:
-        records = ours(await self.registry.list_by_last_used())
-        usage = await trio.to_thread.run_sync(self._usage, self.cache, limiter=self.limiter)
+    async def _sweep(self, dry_run: bool, need_free: int = 0) -> EvictionReport:
+        records = mxfs_records(await self.registry.list_by_last_used())
+        usage = await self.usage()
         sizes = await trio.to_thread.run_sync(self._sizes, records, limiter=self.limiter)
         open_names = await self._protected_names(records)
         rules = self.rules
@@ -321,7 +320,7 @@ class Evictor:
         victims = select_victims(
             records, now=datetime.now(UTC), rules=rules, usage=usage, sizes=sizes, open_entries=open_names
         )
-        report = Report(dry_run=dry_run)
+        report = EvictionReport(dry_run=dry_run)
         for victim in victims:
             if dry_run:
                 report.evicted.append(victim)
@@ -339,25 +338,29 @@ class Evictor:
     def _sizes(self, records: Sequence[Record]) -> dict[str, int]:
         sizes = {}
         for record in records:
-            with contextlib.suppress(ValueError, OSError):
-                repo_id, commit = parse_entry_name(record.model_name)
-                sizes[record.model_name] = self.cache.snapshot_size(repo_id, commit)
+            name = EntryName.parse(record.model_name)
+            if name is not None:
+                with contextlib.suppress(OSError):
+                    sizes[record.model_name] = self.cache.snapshot_size(name.repo_id, name.commit)
         return sizes
 
     async def _evict(self, record: Record) -> int | None:
         """Remove the record (if unchanged), then the revision; None if the record changed."""
-        repo_id, commit = parse_entry_name(record.model_name)
+        name = EntryName.parse(record.model_name)
+        assert name is not None, "only mxfs_records() are ever evicted"
         if not await self.registry.delete_if_unchanged(record.model_name, record.status, record.last_used_at):
             return None
-        return await trio.to_thread.run_sync(self.cache.delete_revision, repo_id, commit, limiter=self.limiter)
+        return await trio.to_thread.run_sync(
+            self.cache.delete_revision, name.repo_id, name.commit, limiter=self.limiter
+        )
 
-    async def evict(self, names: Iterable[str], *, force: bool = False) -> Report:
+    async def evict(self, names: Iterable[str], *, force: bool = False) -> EvictionReport:
         """``mxfs evict``: remove these entries now (reason ``manual``), within the safety rules."""
         wanted = set(names)
-        records = [r for r in ours(await self.registry.list_by_last_used()) if r.model_name in wanted]
+        records = [r for r in mxfs_records(await self.registry.list_by_last_used()) if r.model_name in wanted]
         open_names = await self._protected_names(records)
         now = datetime.now(UTC)
-        report = Report()
+        report = EvictionReport()
         for record in records:
             why = protected(record, now=now, rules=self.rules, open_entries=open_names, force=force)
             if why is not None:
@@ -370,22 +373,14 @@ class Evictor:
             report.evicted.append(Victim(record, Reason.MANUAL, freed))
             report.bytes_freed += freed
         self._log(report, None)
-        metrics.record_evictions(report, cycle=False)
+        record_evictions(report, cycle=False)
         return report
 
-    def _log(self, report: Report, usage: CacheUsage | None) -> None:
+    def _log(self, report: EvictionReport, usage: CacheUsage | None) -> None:
         verb = "would evict" if report.dry_run else "evicted"
         for victim in report.evicted:
-            log.info("%s %s (%s, reason %s)", verb, _pretty(victim.name), format_size(victim.size), victim.reason)
+            log.info("%s %s (%s, reason %s)", verb, entry_label(victim.name), format_size(victim.size), victim.reason)
         for name, why in report.skipped:
-            log.info("kept %s: %s", _pretty(name), why)
+            log.info("kept %s: %s", entry_label(name), why)
         if report.evicted or usage is None:
             log.info("eviction: %s %d entries, %s freed", verb, len(report.evicted), format_size(report.bytes_freed))
-
-
-def _pretty(name: str) -> str:
-    try:
-        repo_id, commit = parse_entry_name(name)
-    except ValueError:
-        return name
-    return f"{repo_id}@{commit[:12]}"

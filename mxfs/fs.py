@@ -34,8 +34,8 @@ import trio
 from mxfs import metrics
 from mxfs.errors import AccessDenied, InvalidName, MxfsError, NameTooLong, NotFound, ReadOnly, errno_for
 from mxfs.fetch import Entry, Fetcher, OpenFile
-from mxfs.hub import HubFile
 from mxfs.names import ModelRef, check_component_length, model_dir_name, parse_model_dir, validate_repo_part
+from mxfs.tree import HubFile
 
 log = logging.getLogger(__name__)
 
@@ -259,11 +259,11 @@ class MxfsOperations(pyfuse3.Operations):
         """
         discards = self.fetcher.discarded_copies()
         task_status.started()
-        async for entry_name, path in discards:
+        async for entry_key, path in discards:
             nodes = [
                 node
                 for node in list(self._nodes.values())
-                if node.kind == "file" and node.path == path and node.entry and node.entry.name == entry_name
+                if node.kind == "file" and node.path == path and node.entry and node.entry.registry_key == entry_key
             ]
             for node in nodes:
                 self._retire(node)
@@ -434,7 +434,7 @@ class MxfsOperations(pyfuse3.Operations):
                 org, _, name = repo.partition("/")
                 if org == node.org:
                     names[name] = ModelRef(repo, self.default_revision)
-            for ref in self.fetcher.catalog.resolved_refs():
+            for ref in self.fetcher.resolved_refs():
                 if ref.repo_id.split("/", 1)[0] == node.org:
                     names[model_dir_name(ref, self.default_revision)] = ref
             return [(name, self._model_node(node, name, ref)) for name, ref in sorted(names.items())]
@@ -540,7 +540,7 @@ class MxfsOperations(pyfuse3.Operations):
 
     @fuse_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        st = await trio.to_thread.run_sync(os.statvfs, self.fetcher.cache.root)
+        st = await self.fetcher.cache_statvfs()
         data = pyfuse3.StatvfsData()
         data.f_bsize, data.f_frsize = st.f_bsize, st.f_frsize
         data.f_blocks, data.f_bfree, data.f_bavail = st.f_blocks, st.f_bfree, st.f_bavail

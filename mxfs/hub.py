@@ -15,12 +15,11 @@ Nothing here knows about FUSE, the registry or the cache layout.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -41,7 +40,9 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from mxfs import metrics
 from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, OfflineMiss
+from mxfs.names import EntryName
 from mxfs.retry import RetryPolicy
+from mxfs.tree import HubFile, RepoTree
 
 log = logging.getLogger(__name__)
 
@@ -67,55 +68,6 @@ CHUNK_SIZE = 1 << 20
 # A tree listing comes in pages (1000 entries each): a bound, so a server that keeps sending a
 # "next" link cannot keep a lookup busy forever.
 MAX_TREE_PAGES = 10_000
-
-
-@dataclass(frozen=True)
-class HubFile:
-    """One file of a repo at one commit, as the Hub's tree listing describes it."""
-
-    path: str
-    size: int
-    blob_id: str
-    lfs_sha256: str | None = None
-
-    @property
-    def etag(self) -> str:
-        """The cache's blob name: LFS sha256 for LFS files, else the git blob sha1 (as huggingface_hub)."""
-        return self.lfs_sha256 or self.blob_id
-
-
-@dataclass(frozen=True)
-class RepoTree:
-    """A repo at one commit: every file with its exact size, known before any byte is downloaded."""
-
-    repo_id: str
-    commit: str
-    commit_date: datetime
-    files: tuple[HubFile, ...]
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "repo_id": self.repo_id,
-                "commit": self.commit,
-                "commit_date": self.commit_date.isoformat(),
-                "files": [asdict(f) for f in self.files],
-            }
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> RepoTree:
-        data = json.loads(text)
-        return cls(
-            repo_id=data["repo_id"],
-            commit=data["commit"],
-            commit_date=datetime.fromisoformat(data["commit_date"]),
-            files=tuple(HubFile(**f) for f in data["files"]),
-        )
-
-    @property
-    def size(self) -> int:
-        return sum(f.size for f in self.files)
 
 
 @dataclass(frozen=True)
@@ -187,7 +139,7 @@ class HubClient:
 
     def list_tree(self, repo_id: str, commit: str, commit_date: datetime) -> RepoTree:
         """Every file of the repo at ``commit``, subfolders included, with sizes and hashes."""
-        what = f"{repo_id}@{commit[:12]}"
+        what = EntryName(repo_id, commit).label
         self._check_online(what)
         try:
             with metrics.hub_request("tree"):
@@ -234,8 +186,8 @@ class HubClient:
             params = None  # the next link carries the query, cursor included
             if url is not None and not url.startswith(f"{self.endpoint}/"):
                 # The request carries the token: never send it where the listing points elsewhere.
-                raise HubUnavailable(f"{repo_id}@{commit[:12]}: tree listing continues off the Hub at {url!r}")
-        raise HubUnavailable(f"{repo_id}@{commit[:12]}: tree listing has more than {MAX_TREE_PAGES} pages")
+                raise HubUnavailable(f"{EntryName(repo_id, commit)}: tree listing continues off the Hub at {url!r}")
+        raise HubUnavailable(f"{EntryName(repo_id, commit)}: tree listing has more than {MAX_TREE_PAGES} pages")
 
     @contextmanager
     def open_range(self, repo_id: str, commit: str, path: str, start: int, end: int) -> Iterator[RangeBody]:
@@ -245,7 +197,7 @@ class HubClient:
         the Authorization header when the redirect leaves the Hub's origin.  The server may ignore
         ``Range`` and answer 200 with the whole file: :class:`RangeBody` then skips to ``start``.
         """
-        what = f"{repo_id}@{commit[:12]}/{path}"
+        what = f"{EntryName(repo_id, commit)}/{path}"
         self._check_online(what)
         url = hf_hub_url(repo_id, path, revision=commit, endpoint=self.endpoint)
         headers = build_hf_headers(token=self._token)
@@ -378,5 +330,5 @@ class Hub:
             repo_id,
             resolved.commit,
             resolved.commit_date,
-            what=f"list {repo_id}@{resolved.commit[:12]}",
+            what=f"list {EntryName(repo_id, resolved.commit)}",
         )

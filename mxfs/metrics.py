@@ -1,48 +1,22 @@
-"""Prometheus metrics (DESIGN section 9): what is defined, how it is collected, and ``/metrics``.
+"""Prometheus metric definitions (DESIGN section 9): the events every part counts where they happen.
 
-Two kinds of values:
-
-* **Events** (downloads, Hub requests, evictions, registry errors) are counted where they
-  happen, by one call into this module, in :data:`EVENTS`: a registry of our own, not
-  ``prometheus_client``'s global one, so nothing else in the process can collide with it.
-* **State** (entries by status, cache and free bytes, bytes read, open handles) already lives
-  in the daemon's objects; :class:`StateCollector` reads it when Prometheus scrapes, so the hot
-  paths carry no bookkeeping for it.
-
-:func:`listen` binds before the mount is made; :func:`serve` then answers ``GET /metrics`` from
-a trio task in the daemon's nursery (not ``prometheus_client.start_http_server``, whose bare
-threads would live outside it).  Label values are fixed words (status, request kind, eviction
-reason, version): no model name, URL or token can end up in a scrape.
+Downloads, Hub requests, evictions, registry errors and inodes are counted by one call into this
+module, in :data:`EVENTS`: a registry of our own, not ``prometheus_client``'s global one, so
+nothing else in the process can collide with it.  This module imports nothing of mxfs, so every
+part may record into it without an import reaching back up; what the daemon's state says at
+scrape time (entries by status, cache bytes, open handles) and the ``/metrics`` server are
+:mod:`mxfs.exporter`'s.  Label values are fixed words (request kind, eviction reason): no model
+name, URL or token can end up in a scrape.
 """
 
 from __future__ import annotations
 
-import logging
-import platform
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
-import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.context_managers import Timer
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-
-from mxfs import __version__
-from mxfs.config import split_address
-from mxfs.errors import MxfsError
-from mxfs.registry.base import RegistryError, StatusCounts
-
-if TYPE_CHECKING:
-    from mxfs.daemon import Services
-    from mxfs.evict import Report
-
-log = logging.getLogger(__name__)
 
 EVENTS = CollectorRegistry()
-
-_BUILD = Info("mxfs_build", "Version of the running mxfs.", registry=EVENTS)
-_BUILD.info({"version": __version__, "python": platform.python_version()})
 
 DOWNLOADS_STARTED = Counter(
     "mxfs_downloads_started_total", "Entry downloads this node began as the claim owner.", registry=EVENTS
@@ -68,7 +42,7 @@ HUB_REQUEST_SECONDS = Histogram(
     registry=EVENTS,
 )
 
-EVICTION_REASONS = ("time", "count", "size", "disk", "manual")
+# Labelled by mxfs.evict.Reason, which creates a series for each of its reasons (start_series).
 EVICTIONS = Counter("mxfs_evictions_total", "Entries evicted from the cache, by reason.", ["reason"], registry=EVENTS)
 EVICTED_BYTES = Counter(
     "mxfs_evicted_bytes_total", "Bytes freed in the cache by eviction, by reason.", ["reason"], registry=EVENTS
@@ -81,240 +55,22 @@ REGISTRY_ERRORS = Counter(
 )
 INODES = Gauge("mxfs_inodes", "Inodes the mount keeps: those the kernel holds, plus the root.", registry=EVENTS)
 
-# Labelled series exist from the start: a rate() over a series that appears late misses its first step.
-for _kind in HUB_KINDS:
-    HUB_REQUEST_SECONDS.labels(kind=_kind)
-for _reason in EVICTION_REASONS:
-    EVICTIONS.labels(reason=_reason)
-    EVICTED_BYTES.labels(reason=_reason)
+
+def start_series(metric: Counter | Histogram, label: str, values: Iterable[str]) -> None:
+    """Create ``metric``'s series for every label value now, at zero.
+
+    A series that first appears with its first event makes a ``rate()`` over it miss that step.
+    """
+    for value in values:
+        metric.labels(**{label: value})
+
+
+start_series(HUB_REQUEST_SECONDS, "kind", HUB_KINDS)
 
 
 def hub_request(kind: str) -> Timer:
     """``with metrics.hub_request("tree"): ...`` observes the request's latency, failed or not."""
     return HUB_REQUEST_SECONDS.labels(kind=kind).time()
-
-
-def record_evictions(report: Report, *, cycle: bool) -> None:
-    """Count what one eviction did (``cycle``: a sweep, not ``mxfs evict``); a dry run did nothing."""
-    if report.dry_run:
-        return
-    if cycle:
-        EVICTION_CYCLES.inc()
-    for victim in report.evicted:
-        EVICTIONS.labels(reason=victim.reason.value).inc()
-        EVICTED_BYTES.labels(reason=victim.reason.value).inc(victim.size)
-
-
-# -- state read at scrape time -------------------------------------------------------------------
-
-# The registry's share of a scrape, which must answer within Prometheus's default 10 s timeout.
-REFRESH_TIMEOUT = 5.0
-
-
-class StateCollector:
-    """Reads the daemon's state for a scrape.
-
-    Values that need I/O (registry counts, a walk of the cache's blobs, ``statvfs``) are fetched
-    by :meth:`refresh` in the trio thread before rendering; :meth:`collect`, which
-    ``prometheus_client`` calls synchronously, reads the fetcher directly, which is safe because
-    it runs in the trio thread too.
-    """
-
-    def __init__(self, services: Services) -> None:
-        self._services = services
-        self._entries: StatusCounts | None = None
-        self._cache_bytes: int | None = None
-        self._free_bytes: int | None = None
-
-    async def refresh(self) -> None:
-        self._entries = self._cache_bytes = self._free_bytes = None
-        evictor = self._services.evictor
-        with trio.move_on_after(REFRESH_TIMEOUT):
-            try:
-                self._entries = await self._services.registry.status_counts()
-            except RegistryError as exc:
-                # The series goes absent (Prometheus marks it stale): an honest "unknown".
-                log.debug("metrics: no entry counts: %s", exc)
-        try:
-            usage = await trio.to_thread.run_sync(evictor.usage, limiter=evictor.limiter)
-        except OSError as exc:
-            log.debug("metrics: no cache usage: %s", exc)
-        else:
-            self._cache_bytes, self._free_bytes = usage.cache_bytes, usage.free_bytes
-
-    def collect(self) -> Iterator[Metric]:
-        fetcher = self._services.fetcher
-        # A read-only look at the fetcher's per-entry state: handles and running downloads.
-        entries = list(fetcher._entries.values())
-        yield CounterMetricFamily(
-            "mxfs_read_bytes_total", "Bytes returned by reads through the mount.", value=fetcher.bytes_read
-        )
-        yield GaugeMetricFamily(
-            "mxfs_open_handles", "File handles open through the mount.", value=sum(ef.handles for ef in entries)
-        )
-        yield GaugeMetricFamily(
-            "mxfs_downloads_in_progress",
-            "Entry downloads this node runs as the claim owner now.",
-            value=sum(1 for ef in entries if ef.download is not None),
-        )
-        if self._entries is not None:
-            family = GaugeMetricFamily(
-                "mxfs_entries", "Registry entries (models at one commit) by status.", labels=["status"]
-            )
-            for status in ("downloading", "downloaded", "error"):
-                family.add_metric([status], getattr(self._entries, status))
-            yield family
-        if self._cache_bytes is not None:
-            yield GaugeMetricFamily(
-                "mxfs_cache_bytes",
-                "Disk space held by the cache's blobs, partial downloads included.",
-                value=self._cache_bytes,
-            )
-        if self._free_bytes is not None:
-            yield GaugeMetricFamily(
-                "mxfs_cache_free_bytes", "Bytes free for mxfs on the cache's filesystem.", value=self._free_bytes
-            )
-
-
-class Exporter:
-    """One daemon's metrics: the process's event counters and its :class:`StateCollector`."""
-
-    def __init__(self, services: Services) -> None:
-        self.state = StateCollector(services)
-        self.registry = CollectorRegistry()
-        self.registry.register(EVENTS)
-        self.registry.register(self.state)
-        # One scrape at a time: a refresh overlapping a render would mix two snapshots.
-        self._lock = trio.Lock()
-
-    async def render(self, accept: str = "") -> tuple[bytes, str]:
-        """The exposition text in the format the scraper asked for, and its content type."""
-        encoder, content_type = choose_encoder(accept)
-        async with self._lock:
-            await self.state.refresh()
-            return encoder(self.registry), content_type
-
-
-# -- /metrics over HTTP ------------------------------------------------------------------------
-
-# A scrape request is one short head; anything larger or slower is not a scraper.
-MAX_REQUEST_HEAD = 8192
-REQUEST_TIMEOUT = 10.0
-MAX_CONNECTIONS = 8
-LINGER_TIMEOUT = 1.0
-LINGER_MAX = 64 * 1024
-
-
-async def listen(address: str) -> list[trio.SocketListener]:
-    """Bind ``address`` for :func:`serve`.
-
-    The daemon binds before it mounts, so a taken port or a bad host is a clear startup error
-    (an :class:`MxfsError` naming the address) and not a mount that is half up.  ``address`` is
-    ``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (every interface), as ``metrics_address`` allows.
-    """
-    host, port = split_address(address)
-    try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        raise MxfsError(
-            f"metrics: cannot listen on {address}: {exc.strerror or exc} (metrics_address = '' turns metrics off)"
-        ) from exc
-    log.info("metrics at %s", ", ".join(_url(listener.socket.getsockname()) for listener in listeners))
-    return listeners
-
-
-async def serve(listeners: list[trio.SocketListener], services: Services) -> None:
-    """Answer scrapes on ``listeners`` (from :func:`listen`) until cancelled; closes them then."""
-    await trio.serve_listeners(_Server(Exporter(services)).handle, listeners)
-
-
-def _url(sockname: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    host, port = sockname[0], sockname[1]
-    return f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
-
-
-class _Server:
-    """A minimal HTTP/1.1 server: ``GET``/``HEAD /metrics``, one request per connection."""
-
-    def __init__(self, exporter: Exporter) -> None:
-        self.exporter = exporter
-        self._slots = trio.Semaphore(MAX_CONNECTIONS)
-
-    async def handle(self, stream: trio.SocketStream) -> None:
-        """One connection (trio closes it afterwards). Never raises: that would end the server and the mount."""
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            return  # more scrapers at once than any Prometheus setup needs: shed the extra ones
-        try:
-            with trio.move_on_after(REQUEST_TIMEOUT):
-                await self._respond(stream)
-                await _linger(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.debug("metrics: connection dropped: %s", exc)
-        except Exception:
-            log.exception("metrics: scrape failed")
-        finally:
-            self._slots.release()
-
-    async def _respond(self, stream: trio.SocketStream) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            if len(head) > MAX_REQUEST_HEAD:
-                await _send(stream, 431, b"request head too large\n")
-                return
-            data = await stream.receive_some(4096)
-            if not data:
-                return
-            head += data
-        request_line, *header_lines = head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
-        parts = request_line.split()
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            await _send(stream, 400, b"bad request\n")
-            return
-        method, target = parts[0], parts[1]
-        if target.split(b"?", 1)[0] != b"/metrics":
-            await _send(stream, 404, b"not found; metrics are at /metrics\n")
-            return
-        if method not in (b"GET", b"HEAD"):
-            await _send(stream, 405, b"method not allowed\n", extra=b"Allow: GET, HEAD\r\n")
-            return
-        accept = ""
-        for line in header_lines:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"accept":
-                accept = value.strip().decode("latin-1")
-        body, content_type = await self.exporter.render(accept)
-        await _send(stream, 200, body, content_type=content_type, head_only=method == b"HEAD")
-
-
-async def _linger(stream: trio.SocketStream) -> None:
-    """Read what the client still sends before closing: a close with unread bytes resets the
-    connection, and the client may lose the answer (a 431 for an oversized head, say)."""
-    await stream.send_eof()
-    with trio.move_on_after(LINGER_TIMEOUT):
-        drained = 0
-        while drained < LINGER_MAX and (data := await stream.receive_some(4096)):
-            drained += len(data)
-
-
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 431: "Too Large"}
-
-
-async def _send(
-    stream: trio.SocketStream,
-    status: int,
-    body: bytes,
-    *,
-    content_type: str = "text/plain; charset=utf-8",
-    extra: bytes = b"",
-    head_only: bool = False,
-) -> None:
-    head = (
-        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
-        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
-    ).encode() + extra
-    await stream.send_all(head + b"\r\n" + (b"" if head_only else body))
 
 
 __all__ = [
@@ -323,11 +79,12 @@ __all__ = [
     "DOWNLOADS_FINISHED",
     "DOWNLOADS_STARTED",
     "EVENTS",
+    "EVICTED_BYTES",
+    "EVICTIONS",
+    "EVICTION_CYCLES",
+    "HUB_KINDS",
+    "INODES",
     "REGISTRY_ERRORS",
-    "Exporter",
-    "StateCollector",
     "hub_request",
-    "listen",
-    "record_evictions",
-    "serve",
+    "start_series",
 ]

@@ -1,4 +1,11 @@
-"""What a path component under the mount may name, checked before anything reaches the Hub.
+"""Names: what a path component under the mount may name, and how an entry is named and shown.
+
+An entry (a model at one commit) has one :class:`EntryName`: the registry keys it, logs and the
+CLI show it, and parsing a key tells mxfs's records from the ModelExpress records that share a
+Redis.  A repo id becomes one path component (``org--name``) the same way in the HF cache and
+in the state dir.
+
+The rest of this module checks path components before anything reaches the Hub.
 
 ``/<org>/<name>`` is repo ``org/name`` at the default revision and ``/<org>/<name>@<rev>`` pins a
 branch, tag or commit.  The rules follow ``huggingface_hub``'s ``validate_repo_id`` (ASCII only) and
@@ -22,9 +29,70 @@ REPO_PART_MAX = 96
 _REPO_PART = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 _REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+/-]*$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+# An entry's registry key is ModelExpress's model_name for one commit of a repo with full weights:
+# ``mx1:<commit>:-:<org>/<name>``.  The ``-`` means "all files", not a subset.
+_ENTRY_KEY = re.compile(r"^mx1:(?P<commit>[0-9a-f]{40}):-:(?P<repo_id>[^/]+/[^/]+)$")
+# How many hex digits of a commit people are shown, as git and the Hub abbreviate it.
+SHORT_COMMIT = 12
 
 # Revisions such as ``refs/pr/1`` contain ``/``, which a path component cannot: spell it ``%2F``.
 _SLASH_ESCAPE = "%2F"
+
+
+def short_commit(commit: str) -> str:
+    """A commit as people are shown it: its first 12 hex digits."""
+    return commit[:SHORT_COMMIT]
+
+
+@dataclass(frozen=True)
+class EntryName:
+    """A model at one resolved commit: the registry's key for it, and how people see it."""
+
+    repo_id: str
+    commit: str
+
+    @classmethod
+    def parse(cls, key: str) -> EntryName | None:
+        """The entry a registry key names; None for a key that is not mxfs's.
+
+        A shared Redis also holds ModelExpress's own records (keyed ``org/name``): they describe
+        another cache, so mxfs lists, evicts and pins none of them.
+        """
+        match = _ENTRY_KEY.fullmatch(key)
+        return cls(match["repo_id"], match["commit"]) if match else None
+
+    @property
+    def key(self) -> str:
+        """The registry key (ModelExpress's ``model_name``)."""
+        return f"mx1:{self.commit}:-:{self.repo_id}"
+
+    @property
+    def label(self) -> str:
+        """``org/name@<12 hex>``, for logs and the command line."""
+        return f"{self.repo_id}@{short_commit(self.commit)}"
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def entry_label(key: str) -> str:
+    """How logs and the command line show a registry key: its entry's label, or the key as it is."""
+    name = EntryName.parse(key)
+    return name.label if name is not None else key
+
+
+def repo_folder(repo_id: str) -> str:
+    """``org/name`` as one path component, ``org--name``, as huggingface_hub spells it.
+
+    Unambiguous because an org or model name never contains ``--`` (:func:`validate_repo_part`).
+    """
+    return repo_id.replace("/", "--")
+
+
+def repo_id_of_folder(folder: str) -> str | None:
+    """The repo id a :func:`repo_folder` name stands for; None for a name that is not one."""
+    org, sep, name = folder.partition("--")
+    return f"{org}/{name}" if sep and "--" not in name else None
 
 
 def check_component_length(name: str) -> None:
@@ -69,7 +137,7 @@ class ModelRef:
     revision: str
 
     @property
-    def pinned_to_commit(self) -> bool:
+    def revision_is_commit(self) -> bool:
         return bool(COMMIT_RE.fullmatch(self.revision))
 
     def __str__(self) -> str:

@@ -12,10 +12,9 @@ import trio
 
 from mxfs.cache import HubCache
 from mxfs.config import Settings
-from mxfs.evict import ours
-from mxfs.fetch import StateDir
-from mxfs.names import parse_model_arg
-from mxfs.registry import Record, Registry, RegistryError, parse_entry_name
+from mxfs.names import EntryName, entry_label, parse_model_arg
+from mxfs.registry import Record, Registry, RegistryError
+from mxfs.statedir import StateDir, recorded_commit
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ def match_entries(settings: Settings, records: list[Record], models: list[str]) 
 
     Blocking (reads the state dir): call it from a thread in async code.
     """
-    records = ours(records)
+    entries = [name for record in records if (name := EntryName.parse(record.model_name)) is not None]
     state, cache = StateDir(settings.state_dir), HubCache(settings.cache_dir)
     names: list[str] = []
     unmatched: list[str] = []
@@ -39,13 +38,10 @@ def match_entries(settings: Settings, records: list[Record], models: list[str]) 
         explicit = "@" in text
         commit = None
         if explicit:
-            commit = ref.revision if ref.pinned_to_commit else None
-            commit = commit or state.read_ref(ref.repo_id, ref.revision) or cache.read_ref(ref.repo_id, ref.revision)
+            commit = ref.revision if ref.revision_is_commit else None
+            commit = commit or recorded_commit(state, cache, ref.repo_id, ref.revision)
         found = [
-            r.model_name
-            for r in records
-            if parse_entry_name(r.model_name)[0] == ref.repo_id
-            and (not explicit or parse_entry_name(r.model_name)[1] == commit)
+            entry.key for entry in entries if entry.repo_id == ref.repo_id and (not explicit or entry.commit == commit)
         ]
         names += found
         if not found:
@@ -68,8 +64,7 @@ async def apply_pins(settings: Settings, registry: Registry) -> list[str]:
     newly = []
     for name in names:
         if name not in already and await registry.set_pinned(name, True):
-            repo_id, commit = parse_entry_name(name)
-            log.info("%s@%s: pinned (eviction.pinned)", repo_id, commit[:12])
+            log.info("%s: pinned (eviction.pinned)", entry_label(name))
             newly.append(name)
     return newly
 

@@ -31,14 +31,15 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
 
 import trio
 
 from mxfs.cache import HubCache
 from mxfs.config import format_size
-from mxfs.registry import Registry, RegistryError, entry_name, open_registry
+from mxfs.names import EntryName
+from mxfs.registry import Registry, RegistryError, open_registry
 from mxfs.registry.sqlite import RegistryCorrupt, RestoredRecord, SqliteRegistry, quarantine
+from mxfs.tree import HubFile, RepoTree
 
 log = logging.getLogger(__name__)
 
@@ -46,28 +47,8 @@ log = logging.getLogger(__name__)
 REBUILT_MESSAGE = "recorded from the cache by a registry rebuild"
 
 
-class ListedFile(Protocol):
-    """One file of a tree listing (``mxfs.hub.HubFile``)."""
-
-    @property
-    def path(self) -> str: ...
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def etag(self) -> str: ...
-
-
-class Listing(Protocol):
-    """A repo's tree listing at one commit (``mxfs.hub.RepoTree``)."""
-
-    @property
-    def files(self) -> Sequence[ListedFile]: ...
-
-
 # (repo_id, commit) -> the listing the state dir keeps, or None.  Blocking.
-ReadListing = Callable[[str, str], Listing | None]
+ReadListing = Callable[[str, str], RepoTree | None]
 
 
 @dataclass
@@ -156,7 +137,7 @@ def scan(cache: HubCache, read_listing: ReadListing) -> tuple[list[RestoredRecor
                     continue
                 times = complete_snapshot_times(cache, repo_id, commit, listing.files)
             except OSError as exc:
-                log.warning("%s@%s: left out of the registry rebuild: %s", repo_id, commit[:12], exc)
+                log.warning("%s: left out of the registry rebuild: %s", EntryName(repo_id, commit), exc)
                 continue
             if times is None:
                 done.incomplete += 1
@@ -164,7 +145,7 @@ def scan(cache: HubCache, read_listing: ReadListing) -> tuple[list[RestoredRecor
             first, last = times
             found.append(
                 RestoredRecord(
-                    model_name=entry_name(repo_id, commit),
+                    model_name=EntryName(repo_id, commit).key,
                     size_bytes=sum(f.size for f in listing.files),
                     created_at=datetime.fromtimestamp(first, UTC),
                     last_used_at=datetime.fromtimestamp(last, UTC),
@@ -175,7 +156,7 @@ def scan(cache: HubCache, read_listing: ReadListing) -> tuple[list[RestoredRecor
 
 
 def complete_snapshot_times(
-    cache: HubCache, repo_id: str, commit: str, files: Sequence[ListedFile]
+    cache: HubCache, repo_id: str, commit: str, files: Sequence[HubFile]
 ) -> tuple[float, float] | None:
     """(when it arrived, when it was last used) of a complete snapshot; None if one is incomplete.
 

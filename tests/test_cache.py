@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import huggingface_hub
@@ -13,7 +14,8 @@ import pytest
 from huggingface_hub import scan_cache_dir, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from mxfs.cache import HubCache, TreeFileRecord, repo_folder_name
+from mxfs.cache import HubCache, repo_folder_name
+from mxfs.tree import HubFile, RepoTree
 
 REPO = "org/model"
 COMMIT_A = "a" * 40
@@ -24,15 +26,16 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
 
 
-def record(path: str, data: bytes, *, lfs: bool = False) -> TreeFileRecord:
-    blob_id = git_blob_sha1(data)
-    if lfs:
-        sha = hashlib.sha256(data).hexdigest()
-        return TreeFileRecord(path=path, etag=sha, size=len(data), blob_id=blob_id, lfs_sha256=sha)
-    return TreeFileRecord(path=path, etag=blob_id, size=len(data), blob_id=blob_id)
+def record(path: str, data: bytes, *, lfs: bool = False) -> HubFile:
+    lfs_sha256 = hashlib.sha256(data).hexdigest() if lfs else None
+    return HubFile(path=path, size=len(data), blob_id=git_blob_sha1(data), lfs_sha256=lfs_sha256)
 
 
-def store(cache: HubCache, repo_id: str, commit: str, rec: TreeFileRecord, data: bytes, writer: str = "w1") -> Path:
+def tree_of(repo_id: str, commit: str, files: list[HubFile]) -> RepoTree:
+    return RepoTree(repo_id, commit, datetime(2024, 1, 1, tzinfo=UTC), tuple(files))
+
+
+def store(cache: HubCache, repo_id: str, commit: str, rec: HubFile, data: bytes, writer: str = "w1") -> Path:
     """Download the way mxfs does: private partial file, publish, then link."""
     partial, fd = cache.create_incomplete(repo_id, rec.etag, writer)
     try:
@@ -48,7 +51,7 @@ def populate(cache: HubCache, repo_id: str, commit: str, files: dict[str, bytes]
     records = [record(path, data, lfs=path in lfs) for path, data in files.items()]
     for rec in records:
         store(cache, repo_id, commit, rec, files[rec.path])
-    cache.write_tree(repo_id, commit, records)
+    cache.write_tree(tree_of(repo_id, commit, records))
     return records
 
 
@@ -93,7 +96,7 @@ def test_layout_end_to_end(cache: HubCache) -> None:
     try:
         assert partial == cache.repo_dir(REPO) / "blobs" / f"{rec.etag}.node1-abc.incomplete"
         assert partial.exists()
-        assert not cache.has_blob(REPO, rec.etag)
+        assert not cache.has_blob(REPO, rec)
         os.write(fd, FILES["config.json"])
         blob = cache.publish_blob(REPO, rec.etag, partial, fd)
     finally:
@@ -101,7 +104,7 @@ def test_layout_end_to_end(cache: HubCache) -> None:
     assert blob == cache.blob_path(REPO, rec.etag)
     assert not partial.exists()
     assert blob.read_bytes() == FILES["config.json"]
-    assert cache.has_blob(REPO, rec.etag)
+    assert cache.has_blob(REPO, rec)
 
     # The snapshot link appears only now, as a relative symlink into ../../blobs.
     link = cache.snapshot_file(REPO, COMMIT_A, "config.json")
@@ -122,7 +125,7 @@ def test_layout_end_to_end(cache: HubCache) -> None:
     assert lfs_rec.etag == hashlib.sha256(FILES["model.safetensors"]).hexdigest()
     assert cache.blob_path(REPO, lfs_rec.etag).read_bytes() == FILES["model.safetensors"]
 
-    cache.write_tree(REPO, COMMIT_A, records)
+    cache.write_tree(tree_of(REPO, COMMIT_A, records))
     cache.write_ref(REPO, "main", COMMIT_A)
     assert cache.ref_path(REPO, "main").read_bytes() == COMMIT_A.encode()  # no newline, as HF writes it
     assert cache.read_ref(REPO, "main") == COMMIT_A
@@ -141,7 +144,7 @@ def test_layout_end_to_end(cache: HubCache) -> None:
     assert cache.cached_repos() == [REPO]
     assert cache.cached_commits(REPO) == [COMMIT_A]
     assert snapshot_reads_back(cache, REPO, COMMIT_A, FILES)
-    assert all(cache.file_is_cached(REPO, COMMIT_A, r) for r in records)
+    assert all(cache.has_blob(REPO, r) for r in records)
     assert cache.snapshot_size(REPO, COMMIT_A) == blob_sizes(FILES)
     no_temp_files(cache.root)
 
@@ -181,7 +184,7 @@ def test_snapshot_download_offline_returns_the_snapshot(cache: HubCache) -> None
 def test_snapshot_download_offline_refuses_an_incomplete_snapshot(cache: HubCache) -> None:
     records = populate(cache, REPO, COMMIT_A, FILES, LFS)
     # The tree lists one more file than the snapshot has: huggingface_hub must not return it.
-    cache.write_tree(REPO, COMMIT_A, [*records, record("extra.bin", b"never downloaded")])
+    cache.write_tree(tree_of(REPO, COMMIT_A, [*records, record("extra.bin", b"never downloaded")]))
     cache.write_ref(REPO, "main", COMMIT_A)
     with pytest.raises(LocalEntryNotFoundError):
         snapshot_download(REPO, cache_dir=cache.root, local_files_only=True)
@@ -330,20 +333,20 @@ def test_cached_commits(cache: HubCache) -> None:
     assert cache.cached_commits(REPO) == [COMMIT_A, COMMIT_B]
 
 
-def test_file_is_cached(cache: HubCache) -> None:
+def test_has_blob(cache: HubCache) -> None:
     data = b"some bytes"
     rec = record("f.bin", data)
-    assert not cache.file_is_cached(REPO, COMMIT_A, rec)
+    assert not cache.has_blob(REPO, rec)
     store(cache, REPO, COMMIT_A, rec, data)
-    assert cache.file_is_cached(REPO, COMMIT_A, rec)
+    assert cache.has_blob(REPO, rec)
     # The blob exists but is not the size the tree says: not cached.
-    wrong = TreeFileRecord(path=rec.path, etag=rec.etag, size=rec.size + 1, blob_id=rec.blob_id)
-    assert not cache.file_is_cached(REPO, COMMIT_A, wrong)
+    wrong = HubFile(path=rec.path, size=rec.size + 1, blob_id=rec.blob_id)
+    assert not cache.has_blob(REPO, wrong)
     # A partial file is never a cached file.
     _partial, fd = cache.create_incomplete(REPO, "f" * 40, "w1")
     os.write(fd, b"x" * 5)
     os.close(fd)
-    assert not cache.file_is_cached(REPO, COMMIT_A, TreeFileRecord("g", "f" * 40, 5, "f" * 40))
+    assert not cache.has_blob(REPO, HubFile("g", 5, "f" * 40))
 
 
 # -- deleting ------------------------------------------------------------------------------------
@@ -379,10 +382,10 @@ def test_delete_revision_frees_only_unshared_blobs(cache: HubCache) -> None:
     assert not cache.tree_path(REPO, COMMIT_A).exists()
     assert cache.tree_path(REPO, COMMIT_B).exists()
     assert cache.cached_commits(REPO) == [COMMIT_B]
-    assert not cache.has_blob(REPO, git_blob_sha1(b"A" * 1111))
-    assert not cache.has_blob(REPO, git_blob_sha1(b"a" * 77))
-    assert cache.has_blob(REPO, git_blob_sha1(FILES["config.json"]))
-    assert cache.has_blob(REPO, hashlib.sha256(FILES["model.safetensors"]).hexdigest())
+    assert not cache.blob_path(REPO, git_blob_sha1(b"A" * 1111)).exists()
+    assert not cache.blob_path(REPO, git_blob_sha1(b"a" * 77)).exists()
+    assert cache.blob_path(REPO, git_blob_sha1(FILES["config.json"])).exists()
+    assert cache.blob_path(REPO, hashlib.sha256(FILES["model.safetensors"]).hexdigest()).exists()
     assert snapshot_reads_back(cache, REPO, COMMIT_B, files_b)
 
     info = scan_cache_dir(cache.root)

@@ -21,14 +21,15 @@ from mxfs.fetch.download import EntryDownload
 from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import FileState, Stream
 from mxfs.fetch.partials import PartialMaps
-from mxfs.hub import HUB_RETRY, HubFile, RepoTree
+from mxfs.hub import HUB_RETRY
+from mxfs.tree import HubFile, RepoTree
 
 SIZE = 1000
 
 
 def partial_state(tmp_path: Path) -> FileState:
     state = FileState(HubFile("model.safetensors", SIZE, "0" * 40, lfs_sha256="1" * 64))
-    state.entry_name = "entry"
+    state.entry_key = "entry"
     state.partial = tmp_path / "x.incomplete"
     state.partial.write_bytes(b"\0" * SIZE)
     state.present.add(0, 500)

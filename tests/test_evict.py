@@ -29,21 +29,23 @@ from huggingface_hub import scan_cache_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mxfs.cache import HubCache, TreeFileRecord, repo_folder_name
+from mxfs.cache import HubCache, repo_folder_name
+from mxfs.config import Rules
 from mxfs.evict import (
     EVICTION_LOCK,
     CacheUsage,
+    EvictionReport,
     Evictor,
     Reason,
-    Report,
-    Rules,
     entries_with_open_blobs,
-    measure,
+    measure_cache_usage,
     open_blob_etags,
     protected,
     select_victims,
 )
-from mxfs.registry import Claimed, Record, RegistryError, Status, entry_name, open_registry
+from mxfs.names import EntryName
+from mxfs.registry import Claimed, Record, RegistryError, Status, open_registry
+from mxfs.tree import HubFile, RepoTree
 
 # -- the policy: pure functions over records -----------------------------------------------------
 
@@ -397,7 +399,7 @@ def populate(cache: HubCache, repo_id: str, commit: str, files: dict[str, bytes]
     records = []
     for path, data in files.items():
         etag = git_blob_sha1(data)
-        records.append(TreeFileRecord(path=path, etag=etag, size=len(data), blob_id=etag))
+        records.append(HubFile(path=path, size=len(data), blob_id=etag))
         partial, fd = cache.create_incomplete(repo_id, etag, "writer")
         try:
             os.write(fd, data)
@@ -407,7 +409,7 @@ def populate(cache: HubCache, repo_id: str, commit: str, files: dict[str, bytes]
         cache.link_snapshot(repo_id, commit, path, etag)
     if ref is not None:
         cache.write_ref(repo_id, ref, commit)
-    cache.write_tree(repo_id, commit, records)
+    cache.write_tree(RepoTree(repo_id, commit, datetime.now(UTC), tuple(records)))
 
 
 def distinct_bytes(*file_sets: dict[str, bytes]) -> int:
@@ -417,7 +419,7 @@ def distinct_bytes(*file_sets: dict[str, bytes]) -> int:
 
 
 async def record_downloaded(registry: Any, repo_id: str, commit: str, size: int) -> str:
-    name = entry_name(repo_id, commit)
+    name = EntryName(repo_id, commit).key
     assert await registry.try_claim(name, "claim", 60) == Claimed()
     assert await registry.finish_claim(name, "claim", Status.DOWNLOADED, size_bytes=size)
     return name
@@ -487,10 +489,10 @@ async def test_cycle_with_max_models_evicts_the_least_recently_used(cache: HubCa
     files_a2 = {**files_for(2), "shared.json": SHARED}
     files_a3 = {**files_for(3), "shared.json": SHARED, "copy.json": SHARED}
     files_b = files_for(4)
-    a1 = entry_name("org/a", commit_of(1))
-    a2 = entry_name("org/a", commit_of(2))
-    a3 = entry_name("org/a", commit_of(3))
-    b = entry_name("org/b", commit_of(4))
+    a1 = EntryName("org/a", commit_of(1)).key
+    a2 = EntryName("org/a", commit_of(2)).key
+    a3 = EntryName("org/a", commit_of(3)).key
+    b = EntryName("org/b", commit_of(4)).key
     for repo_id, n, files, ref in (
         ("org/a", 1, files_a1, "v1"),
         ("org/a", 2, files_a2, "v2"),
@@ -527,9 +529,9 @@ async def test_cycle_with_max_models_evicts_the_least_recently_used(cache: HubCa
     assert cache.read_ref("org/a", "v2") is None and cache.read_ref("org/a", "refs/pr/1") is None
     assert cache.read_ref("org/a", "v1") == commit_of(1) and cache.read_ref("org/a", "main") == commit_of(3)
     assert not cache.tree_path("org/a", commit_of(2)).exists()
-    assert cache.has_blob("org/a", git_blob_sha1(SHARED))
+    assert cache.blob_path("org/a", git_blob_sha1(SHARED)).exists()
     for data in files_for(2).values():
-        assert not cache.has_blob("org/a", git_blob_sha1(data))
+        assert not cache.blob_path("org/a", git_blob_sha1(data)).exists()
     assert not cache.repo_dir("org/b").exists()
     # The surviving snapshots are intact: every link resolves and has the right bytes.
     for n, files in ((1, files_a1), (3, files_a3)):
@@ -658,7 +660,7 @@ async def test_no_sweep_while_another_node_holds_the_lock(cache: HubCache, regis
 
     report = await evictor.cycle()
 
-    assert report == Report()
+    assert report == EvictionReport()
     assert sorted(await names(registry)) == sorted([a, b])
     assert cached_revisions(cache) == {("org/a", commit_of(1)), ("org/b", commit_of(2))}
     # Our failed attempt did not steal or release the other node's lock.
@@ -676,16 +678,16 @@ async def test_two_evictors_one_lock(cache: HubCache, registry: Any) -> None:
     a = await add_entry(cache, registry, "org/a", 1, files_for(1), ref="main")
     rules = Rules(max_models=0, **EVICT_NOW)
     second = Evictor(registry, cache, rules)
-    inner_reports: list[Report] = []
+    inner_reports: list[EvictionReport] = []
 
     def usage_running_the_other(c: HubCache) -> CacheUsage:
         # Runs in a worker thread during the first Evictor's sweep, with its lock held.
         inner_reports.append(trio.from_thread.run(second.cycle))
-        return measure(c)
+        return measure_cache_usage(c)
 
     first = Evictor(registry, cache, rules, usage=usage_running_the_other)
     report = await first.cycle()
-    assert inner_reports == [Report()]
+    assert inner_reports == [EvictionReport()]
     assert [v.name for v in report.evicted] == [a]
 
 
@@ -704,7 +706,7 @@ async def test_manual_evict_within_the_safety_rules(cache: HubCache, registry: A
     rules = Rules(unused_threshold=None, max_models=100, in_use_grace=600.0)
     evictor = Evictor(registry, cache, rules, open_entries=lambda: {opened})
 
-    report = await evictor.evict([old, pinned, opened, recent, entry_name("org/unknown", commit_of(9))])
+    report = await evictor.evict([old, pinned, opened, recent, EntryName("org/unknown", commit_of(9)).key])
 
     assert [(v.name, v.reason) for v in report.evicted] == [(old, Reason.MANUAL)]
     assert report.bytes_freed == distinct_bytes(files_for(1))
@@ -729,7 +731,7 @@ async def test_manual_evict_within_the_safety_rules(cache: HubCache, registry: A
 
 
 async def test_manual_evict_skips_entries_not_downloaded(cache: HubCache, registry: Any) -> None:
-    name = entry_name("org/loading", commit_of(1))
+    name = EntryName("org/loading", commit_of(1)).key
     assert await registry.try_claim(name, "c", 60) == Claimed()
     report = await Evictor(registry, cache, Rules(**EVICT_NOW)).evict([name], force=True)
     assert report.evicted == []
@@ -839,13 +841,13 @@ async def test_an_open_partial_file_counts_as_open(cache: HubCache, registry: An
     path.unlink()
 
 
-async def test_measure_reports_plausible_numbers(cache: HubCache, registry: Any) -> None:
-    empty = measure(cache)
+async def test_measure_cache_usage_reports_plausible_numbers(cache: HubCache, registry: Any) -> None:
+    empty = measure_cache_usage(cache)
     assert empty.cache_bytes == 0
     assert empty.free_bytes > 0
     await add_entry(cache, registry, "org/a", 1, files_for(1), ref="main")
     await add_entry(cache, registry, "org/b", 2, {**files_for(2), "big": b"x" * 100_000}, ref="main")
-    usage = measure(cache)
+    usage = measure_cache_usage(cache)
     written = distinct_bytes(files_for(1)) + distinct_bytes({**files_for(2), "big": b"x" * 100_000})
     assert usage.cache_bytes >= written
     # Disk blocks, not more than a few blocks of slack per blob.
@@ -892,7 +894,7 @@ async def test_size_rule_uses_the_measured_cache(cache: HubCache, registry: Any)
     a = await add_entry(cache, registry, "org/a", 1, files_for(1), ref="main")
     b = await add_entry(cache, registry, "org/b", 2, files_for(2), ref="main")
     await touch_in_order(registry, a, b)
-    total = measure(cache).cache_bytes
+    total = measure_cache_usage(cache).cache_bytes
     # Just under the cache's size: the oldest entry goes (whatever it frees is enough).
     report = await Evictor(registry, cache, Rules(max_cache_size=total - 1, **EVICT_NOW)).cycle()
     assert [(v.name, v.reason) for v in report.evicted] == [(a, Reason.SIZE)]
@@ -928,14 +930,14 @@ class CycleLog:
         self._ended = trio.Event()
         real = evictor.cycle
 
-        async def cycle(*, dry_run: bool = False) -> Report:
+        async def cycle(*, dry_run: bool = False) -> EvictionReport:
             start = trio.current_time()
             if len(self.calls) >= 1000:  # a loop that never waits: fail instead of hanging
                 raise RunawayLoop(f"{len(self.calls)} cycles at t={start}")
             if on_call is not None:
                 on_call(len(self.calls))
             try:
-                return Report(dry_run=dry_run) if fake else await real(dry_run=dry_run)
+                return EvictionReport(dry_run=dry_run) if fake else await real(dry_run=dry_run)
             except BaseException as exc:
                 self.errors.append(exc)
                 raise
@@ -1007,11 +1009,11 @@ async def test_run_survives_a_registry_outage(tmp_path: Path, autojump_clock: An
     evictor = Evictor(None, HubCache(tmp_path), Rules(), check_interval=interval)  # type: ignore[arg-type]
     calls: list[float] = []
 
-    async def cycle(*, dry_run: bool = False) -> Report:
+    async def cycle(*, dry_run: bool = False) -> EvictionReport:
         calls.append(trio.current_time())
         if len(calls) <= 2:
             raise RegistryError("registry down")
-        return Report()
+        return EvictionReport()
 
     evictor.cycle = cycle  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:

@@ -3,9 +3,11 @@ reads and the places readers wait."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import itertools
+import json
 import os
 import random
 import time
@@ -31,10 +33,11 @@ from hypothesis import strategies as st
 
 from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, OfflineMiss, errno_for
 from mxfs.fetch.download import PrefixHasher
-from mxfs.fetch.entry import Entry, tree_record
+from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import FileState, SharedFd, read_at
-from mxfs.hub import HubFile, RangeBody, RepoTree, Transient, _translate
-from mxfs.registry import entry_name
+from mxfs.hub import RangeBody, Transient, _translate
+from mxfs.names import EntryName
+from mxfs.tree import HubFile, RepoTree
 
 COMMIT = "c" * 40
 
@@ -144,12 +147,46 @@ def make_tree(*paths: str, repo_id: str = "org/model") -> RepoTree:
 
 def test_repo_tree_json_round_trip() -> None:
     tree = make_tree("config.json", "model.safetensors", "1_Pooling/config.json")
-    again = RepoTree.from_json(tree.to_json())
+    again = RepoTree.from_json(tree.to_json(), tree.repo_id, tree.commit)
     assert again == tree
     assert again.commit_date.tzinfo is not None
     assert again.size == tree.size == sum(f.size for f in tree.files)
     other_tz = RepoTree("o/m", COMMIT, datetime(2024, 1, 1, tzinfo=timezone(timedelta(hours=2))), ())
-    assert RepoTree.from_json(other_tz.to_json()).commit_date == other_tz.commit_date
+    assert RepoTree.from_json(other_tz.to_json(), "o/m", COMMIT).commit_date == other_tz.commit_date
+
+
+def test_repo_tree_json_is_huggingface_hubs_format() -> None:
+    """huggingface_hub's offline mode reads the listing mxfs writes, and mxfs reads one it wrote."""
+    tree = make_tree("config.json", "model.safetensors")
+    data = json.loads(tree.to_json())
+    assert data["format_version"] == 1
+    lfs = next(f for f in tree.files if f.lfs_sha256)
+    assert data["files"][lfs.path] == {
+        "size": lfs.size,
+        "blob_id": lfs.blob_id,
+        "lfs_sha256": lfs.lfs_sha256,
+        "lfs_size": lfs.size,
+    }
+    del data["commit_date"]  # huggingface_hub records none: the caller's date stands in
+    fallback = datetime(2020, 1, 1, tzinfo=UTC)
+    again = RepoTree.from_json(json.dumps(data), tree.repo_id, tree.commit, fallback)
+    assert again == RepoTree(tree.repo_id, tree.commit, fallback, tree.files)
+    with pytest.raises(KeyError):
+        RepoTree.from_json(json.dumps(data), tree.repo_id, tree.commit)
+    with pytest.raises(ValueError):
+        RepoTree.from_json(json.dumps({**data, "format_version": 2}), tree.repo_id, tree.commit, fallback)
+
+
+def test_repo_tree_reads_the_state_dirs_older_format() -> None:
+    """State dirs written before the listing format was shared still work offline."""
+    tree = make_tree("config.json", "model.safetensors")
+    old = {
+        "repo_id": tree.repo_id,
+        "commit": tree.commit,
+        "commit_date": tree.commit_date.isoformat(),
+        "files": [dataclasses.asdict(f) for f in tree.files],
+    }
+    assert RepoTree.from_json(json.dumps(old), tree.repo_id, tree.commit) == tree
 
 
 def test_entry_children_index() -> None:
@@ -202,7 +239,7 @@ def test_entry_children_index() -> None:
     assert entry.repo_id == "org/model"
     assert entry.commit == COMMIT
     assert entry.size == tree.size
-    assert entry.name == entry_name("org/model", COMMIT)
+    assert entry.registry_key == EntryName("org/model", COMMIT).key
     assert str(entry) == f"org/model@{COMMIT[:12]}"
 
 
@@ -210,20 +247,6 @@ def test_entry_of_empty_repo() -> None:
     entry = Entry(make_tree())
     assert entry.children == {"": {}}
     assert entry.size == 0
-
-
-def test_tree_record() -> None:
-    lfs = HubFile("m.safetensors", 5, "1" * 40, lfs_sha256="2" * 64)
-    rec = tree_record(lfs)
-    assert (rec.path, rec.etag, rec.size, rec.blob_id, rec.lfs_sha256) == (
-        "m.safetensors",
-        "2" * 64,
-        5,
-        "1" * 40,
-        "2" * 64,
-    )
-    plain = tree_record(HubFile("c.json", 3, "3" * 40))
-    assert (plain.etag, plain.lfs_sha256) == ("3" * 40, None)
 
 
 # -- RangeBody ------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import pyfuse3
 
 from mxfs.fetch import Entry
 from mxfs.fs import MxfsOperations
-from mxfs.hub import HubFile, RepoTree
 from mxfs.names import ModelRef
+from mxfs.tree import HubFile, RepoTree
 from tests.hubserver import FakeHub
 from tests.mounting import MountedFs, requires_fuse, wait_until
 from tests.scrape import free_port, http_scrape, parse, value

@@ -20,13 +20,14 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from mxfs import __version__, metrics
+from mxfs import __version__, exporter, metrics
 from mxfs.config import ConfigError, Settings, split_address
 from mxfs.daemon import Services, open_services
 from mxfs.errors import MxfsError
-from mxfs.evict import Reason, Report, Victim
+from mxfs.evict import EvictionReport, Reason, Victim, record_evictions
 from mxfs.hub import HubClient
-from mxfs.registry import Record, RegistryError, Status, entry_name
+from mxfs.names import EntryName
+from mxfs.registry import Record, RegistryError, Status
 from tests.hubserver import FakeHub
 from tests.mounting import MountedFs, requires_fuse
 from tests.scrape import free_port, http_scrape, parse, value
@@ -51,13 +52,13 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
 
 
 async def scrape(services: Services, accept: str = "") -> tuple[dict, str, str]:
-    body, content_type = await metrics.Exporter(services).render(accept)
+    body, content_type = await exporter.Exporter(services.scrape_sources()).render(accept)
     text = body.decode()
     return parse(text), text, content_type
 
 
 async def add_downloaded(services: Services, repo_id: str, commit: str, size: int = 0) -> str:
-    name = entry_name(repo_id, commit)
+    name = EntryName(repo_id, commit).key
     await services.registry.try_claim(name, "c1", 30.0)
     await services.registry.finish_claim(name, "c1", Status.DOWNLOADED, None, size)
     return name
@@ -110,7 +111,7 @@ async def test_every_metric_is_named_documented_and_present(services: Services) 
     # Labelled series exist before their first event, so rate() sees them from the start.
     for kind in metrics.HUB_KINDS:
         assert value(samples, "mxfs_hub_request_duration_seconds_count", kind=kind) is not None
-    for reason in metrics.EVICTION_REASONS:
+    for reason in Reason:
         assert value(samples, "mxfs_evictions_total", reason=reason) is not None
         assert value(samples, "mxfs_evicted_bytes_total", reason=reason) is not None
 
@@ -124,7 +125,7 @@ async def test_openmetrics_on_request(services: Services) -> None:
 async def test_entries_and_cache_bytes_follow_the_registry_and_the_disk(services: Services) -> None:
     await add_downloaded(services, "org/one", COMMIT, 100_000)
     await add_downloaded(services, "org/two", "b" * 40)
-    await services.registry.try_claim(entry_name("org/three", COMMIT), "c2", 30.0)
+    await services.registry.try_claim(EntryName("org/three", COMMIT).key, "c2", 30.0)
     put_blob(services, "org/one", COMMIT, os.urandom(100_000))
     samples, _, _ = await scrape(services)
     assert value(samples, "mxfs_entries", status="downloaded") == 2
@@ -168,11 +169,11 @@ async def test_manual_eviction_counts_entries_and_bytes(services: Services) -> N
 
 async def test_eviction_cycle_counts_by_reason(services: Services) -> None:
     old = datetime.now(UTC) - timedelta(days=30)
-    record = Record(entry_name("org/old", COMMIT), "HuggingFace", Status.DOWNLOADED, old, old)
+    record = Record(EntryName("org/old", COMMIT).key, "HuggingFace", Status.DOWNLOADED, old, old)
     before = event("mxfs_evictions_total", reason="time"), event("mxfs_eviction_cycles_total")
-    metrics.record_evictions(Report(dry_run=True, evicted=[Victim(record, Reason.TIME, 10)]), cycle=True)
+    record_evictions(EvictionReport(dry_run=True, evicted=[Victim(record, Reason.TIME, 10)]), cycle=True)
     assert (event("mxfs_evictions_total", reason="time"), event("mxfs_eviction_cycles_total")) == before
-    metrics.record_evictions(Report(evicted=[Victim(record, Reason.TIME, 10)]), cycle=True)
+    record_evictions(EvictionReport(evicted=[Victim(record, Reason.TIME, 10)]), cycle=True)
     assert event("mxfs_evictions_total", reason="time") == before[0] + 1
     assert event("mxfs_eviction_cycles_total") == before[1] + 1
     # And through a real sweep that finds nothing to do: a cycle, no eviction.
@@ -206,7 +207,7 @@ def test_default_binds_to_loopback_only() -> None:
 
 async def test_bad_address_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="metrics_address"):
-        await metrics.listen("::1:9400")
+        await exporter.listen("::1:9400")
 
 
 async def request(port: int, raw: bytes, host: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
@@ -227,7 +228,7 @@ async def request(port: int, raw: bytes, host: str = "127.0.0.1") -> tuple[int, 
 @pytest.fixture
 async def endpoint(services: Services, nursery: trio.Nursery) -> int:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    nursery.start_soon(metrics.serve, listeners, services)
+    nursery.start_soon(exporter.serve, listeners, services.scrape_sources())
     return listeners[0].socket.getsockname()[1]
 
 
@@ -260,11 +261,11 @@ async def test_endpoint_refuses_what_is_not_a_scrape(endpoint: int, raw: bytes, 
 
 
 async def test_endpoint_survives_silent_and_vanishing_clients(endpoint: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT", 0.3)
+    monkeypatch.setattr(exporter, "REQUEST_TIMEOUT", 0.3)
     # A client that never finishes its request is cut off after REQUEST_TIMEOUT...
     silent = await trio.open_tcp_stream("127.0.0.1", endpoint)
     await silent.send_all(b"GET /metrics HTTP/1.1\r\n")
-    with trio.fail_after(metrics.REQUEST_TIMEOUT + 5):
+    with trio.fail_after(exporter.REQUEST_TIMEOUT + 5):
         assert await silent.receive_some(100) == b""
     await silent.aclose()
     # ...one that hangs up mid-request costs nothing; the next scrape is served.
@@ -280,7 +281,7 @@ async def test_bind_failure_is_a_clear_error() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(MxfsError, match=rf"metrics: cannot listen on 127\.0\.0\.1:{port}: Address already in use"):
-            await metrics.listen(f"127.0.0.1:{port}")
+            await exporter.listen(f"127.0.0.1:{port}")
 
 
 def _has_ipv6_loopback() -> bool:
@@ -295,9 +296,9 @@ def _has_ipv6_loopback() -> bool:
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
 async def test_ipv6_loopback(services: Services, nursery: trio.Nursery) -> None:
     port = free_port("::1")
-    listeners = await metrics.listen(f"[::1]:{port}")
+    listeners = await exporter.listen(f"[::1]:{port}")
     assert [listener.socket.getsockname()[:2] for listener in listeners] == [("::1", port)]
-    nursery.start_soon(metrics.serve, listeners, services)
+    nursery.start_soon(exporter.serve, listeners, services.scrape_sources())
     assert (await request(port, b"GET /metrics HTTP/1.1\r\n\r\n", "::1"))[0] == 200
 
 

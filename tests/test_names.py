@@ -14,11 +14,16 @@ from hypothesis import strategies as st
 
 from mxfs.errors import InvalidName, NameTooLong, errno_for
 from mxfs.names import (
+    EntryName,
     ModelRef,
     check_component_length,
+    entry_label,
     model_dir_name,
     parse_model_arg,
     parse_model_dir,
+    repo_folder,
+    repo_id_of_folder,
+    short_commit,
     validate_repo_part,
     validate_revision,
 )
@@ -167,7 +172,7 @@ def test_invalid_revisions(revision: str) -> None:
 def test_plain_name_uses_default_revision() -> None:
     ref = parse_model_dir("sentence-transformers", "all-MiniLM-L6-v2", "main")
     assert ref == ModelRef("sentence-transformers/all-MiniLM-L6-v2", "main")
-    assert not ref.pinned_to_commit
+    assert not ref.revision_is_commit
     assert str(ref) == "sentence-transformers/all-MiniLM-L6-v2@main"
     assert parse_model_dir("org", "name", "v2").revision == "v2"
 
@@ -176,10 +181,10 @@ def test_name_at_tag() -> None:
     assert parse_model_dir("org", "name@v1.0", "main") == ModelRef("org/name", "v1.0")
 
 
-def test_name_at_commit_is_pinned() -> None:
+def test_name_at_commit_names_a_commit() -> None:
     ref = parse_model_dir("org", f"name@{COMMIT}", "main")
     assert ref == ModelRef("org/name", COMMIT)
-    assert ref.pinned_to_commit
+    assert ref.revision_is_commit
 
 
 @pytest.mark.parametrize(
@@ -193,7 +198,7 @@ def test_name_at_commit_is_pinned() -> None:
     ],
 )
 def test_not_a_commit(revision: str) -> None:
-    assert not ModelRef("org/name", revision).pinned_to_commit
+    assert not ModelRef("org/name", revision).revision_is_commit
 
 
 @pytest.mark.parametrize("component", ["name@refs%2Fpr%2F1", "name@refs%2fpr%2f1"])
@@ -398,3 +403,41 @@ def test_parse_model_dir_never_accepts_an_invalid_repo_id(org: str, component: s
     assert validate_revision(ref.revision) == ref.revision
     # Git refs never contain whitespace or control characters.
     assert not any(c.isspace() or ord(c) < 0x20 for c in ref.revision)
+
+
+# -- entry names and repo folders -----------------------------------------------------------------
+
+
+def test_entry_name_is_modelexpress_model_name() -> None:
+    name = EntryName("org/model", COMMIT)
+    assert name.key == f"mx1:{COMMIT}:-:org/model"
+    assert EntryName.parse(name.key) == name
+    assert name.label == str(name) == f"org/model@{COMMIT[:12]}" == f"org/model@{short_commit(COMMIT)}"
+    assert entry_label(name.key) == name.label
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "org/model",  # ModelExpress's own record
+        f"mx1:{COMMIT}:subset:org/model",
+        f"mx1:{COMMIT[:-1]}:-:org/model",
+        f"mx1:{COMMIT.upper()}:-:org/model",
+        f"mx1:{COMMIT}:-:model",
+        f"mx1:{COMMIT}:-:org/model/extra",
+        f"mx2:{COMMIT}:-:org/model",
+    ],
+)
+def test_foreign_keys_are_not_entry_names(key: str) -> None:
+    assert EntryName.parse(key) is None
+    assert entry_label(key) == key
+
+
+@pytest.mark.parametrize(
+    ("folder", "repo_id"),
+    [("org--model", "org/model"), ("o--m.v2", "o/m.v2"), ("model", None), ("a--b--c", None)],
+)
+def test_repo_folder(folder: str, repo_id: str | None) -> None:
+    assert repo_id_of_folder(folder) == repo_id
+    if repo_id is not None:
+        assert repo_folder(repo_id) == folder

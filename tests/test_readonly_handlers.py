@@ -21,8 +21,8 @@ import pytest
 
 from mxfs.fetch import Entry
 from mxfs.fs import MxfsOperations
-from mxfs.hub import HubFile, RepoTree
 from mxfs.names import ModelRef
+from mxfs.tree import HubFile, RepoTree
 
 ROOT = pyfuse3.ROOT_INODE
 COMMIT = "a" * 40

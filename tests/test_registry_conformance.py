@@ -34,6 +34,7 @@ from urllib.parse import quote
 import pytest
 import trio
 
+from mxfs.names import EntryName
 from mxfs.registry import (
     PROVIDER,
     AlreadyExists,
@@ -42,7 +43,6 @@ from mxfs.registry import (
     Registry,
     Status,
     StatusCounts,
-    entry_name,
     open_registry,
 )
 from tests.kube_apiserver import KubeTarget, kube_apiserver_fixture, kube_target_fixture  # noqa: F401
@@ -97,7 +97,7 @@ async def make_registry(request: pytest.FixtureRequest, tmp_path: Path) -> Async
 
 
 def _name(i: int = 0) -> str:
-    return entry_name(f"org/model-{i}", f"{i:040x}")
+    return EntryName(f"org/model-{i}", f"{i:040x}").key
 
 
 def _claim_id() -> str:

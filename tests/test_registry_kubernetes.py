@@ -31,7 +31,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from trio.testing import MockClock
 
-from mxfs.registry import AlreadyExists, Claimed, RegistryError, Status, entry_name, open_registry
+from mxfs.names import EntryName
+from mxfs.registry import AlreadyExists, Claimed, RegistryError, Status, open_registry
 from mxfs.registry.kubernetes import KubernetesRegistry
 from mxfs.registry.kubernetes import api as kube_api
 from mxfs.registry.kubernetes import config as kube_config
@@ -68,7 +69,7 @@ OpenKube = Callable[..., Awaitable[KubernetesRegistry]]
 
 
 def _name(i: int = 0, repo: str = "org/model") -> str:
-    return entry_name(f"{repo}-{i}", f"{i:040x}")
+    return EntryName(f"{repo}-{i}", f"{i:040x}").key
 
 
 @pytest.fixture
@@ -95,21 +96,21 @@ def _stored(target: KubeTarget, name: str) -> dict[str, Any]:
 
 
 def test_entry_object_name_is_sanitized_provider_and_name_then_hash() -> None:
-    name = entry_name("Qwen/Qwen2.5-0.5B_Instruct", "ab" * 20)
+    name = EntryName("Qwen/Qwen2.5-0.5B_Instruct", "ab" * 20).key
     digest = hashlib.sha256(f"HuggingFace/{name}".encode()).hexdigest()[:12]
     expected = f"mx-cache-huggingface-mx1-{'ab' * 20}-qwen-qwen2-5-0-5b-instruct-{digest}"
     assert entry_object_name(name) == expected
 
 
 def test_names_that_sanitize_alike_stay_apart() -> None:
-    upper, lower = entry_name("Org/Model", "0" * 40), entry_name("org/model", "0" * 40)
+    upper, lower = EntryName("Org/Model", "0" * 40).key, EntryName("org/model", "0" * 40).key
     assert entry_object_name(upper) != entry_object_name(lower)
     assert entry_object_name(upper).rsplit("-", 1)[0] == entry_object_name(lower).rsplit("-", 1)[0]
 
 
 def test_long_names_are_cut_to_253_and_stay_unique() -> None:
-    a = entry_name("org/" + "x" * 300 + "a", "1" * 40)
-    b = entry_name("org/" + "x" * 300 + "b", "1" * 40)
+    a = EntryName("org/" + "x" * 300 + "a", "1" * 40).key
+    b = EntryName("org/" + "x" * 300 + "b", "1" * 40).key
     for name in (a, b):
         cr = entry_object_name(name)
         assert len(cr) == 253

@@ -26,12 +26,13 @@ from pathlib import Path
 import pytest
 
 from mxfs.cache import HubCache
-from mxfs.fetch import StateDir
-from mxfs.hub import HubFile, RepoTree
+from mxfs.names import EntryName
 from mxfs.rebuild import REBUILT_MESSAGE, open_registry_recovering
-from mxfs.registry import Record, Registry, RegistryError, Status, entry_name
+from mxfs.registry import Record, Registry, RegistryError, Status
 from mxfs.registry import sqlite as sqlite_backend
 from mxfs.registry.sqlite import RegistryCorrupt, SqliteRegistry, quarantine
+from mxfs.statedir import StateDir
+from mxfs.tree import HubFile, RepoTree
 from tests.hubserver import FakeHub
 from tests.mounting import MountedFs, requires_fuse, run_cli, wait_until
 
@@ -150,7 +151,7 @@ CORRUPTIONS = [garbage, text, truncated_half, truncated_header, junk_pages, garb
 
 
 def bulk_names(n: int) -> list[str]:
-    return [entry_name(f"bulk/m{i}", f"{i:040x}") for i in range(n)]
+    return [EntryName(f"bulk/m{i}", f"{i:040x}").key for i in range(n)]
 
 
 async def records(registry: Registry) -> dict[str, Record]:
@@ -198,7 +199,7 @@ async def test_corrupt_registry_is_moved_aside_and_rebuilt_from_the_cache(
     assert f"aside to {setup.db.parent / aside};" in warnings[0]
     assert "recorded again as DOWNLOADED" in warnings[0]
 
-    name = entry_name("org/complete", COMMIT_A)
+    name = EntryName("org/complete", COMMIT_A).key
     assert list(found) == [name]  # not the incomplete one, not the unlisted one, none of the old
     record = found[name]
     assert record.status == Status.DOWNLOADED
@@ -294,7 +295,7 @@ async def test_an_empty_registry_is_filled_from_the_cache(setup: Setup, caplog: 
 
 async def test_a_registry_with_records_is_left_as_it_is(setup: Setup) -> None:
     setup.add_entry("org/m", COMMIT_A, {"a.txt": b"a"})
-    other = entry_name("org/other", COMMIT_B)
+    other = EntryName("org/other", COMMIT_B).key
     await write_registry(setup.db, [other])
     registry = await setup.recover()
     try:

@@ -20,6 +20,7 @@ import pytest
 import redis
 import trio
 
+from mxfs.names import EntryName
 from mxfs.registry import (
     AlreadyExists,
     Claimed,
@@ -27,7 +28,6 @@ from mxfs.registry import (
     RegistryError,
     Status,
     StatusCounts,
-    entry_name,
     open_registry,
 )
 from mxfs.registry import redis as redis_backend
@@ -43,7 +43,7 @@ OpenRegistry = Callable[..., Awaitable[RedisRegistry]]
 
 
 def _name(i: int = 0) -> str:
-    return entry_name(f"org/model-{i}", f"{i:040x}")
+    return EntryName(f"org/model-{i}", f"{i:040x}").key
 
 
 def _ms(when: datetime) -> int:

@@ -13,9 +13,10 @@ from urllib.parse import quote
 
 import pytest
 
-from mxfs.registry import Claimed, RegistryError, Status, entry_name, open_registry, redact_url
+from mxfs.names import EntryName
+from mxfs.registry import Claimed, RegistryError, Status, open_registry, redact_url
 
-NAME = entry_name("org/model", "0" * 40)
+NAME = EntryName("org/model", "0" * 40).key
 
 
 @pytest.mark.parametrize(

@@ -31,9 +31,10 @@ import pytest
 
 from mxfs import cli, systemd
 from mxfs.cache import HubCache
-from mxfs.fetch import StateDir
-from mxfs.hub import HubFile, RepoTree
-from mxfs.registry import Record, Status, entry_name, parse_entry_name
+from mxfs.names import EntryName
+from mxfs.registry import Record, Status
+from mxfs.statedir import StateDir
+from mxfs.tree import HubFile, RepoTree
 from tests.hubserver import FakeHub
 from tests.mounting import REPO_ROOT, MountedFs, requires_fuse, run_cli
 
@@ -510,7 +511,7 @@ def test_gc_honours_configured_pins(hub: FakeHub, new_repo_id, tmp_path: Path) -
 
 def _record(model: str, commit: str, status: Status, size: int | None, **kw: object) -> Record:
     now = datetime.now(UTC)
-    return Record(entry_name(model, commit), "HuggingFace", status, now, now, size_bytes=size, **kw)  # type: ignore[arg-type]
+    return Record(EntryName(model, commit).key, "HuggingFace", status, now, now, size_bytes=size, **kw)  # type: ignore[arg-type]
 
 
 def test_status_shows_download_progress_and_errors(tmp_path: Path) -> None:
@@ -520,7 +521,8 @@ def test_status_shows_download_progress_and_errors(tmp_path: Path) -> None:
     state.write_tree(RepoTree("org/big", commit, datetime.now(UTC), files))
     blob = cache.blob_path("org/big", files[0].etag)
     blob.parent.mkdir(parents=True)
-    blob.write_bytes(b"")  # a complete blob: its file counts in full
+    with open(blob, "wb") as f:  # a complete blob (sparse, of the file's size): its file counts in full
+        f.truncate(files[0].size)
     state.write_ref("org/big", "main", commit)
     records = [
         _record("org/big", commit, Status.DOWNLOADING, None),
@@ -529,7 +531,7 @@ def test_status_shows_download_progress_and_errors(tmp_path: Path) -> None:
     ]
     rows = [
         cli._status_row(
-            r, state.refs_by_commit(parse_entry_name(r.model_name)[0]), cli._download_progress(state, cache, r)
+            r, state.refs_by_commit(EntryName.parse(r.model_name).repo_id), cli._download_progress(state, cache, r)
         )
         for r in records
     ]

@@ -13,98 +13,20 @@ An existing huggingface_hub cache mounted as is works offline too: its ``refs/``
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 
 import trio
 
-from mxfs.cache import HubCache, atomic_write_text
+from mxfs.cache import HubCache
 from mxfs.errors import HubUnavailable, InvalidName, MxfsError, NotFound, OfflineMiss
 from mxfs.fetch.entry import Entry
-from mxfs.hub import Hub, HubFile, RepoTree, Resolved
-from mxfs.names import COMMIT_RE, ModelRef
+from mxfs.hub import Hub, Resolved
+from mxfs.names import ModelRef, short_commit
+from mxfs.statedir import StateDir, recorded_commit
+from mxfs.tree import RepoTree
 
 log = logging.getLogger(__name__)
-
-
-class StateDir:
-    """mxfs's own files beside the HF cache: resolved refs and tree listings, per repo."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-
-    def _repo(self, repo_id: str) -> Path:
-        return self.root / "repos" / repo_id.replace("/", "--")
-
-    def read_ref(self, repo_id: str, revision: str) -> str | None:
-        path = self._repo(repo_id) / "refs" / revision
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            commit = path.read_text().strip()
-            return commit if COMMIT_RE.fullmatch(commit) else None
-        return None
-
-    def write_ref(self, repo_id: str, revision: str, commit: str) -> None:
-        atomic_write_text(self._repo(repo_id) / "refs" / revision, commit)
-
-    def read_tree(self, repo_id: str, commit: str) -> RepoTree | None:
-        path = self._repo(repo_id) / "trees" / f"{commit}.json"
-        try:
-            return RepoTree.from_json(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring unreadable tree listing %s: %s", path, exc)
-            return None
-
-    def write_tree(self, tree: RepoTree) -> None:
-        atomic_write_text(self._repo(tree.repo_id) / "trees" / f"{tree.commit}.json", tree.to_json())
-
-    def refs_by_commit(self, repo_id: str) -> dict[str, list[str]]:
-        """Every recorded revision of ``repo_id``, grouped by the commit it resolved to."""
-        base = self._repo(repo_id) / "refs"
-        refs: dict[str, list[str]] = {}
-        if base.is_dir():
-            for path in sorted(base.rglob("*")):
-                if path.is_file():
-                    refs.setdefault(path.read_text().strip(), []).append(path.relative_to(base).as_posix())
-        return refs
-
-    def known_repos(self) -> list[str]:
-        with contextlib.suppress(FileNotFoundError):
-            return sorted(n.replace("--", "/", 1) for n in os.listdir(self.root / "repos") if "--" in n)
-        return []
-
-
-def tree_from_hf_cache(cache: HubCache, repo_id: str, commit: str) -> RepoTree | None:
-    """Rebuild a tree listing from an HF cache written by huggingface_hub (or by us)."""
-    snapshot = cache.snapshot_dir(repo_id, commit)
-    if not snapshot.is_dir():
-        return None
-    files: list[HubFile] = []
-    with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
-        data = json.loads(cache.tree_path(repo_id, commit).read_text())
-        for path, info in data["files"].items():
-            files.append(HubFile(path, int(info["size"]), info["blob_id"], info.get("lfs_sha256")))
-    if not files:
-        # No listing: trust the snapshot links (etag = blob name; sha256 if it has 64 hex digits).
-        for dirpath, _dirs, filenames in os.walk(snapshot):
-            for filename in filenames:
-                link = Path(dirpath) / filename
-                try:
-                    size = link.stat().st_size
-                except FileNotFoundError:
-                    continue
-                etag = os.path.basename(os.readlink(link)) if link.is_symlink() else ""
-                rel = link.relative_to(snapshot).as_posix()
-                sha256 = etag if len(etag) == 64 else None
-                files.append(HubFile(rel, size, etag if len(etag) == 40 else "", sha256))
-    mtime = datetime.fromtimestamp(snapshot.stat().st_mtime, UTC)
-    return RepoTree(repo_id, commit, mtime, tuple(sorted(files, key=lambda f: f.path)))
 
 
 @dataclass
@@ -158,7 +80,7 @@ class Catalog:
 
     async def _resolve(self, ref: ModelRef) -> Entry:
         resolved: Resolved | None = None
-        if ref.pinned_to_commit:
+        if ref.revision_is_commit:
             commit = ref.revision
         else:
             try:
@@ -168,9 +90,9 @@ class Catalog:
                 commit = await self._offline_ref(ref)
                 if commit is None:
                     raise
-                log.warning("%s: Hub unavailable (%s); using cached resolution %s", ref, exc, commit[:12])
+                log.warning("%s: Hub unavailable (%s); using cached resolution %s", ref, exc, short_commit(commit))
         entry = await self._entry_at(ref.repo_id, commit, resolved)
-        if not ref.pinned_to_commit:
+        if not ref.revision_is_commit:
             await trio.to_thread.run_sync(
                 self.state.write_ref, ref.repo_id, ref.revision, commit, limiter=self.io_limiter
             )
@@ -190,7 +112,7 @@ class Catalog:
         Unlike a first lookup this never falls back to a recorded resolution: a refresh that
         cannot reach the Hub raises (HubUnavailable / OfflineMiss) and changes nothing.
         """
-        if ref.pinned_to_commit:
+        if ref.revision_is_commit:
             raise InvalidName(f"{ref}: a commit never moves; refresh a branch or tag")
         previous = await trio.to_thread.run_sync(
             self.state.read_ref, ref.repo_id, ref.revision, limiter=self.io_limiter
@@ -212,7 +134,7 @@ class Catalog:
         ref whose new commit cannot be listed (Hub down, listing not recorded) stays where it is
         and is tried again next time.
         """
-        movable = [(ref, entry) for ref, entry in self._by_ref.items() if not ref.pinned_to_commit]
+        movable = [(ref, entry) for ref, entry in self._by_ref.items() if not ref.revision_is_commit]
         if not movable:
             return []
 
@@ -227,19 +149,18 @@ class Catalog:
             try:
                 new = await self._entry_at(ref.repo_id, commit, None)
             except MxfsError as exc:
-                log.warning("%s: recorded resolution moved to %s, not followed yet: %s", ref, commit[:12], exc)
+                log.warning("%s: recorded resolution moved to %s, not followed yet: %s", ref, short_commit(commit), exc)
                 continue
             if self._by_ref.get(ref) is entry:  # not moved by a lookup or refresh meanwhile
                 self._by_ref[ref] = new
                 moved.append(ref)
-                log.info("%s: now %s (was %s)", ref, commit[:12], entry.commit[:12])
+                log.info("%s: now %s (was %s)", ref, short_commit(commit), short_commit(entry.commit))
         return moved
 
     async def _offline_ref(self, ref: ModelRef) -> str | None:
-        def read() -> str | None:
-            return self.state.read_ref(ref.repo_id, ref.revision) or self.cache.read_ref(ref.repo_id, ref.revision)
-
-        return await trio.to_thread.run_sync(read, limiter=self.io_limiter)
+        return await trio.to_thread.run_sync(
+            recorded_commit, self.state, self.cache, ref.repo_id, ref.revision, limiter=self.io_limiter
+        )
 
     async def _tree(self, repo_id: str, commit: str, resolved: Resolved | None) -> RepoTree:
         tree = await trio.to_thread.run_sync(self.state.read_tree, repo_id, commit, limiter=self.io_limiter)
@@ -255,9 +176,7 @@ class Catalog:
         except (HubUnavailable, OfflineMiss):
             # An HF cache we did not write (or whose state dir is gone): trust what it holds.
             # Only offline: online, a snapshot folder may be a partial download.
-            tree = await trio.to_thread.run_sync(
-                tree_from_hf_cache, self.cache, repo_id, commit, limiter=self.io_limiter
-            )
+            tree = await trio.to_thread.run_sync(self.cache.read_tree, repo_id, commit, limiter=self.io_limiter)
             if tree is None:
                 raise
             return tree

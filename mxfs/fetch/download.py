@@ -38,15 +38,16 @@ from mxfs.errors import (
     MxfsError,
     domain_errors_ungrouped,
 )
-from mxfs.fetch.entry import Entry, tree_record
+from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import FileState, Stream
 from mxfs.fetch.lease import LeaseKeeper
 from mxfs.fetch.partials import PartialMap, PartialMaps
 from mxfs.fetch.plan import ALIGN, Chunk, ChunkQueue, chunk_size_for
-from mxfs.hub import HubClient, HubFile, RangeBody, Transient
+from mxfs.hub import HubClient, RangeBody, Transient
 from mxfs.ranges import RangeSet
 from mxfs.registry import Registry
 from mxfs.retry import RetryPolicy
+from mxfs.tree import HubFile
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class EntryDownload:
         self._fds: dict[FileState, int] = {}
         self._verify_failures: dict[FileState, int] = {}
         self._hashers: dict[FileState, PrefixHasher] = {}
-        self.lease_keeper = LeaseKeeper(registry, entry.name, claim_id, lease, str(entry))
+        self.lease_keeper = LeaseKeeper(registry, entry.registry_key, claim_id, lease, str(entry))
         self.lease_keeper.on_lost = self._withdraw_copies
         self.bytes_downloaded = 0
         self._closed = False  # set when the attempt ends: late callbacks of abandoned streams are ignored
@@ -287,7 +288,7 @@ class EntryDownload:
             found = []
             for state in todo:
                 file = state.file
-                if self.cache.file_is_cached(self.entry.repo_id, self.entry.commit, tree_record(file)):
+                if self.cache.has_blob(self.entry.repo_id, file):
                     self.cache.link_snapshot(self.entry.repo_id, self.entry.commit, file.path, file.etag)
                     found.append(state)
             return found
@@ -353,7 +354,7 @@ class EntryDownload:
                 state.present.total,
                 file.size,
             )
-        state.on_wait = functools.partial(self.want, state)
+        state.on_wait = functools.partial(self.on_reader_wait, state)
         if file.size == 0:
             state.notify()
         self._fds[state] = fd
@@ -567,7 +568,7 @@ class EntryDownload:
 
     # -- on-demand ranges ---------------------------------------------------------------------
 
-    def want(self, state: FileState, start: int, end: int) -> None:
+    def on_reader_wait(self, state: FileState, start: int, end: int) -> None:
         """A reader waits for ``[start, end)``: fetch it now unless a stream is about to bring it."""
         if self._transfers is None or state not in self._fds or self.client.ignores_ranges:
             return  # (a range request would bring the whole file: readers wait for the stream)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from mxfs.cache import TreeFileRecord
-from mxfs.hub import HubFile, RepoTree
-from mxfs.registry import entry_name
+from mxfs.names import EntryName
+from mxfs.tree import HubFile, RepoTree
 
 
 class Entry:
@@ -34,22 +33,15 @@ class Entry:
         return self.tree.commit
 
     @cached_property
-    def name(self) -> str:
-        """The registry key."""
-        return entry_name(self.repo_id, self.commit)
+    def registry_key(self) -> str:
+        return EntryName(self.repo_id, self.commit).key
 
     @property
     def size(self) -> int:
         return self.tree.size
 
     def __repr__(self) -> str:
-        return f"<Entry {self.repo_id}@{self.commit[:12]}>"
+        return f"<Entry {self}>"
 
     def __str__(self) -> str:
-        return f"{self.repo_id}@{self.commit[:12]}"
-
-
-def tree_record(file: HubFile) -> TreeFileRecord:
-    return TreeFileRecord(
-        path=file.path, etag=file.etag, size=file.size, blob_id=file.blob_id, lfs_sha256=file.lfs_sha256
-    )
+        return EntryName(self.repo_id, self.commit).label

@@ -41,11 +41,11 @@ from mxfs.errors import (
 )
 from mxfs.fetch.catalog import Catalog
 from mxfs.fetch.download import EntryDownload, LeaseLost
-from mxfs.fetch.entry import Entry, tree_record
+from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import CopyDiscarded, FileState, SharedFd, read_at
 from mxfs.fetch.partials import PartialMaps
-from mxfs.hub import Hub, HubFile
-from mxfs.names import ModelRef
+from mxfs.hub import Hub
+from mxfs.names import EntryName, ModelRef
 from mxfs.registry import (
     AlreadyExists,
     Claimed,
@@ -54,9 +54,9 @@ from mxfs.registry import (
     Registry,
     RegistryError,
     Status,
-    parse_entry_name,
 )
 from mxfs.retry import RetryPolicy
+from mxfs.tree import HubFile
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,15 @@ TOUCH_INTERVAL = 60.0
 RELEASE_TIMEOUT = 2.0
 
 
+@dataclass(frozen=True)
+class Activity:
+    """Reads and downloads on this node now, for the metrics exporter."""
+
+    bytes_read: int  # returned by reads through the mount since start-up
+    open_handles: int
+    downloads_running: int  # entries this node downloads as the claim owner
+
+
 class EntryFetch:
     """This node's view of one entry: per-file state, who downloads it, and what went wrong."""
 
@@ -78,7 +87,7 @@ class EntryFetch:
         self.states = {path: FileState(f) for path, f in entry.files.items()}
         waiting_files: set[FileState] = set()
         for state in self.states.values():
-            state.entry_name = entry.name
+            state.entry_key = entry.registry_key
             state.discards = discards
             state.waiting_files = waiting_files
         self.running = False
@@ -94,9 +103,8 @@ class EntryFetch:
         return all(s.complete for s in self.states.values())
 
     def progress(self) -> tuple[int, int]:
-        """(bytes present on this node, total bytes)."""
-        have = sum(s.file.size if s.complete else s.present.total for s in self.states.values())
-        return have, self.entry.size
+        """(bytes present on this node, partial files included, total bytes)."""
+        return self.entry.tree.progress(lambda f: self.states[f.path].bytes_present)
 
     def set_error(self, error: MxfsError) -> None:
         self.error = error
@@ -143,7 +151,7 @@ class OpenFile:
     closed: bool = False
     # Held from open() to close() once the file is complete: the blob's inode stays readable even
     # if eviction (here or on another node) unlinks it while the file is open.
-    pinned: SharedFd | None = None
+    held_fd: SharedFd | None = None
 
     @property
     def file(self) -> HubFile:
@@ -167,18 +175,18 @@ class OpenFile:
                 raise CopyDiscarded(f"{self.ef.entry}/{exc}") from None
             self._check_copy()
         generation = state.expose()
-        if self.pinned is None and state.complete:
-            self.pinned = state.acquire_fd()
-        shared = self.pinned or state.acquire_fd()
+        if self.held_fd is None and state.complete:
+            self.held_fd = state.acquire_fd()
+        shared = self.held_fd or state.acquire_fd()
         try:
             data = await read_at(shared.fd, offset, end - offset, self.fetcher.io_limiter)
         finally:
-            if shared is not self.pinned:
+            if shared is not self.held_fd:
                 shared.release()
         # The copy may have been discarded while the pread ran (it then taints this handle,
         # since the copy was marked exposed before): these bytes may be of either copy.
         self._check_copy()
-        if state.generation != generation and shared is not self.pinned:
+        if state.generation != generation and shared is not self.held_fd:
             raise IntegrityError(f"{self.ef.entry}/{self.file.path}: the copy changed under a read")
         self.fetcher.bytes_read += len(data)
         return data
@@ -197,9 +205,9 @@ class OpenFile:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.pinned is not None:
-                self.pinned.release()
-                self.pinned = None
+            if self.held_fd is not None:
+                self.held_fd.release()
+                self.held_fd = None
             self.fetcher._release(self)
 
 
@@ -221,7 +229,7 @@ class Fetcher:
         # (where it can: Redis pub/sub).
         self._finish_notifier = registry if isinstance(registry, FinishNotifier) else None
         self._finished: dict[str, trio.Event] = {}
-        # (entry name, path) of every copy discarded after some of its bytes were read: the
+        # (entry key, path) of every copy discarded after some of its bytes were read: the
         # filesystem drops the kernel's cached pages of those files.  Rare, so unbounded.
         self._discards_send, self._discards_receive = trio.open_memory_channel[tuple[str, str]](math.inf)
         self.bytes_read = 0
@@ -262,13 +270,17 @@ class Fetcher:
             await event.wait()
 
     def discarded_copies(self) -> trio.MemoryReceiveChannel[tuple[str, str]]:
-        """(entry name, path) of each copy discarded after readers were served some of its bytes."""
+        """(entry key, path) of each copy discarded after readers were served some of its bytes."""
         return self._discards_receive
 
     # -- names --------------------------------------------------------------------------------
 
     async def lookup(self, ref: ModelRef) -> Entry:
         return await self.catalog.lookup(ref)
+
+    def resolved_refs(self) -> list[ModelRef]:
+        """The names resolved so far (for listing: a model directory shows once it is used)."""
+        return list(self.catalog.resolved_refs())
 
     async def known_repos(self) -> list[str]:
         """Repos with something in the cache, the state dir or the registry (for listing)."""
@@ -288,30 +300,30 @@ class Fetcher:
     # -- opening and reading -------------------------------------------------------------------
 
     def entry_fetch(self, entry: Entry) -> EntryFetch:
-        ef = self._entries.get(entry.name)
+        ef = self._entries.get(entry.registry_key)
         if ef is None:
-            ef = self._entries[entry.name] = EntryFetch(entry, self._discards_send)
+            ef = self._entries[entry.registry_key] = EntryFetch(entry, self._discards_send)
         return ef
 
     async def open(self, entry: Entry, path: str) -> OpenFile:
         """Open a file for reading: returns at once, the download (if any) starts in the background."""
         ef = self.entry_fetch(entry)
         state = ef.states[path]
-        pinned = None
+        held_fd = None
         if state.complete and await self._blob_still_there(ef, state):
             # An open() of a local file: cheap, and it must not race the state from a thread.
             # It is also the check that counts: eviction (here or on another node) may have
             # taken the blob since it was seen above.
             with contextlib.suppress(FileNotFoundError):
-                pinned = state.acquire_fd()
-        if state.complete and pinned is None:
+                held_fd = state.acquire_fd()
+        if state.complete and held_fd is None:
             log.warning("%s: %s vanished from the cache; fetching it again", entry, path)
             for s in ef.states.values():
                 s.blob = None
                 s.retire_fd()
             ef.reset_done()
         handle = OpenFile(self, ef, state, strict=self.settings.verify == "strict", first_generation=state.generation)
-        handle.pinned = pinned
+        handle.held_fd = held_fd
         ef.handles += 1
         self._spawn(self._touch, entry)
         if not state.complete:
@@ -330,24 +342,40 @@ class Fetcher:
         blob = state.blob
         return blob is not None and await trio.to_thread.run_sync(os.path.exists, blob, limiter=self.io_limiter)
 
+    async def cache_statvfs(self) -> os.statvfs_result:
+        """``statvfs`` of the cache's file system: what the mount reports as its size and free space.
+
+        Not under ``io_limiter``: the readiness and watchdog probes are statfs calls, and must be
+        answered while reads fill every slot.
+        """
+        return await trio.to_thread.run_sync(os.statvfs, self.cache.root)
+
     def downloads_running(self) -> bool:
         """True while this node downloads any entry."""
         return any(ef.download is not None for ef in self._entries.values())
 
+    def activity(self) -> Activity:
+        """Reads and downloads now: cheap enough for every scrape."""
+        entries = self._entries.values()
+        return Activity(
+            bytes_read=self.bytes_read,
+            open_handles=sum(ef.handles for ef in entries),
+            downloads_running=sum(1 for ef in entries if ef.download is not None),
+        )
+
     def open_entries(self) -> set[str]:
-        """Registry names of entries with an open file on this node (eviction must spare them)."""
+        """Registry keys of entries with an open file on this node (eviction must spare them)."""
         return {name for name, ef in self._entries.items() if ef.handles > 0}
 
     def copy_generation(self, entry: Entry, path: str) -> int:
         """The generation of the file's current copy on this node (0 before it is first opened)."""
-        ef = self._entries.get(entry.name)
+        ef = self._entries.get(entry.registry_key)
         return ef.states[path].generation if ef is not None else 0
 
     def file_status(self, entry: Entry, path: str) -> str:
-        ef = self._entries.get(entry.name)
+        ef = self._entries.get(entry.registry_key)
         if ef is None:
-            record = tree_record(entry.files[path])
-            return "cached" if self.cache.file_is_cached(entry.repo_id, entry.commit, record) else "remote"
+            return "cached" if self.cache.has_blob(entry.repo_id, entry.files[path]) else "remote"
         state = ef.states[path]
         if state.complete:
             return "cached"
@@ -356,13 +384,13 @@ class Fetcher:
     async def entry_status(self, entry: Entry) -> str:
         """The registry's status of the entry, lower-cased; ``remote`` if it has no record."""
         try:
-            status = await self.registry.get_status(entry.name)
+            status = await self.registry.get_status(entry.registry_key)
         except RegistryError as exc:
             raise RegistryUnavailable(f"{entry}: registry unavailable: {exc}") from exc
         return status.lower() if status is not None else "remote"
 
     def progress(self, entry: Entry) -> tuple[int, int]:
-        ef = self._entries.get(entry.name)
+        ef = self._entries.get(entry.registry_key)
         return ef.progress() if ef else (0, entry.size)
 
     async def prefetch(self, entry: Entry) -> None:
@@ -408,7 +436,7 @@ class Fetcher:
                     if await self._try_acquire(ef, claim_id):
                         await self._download(ef, claim_id)
                         return
-                    await self._wait_for_news(entry.name)
+                    await self._wait_for_news(entry.registry_key)
                 except LeaseLost as exc:
                     metrics.DOWNLOADS_FAILED.inc()
                     log.warning("%s", exc)
@@ -461,7 +489,7 @@ class Fetcher:
             for path, state in ef.states.items():
                 if state.complete:
                     continue
-                if self.cache.file_is_cached(entry.repo_id, entry.commit, tree_record(state.file)):
+                if self.cache.has_blob(entry.repo_id, state.file):
                     self.cache.link_snapshot(entry.repo_id, entry.commit, path, state.file.etag)
                     found.append(path)
             return found
@@ -473,7 +501,7 @@ class Fetcher:
 
     async def _try_acquire(self, ef: EntryFetch, claim_id: str) -> bool:
         """One round of the claim protocol; True if this node now owns the download."""
-        name, lease = ef.entry.name, self.settings.lease
+        name, lease = ef.entry.registry_key, self.settings.lease
         try:
             outcome = await self.registry.try_claim(name, claim_id, lease)
             if isinstance(outcome, Claimed):
@@ -545,7 +573,7 @@ class Fetcher:
 
     async def _finish(self, ef: EntryFetch, claim_id: str, status: Status, message: str | None) -> bool:
         try:
-            return await self.registry.finish_claim(ef.entry.name, claim_id, status, message, ef.entry.size)
+            return await self.registry.finish_claim(ef.entry.registry_key, claim_id, status, message, ef.entry.size)
         except RegistryError as exc:
             log.error("%s: could not record %s in the registry: %s", ef.entry, status, exc)
             return False
@@ -553,7 +581,7 @@ class Fetcher:
     async def _publish_complete(self, ef: EntryFetch) -> None:
         """Everything is on disk: refs, HF tree listing, and a DOWNLOADED record if there is none."""
         await self._write_refs(ef)
-        name = ef.entry.name
+        name = ef.entry.registry_key
         try:
             record = await self.registry.get_record(name)
             if record is None or record.status != Status.DOWNLOADED:
@@ -571,7 +599,7 @@ class Fetcher:
         revisions = [ref.revision for ref, e in self.catalog.resolved_refs().items() if e is entry]
 
         def write() -> None:
-            self.cache.write_tree(entry.repo_id, entry.commit, (tree_record(f) for f in entry.files.values()))
+            self.cache.write_tree(entry.tree)
             for revision in revisions:
                 if revision != entry.commit:
                     self.cache.write_ref(entry.repo_id, revision, entry.commit)
@@ -582,7 +610,7 @@ class Fetcher:
 
     async def _touch(self, entry: Entry) -> None:
         try:
-            await self.registry.touch(entry.name)
+            await self.registry.touch(entry.registry_key)
         except RegistryError as exc:
             self._warn_registry("%s: could not update last-used time: %s", entry, exc)
 
@@ -603,10 +631,8 @@ class Fetcher:
 
 def record_repo(record: Record) -> str:
     """The repo id of an mxfs entry record; "" for records that are not ours (ModelExpress's)."""
-    try:
-        return parse_entry_name(record.model_name)[0]
-    except ValueError:
-        return ""
+    name = EntryName.parse(record.model_name)
+    return name.repo_id if name is not None else ""
 
 
-__all__ = ["EntryFetch", "Fetcher", "OpenFile"]
+__all__ = ["Activity", "EntryFetch", "Fetcher", "OpenFile"]

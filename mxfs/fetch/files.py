@@ -11,8 +11,8 @@ from pathlib import Path
 import trio
 
 from mxfs.errors import IntegrityError, MxfsError
-from mxfs.hub import HubFile
 from mxfs.ranges import RangeSet
+from mxfs.tree import HubFile
 
 
 async def read_at(fd: int, offset: int, size: int, limiter: trio.CapacityLimiter) -> bytes:
@@ -83,10 +83,10 @@ class FileState:
         self.generation = 0
         self.exposed = False
         self.last_tainted_generation = -1
-        # Told (entry name, path) of each discarded copy, so the filesystem drops the kernel's
+        # Told (entry key, path) of each discarded copy, so the filesystem drops the kernel's
         # cached pages of it; set by the fetcher.
         self.discards: trio.MemorySendChannel[tuple[str, str]] | None = None
-        self.entry_name = ""
+        self.entry_key = ""  # the registry key of the file's entry
         self.waiting = 0
         self.wanted_offsets: set[int] = set()
         # The entry's files that readers wait on now, shared by its FileStates: the download
@@ -103,6 +103,11 @@ class FileState:
     @property
     def complete(self) -> bool:
         return self.blob is not None
+
+    @property
+    def bytes_present(self) -> int:
+        """How much of the file this node has: all of it once complete, else its present ranges."""
+        return self.file.size if self.complete else self.present.total
 
     def notify(self) -> None:
         """Wake every reader waiting on this file (they re-check what they wait for)."""
@@ -145,7 +150,7 @@ class FileState:
         if self.exposed:
             self.last_tainted_generation = self.generation
             if self.discards is not None:
-                self.discards.send_nowait((self.entry_name, self.file.path))
+                self.discards.send_nowait((self.entry_key, self.file.path))
         self.generation += 1
         self.exposed = False
         self.verified = False

@@ -33,9 +33,9 @@ TRUST_FRACTION = 0.8
 class LeaseKeeper:
     """Keeps one claim's lease alive for as long as a download runs."""
 
-    def __init__(self, registry: Registry, entry_name: str, claim_id: str, lease: float, label: str) -> None:
+    def __init__(self, registry: Registry, registry_key: str, claim_id: str, lease: float, label: str) -> None:
         self.registry = registry
-        self.entry_name = entry_name
+        self.registry_key = registry_key
         self.claim_id = claim_id
         self.lease = lease
         self.label = label  # the entry, for log lines
@@ -70,7 +70,7 @@ class LeaseKeeper:
             await trio.sleep(delay)
             sent_at = trio.current_time()
             try:
-                renewed = await self.registry.refresh_claim(self.entry_name, self.claim_id, self.lease)
+                renewed = await self.registry.refresh_claim(self.registry_key, self.claim_id, self.lease)
             except RegistryError as exc:
                 log.warning(
                     "%s: lease renewal failed (%s); retrying, %.1fs of trust left",

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mxfs.cache import atomic_write_text
+from mxfs.names import repo_folder
 from mxfs.ranges import RangeSet
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class PartialMaps:
         self.root = Path(state_dir) / "partials"
 
     def _path(self, repo_id: str, etag: str) -> Path:
-        return self.root / repo_id.replace("/", "--") / f"{etag}.json"
+        return self.root / repo_folder(repo_id) / f"{etag}.json"
 
     def load(self, repo_id: str, etag: str) -> PartialMap | None:
         path = self._path(repo_id, etag)

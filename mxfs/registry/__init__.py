@@ -3,13 +3,15 @@
 A backend lives in its own module, which defines ``async def open_url(url: str) -> Registry``
 (connecting eagerly) and is listed in ``_BACKENDS`` under each URL scheme it serves.  Backend
 modules are imported only when their scheme is used, so optional client libraries (redis;
-httpx2 and PyYAML for kubernetes) are needed only by those who use them.
+httpx2 and PyYAML for kubernetes) are needed only by those who use them.  What the backends
+share (the contract, ``redact_url``) is in ``base``: they import that, never this package, so
+loading a backend never loops back into the module that loads it.
 """
 
 from __future__ import annotations
 
 import importlib
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlsplit
 
 from mxfs.registry.base import (
     PROVIDER,
@@ -22,8 +24,7 @@ from mxfs.registry.base import (
     RegistryError,
     Status,
     StatusCounts,
-    entry_name,
-    parse_entry_name,
+    redact_url,
 )
 
 __all__ = [
@@ -37,9 +38,7 @@ __all__ = [
     "RegistryError",
     "Status",
     "StatusCounts",
-    "entry_name",
     "open_registry",
-    "parse_entry_name",
     "redact_url",
 ]
 
@@ -50,10 +49,6 @@ _BACKENDS: dict[str, str] = {
     "rediss": "mxfs.registry.redis",
     "kubernetes": "mxfs.registry.kubernetes",
 }
-
-_REDACTED = "***"
-# Query parameters that some clients (redis-py among them) accept in place of userinfo.
-_SECRET_QUERY_KEYS = frozenset({"password"})
 
 
 async def open_registry(url: str) -> Registry:
@@ -70,26 +65,3 @@ async def open_registry(url: str) -> Registry:
         raise ValueError(f"registry URL {redact_url(url)!r} has {named}; supported schemes: {supported}")
     registry: Registry = await importlib.import_module(module_name).open_url(url)
     return registry
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for logs and error messages.
-
-    Edits the text in place rather than rebuilding the URL, which would normalize it
-    (``urlunsplit`` turns ``sqlite:///a`` into ``sqlite:/a``).
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        # Unparsable (say, an unbalanced IPv6 bracket): show nothing that could be a secret.
-        return "<unparsable URL>"
-    # Split as urlsplit does: the host after the last "@", the password after the first ":".
-    userinfo, at, host = parts.netloc.rpartition("@")
-    if at and ":" in userinfo:
-        user = userinfo.split(":", 1)[0]
-        url = url.replace(f"//{parts.netloc}", f"//{user}:{_REDACTED}@{host}", 1)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    if any(key in _SECRET_QUERY_KEYS for key, _ in query):
-        redacted = [(key, _REDACTED if key in _SECRET_QUERY_KEYS else value) for key, value in query]
-        url = url.replace(f"?{parts.query}", f"?{urlencode(redacted, safe='*')}", 1)
-    return url

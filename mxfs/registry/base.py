@@ -13,30 +13,13 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 PROVIDER = "HuggingFace"
-
-# An entry name is ModelExpress's model_name for one commit of a repo with full weights:
-# ``mx1:<commit>:-:<org>/<name>``.  The ``-`` means "all files", not a subset.
-_ENTRY_RE = re.compile(r"^mx1:(?P<commit>[0-9a-f]{40}):-:(?P<repo_id>[^/]+/[^/]+)$")
-
-
-def entry_name(repo_id: str, commit: str) -> str:
-    """The registry key of ``repo_id`` at ``commit``."""
-    return f"mx1:{commit}:-:{repo_id}"
-
-
-def parse_entry_name(name: str) -> tuple[str, str]:
-    """Split an entry name into ``(repo_id, commit)``; ValueError if it is not one of ours."""
-    match = _ENTRY_RE.fullmatch(name)
-    if match is None:
-        raise ValueError(f"not an mxfs entry name: {name!r}")
-    return match["repo_id"], match["commit"]
 
 
 class Status(enum.StrEnum):
@@ -103,6 +86,34 @@ def check_final(status: Status) -> None:
     """``finish_claim`` publishes an outcome: DOWNLOADED or ERROR, nothing else."""
     if status not in (Status.DOWNLOADED, Status.ERROR):
         raise ValueError(f"a claim finishes as DOWNLOADED or ERROR, not {status}")
+
+
+_REDACTED = "***"
+# Query parameters that some clients (redis-py among them) accept in place of userinfo.
+_SECRET_QUERY_KEYS = frozenset({"password"})
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for logs and error messages.
+
+    Edits the text in place rather than rebuilding the URL, which would normalize it
+    (``urlunsplit`` turns ``sqlite:///a`` into ``sqlite:/a``).
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        # Unparsable (say, an unbalanced IPv6 bracket): show nothing that could be a secret.
+        return "<unparsable URL>"
+    # Split as urlsplit does: the host after the last "@", the password after the first ":".
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        user = userinfo.split(":", 1)[0]
+        url = url.replace(f"//{parts.netloc}", f"//{user}:{_REDACTED}@{host}", 1)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key in _SECRET_QUERY_KEYS for key, _ in query):
+        redacted = [(key, _REDACTED if key in _SECRET_QUERY_KEYS else value) for key, value in query]
+        url = url.replace(f"?{parts.query}", f"?{urlencode(redacted, safe='*')}", 1)
+    return url
 
 
 class Registry(Protocol):

@@ -54,7 +54,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from mxfs import metrics
-from mxfs.registry import redact_url
 from mxfs.registry.base import (
     PROVIDER,
     AlreadyExists,
@@ -67,6 +66,7 @@ from mxfs.registry.base import (
     StatusCounts,
     check_final,
     lease_ms,
+    redact_url,
 )
 
 T = TypeVar("T")

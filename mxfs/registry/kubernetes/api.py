@@ -28,8 +28,7 @@ import httpx2
 import trio
 
 from mxfs import metrics
-from mxfs.registry import redact_url
-from mxfs.registry.base import RegistryError
+from mxfs.registry.base import RegistryError, redact_url
 from mxfs.registry.kubernetes.config import ClusterConfig
 from mxfs.retry import RetryPolicy
 

@@ -61,7 +61,6 @@ from urllib.parse import parse_qsl, urlsplit
 
 import trio
 
-from mxfs.registry import redact_url
 from mxfs.registry.base import (
     PROVIDER,
     AlreadyExists,
@@ -74,6 +73,7 @@ from mxfs.registry.base import (
     StatusCounts,
     check_final,
     check_seconds,
+    redact_url,
 )
 from mxfs.registry.kubernetes.api import KubeApi, Resource
 from mxfs.registry.kubernetes.config import ClusterConfig, load_config

@@ -250,23 +250,15 @@ class RangeBody:
 
     def whole_chunks(self, size: int, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """A whole-file answer from byte 0, in pieces, cut at ``size``; Transient if it ends early."""
-        remaining = size
-        try:
-            for chunk in self._response.iter_bytes(chunk_size):
-                if len(chunk) >= remaining:
-                    yield chunk[:remaining]
-                    return
-                remaining -= len(chunk)
-                yield chunk
-        except httpx2.HTTPError as exc:
-            raise Transient(f"{self._what}: connection broke: {type(exc).__name__}: {exc}") from exc
-        if remaining:
-            raise Transient(f"{self._what}: body ended {remaining} bytes early")
+        return self._pieces(0, size, chunk_size)
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """Yield the body in pieces; raises Transient if the body ends before ``end``."""
-        remaining = self.end - self.start
-        skip = self._skip
+        return self._pieces(self._skip, self.end - self.start, chunk_size)
+
+    def _pieces(self, skip: int, length: int, chunk_size: int) -> Iterator[bytes]:
+        """``length`` bytes of the body after its first ``skip``, in pieces."""
+        remaining = length
         try:
             for chunk in self._response.iter_bytes(chunk_size):
                 if skip:

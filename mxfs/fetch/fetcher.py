@@ -475,7 +475,8 @@ class Fetcher:
         ef.failures += 1
         ef.retry_at = trio.current_time() + ENTRY_RETRY.delay(ef.failures - 1)
         if isinstance(exc, AccessDenied):
-            log.error("%s: %s. Set HF_TOKEN (or token_file) to a token that can read this repo.", ef.entry, exc)
+            # The error names the file and says to set HF_TOKEN; token_file is the other way.
+            log.error("%s (or token_file)", exc)
         else:
             log.error("%s: download failed: %s", ef.entry, exc)
         ef.set_error(exc)
@@ -566,17 +567,19 @@ class Fetcher:
             elapsed,
             download.bytes_downloaded / elapsed / 1e6,
         )
-        if not await self._finish(ef, claim_id, Status.DOWNLOADED, None):
+        if await self._finish(ef, claim_id, Status.DOWNLOADED, None) is False:
             log.warning("%s: finished, but another node had taken the claim over", entry)
         ef.failures = 0
         ef.mark_done()
 
-    async def _finish(self, ef: EntryFetch, claim_id: str, status: Status, message: str | None) -> bool:
+    async def _finish(self, ef: EntryFetch, claim_id: str, status: Status, message: str | None) -> bool | None:
+        """Publish the outcome: True, False if another node owns the claim now, None if the
+        registry could not be reached (logged here)."""
         try:
             return await self.registry.finish_claim(ef.entry.registry_key, claim_id, status, message, ef.entry.size)
         except RegistryError as exc:
             log.error("%s: could not record %s in the registry: %s", ef.entry, status, exc)
-            return False
+            return None
 
     async def _publish_complete(self, ef: EntryFetch) -> None:
         """Everything is on disk: refs, HF tree listing, and a DOWNLOADED record if there is none."""

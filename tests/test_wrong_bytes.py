@@ -201,7 +201,8 @@ def test_resumed_partial_file_with_corrupt_bytes_never_completes_a_read(hub: Fak
         f.seek(where)
         f.write(bytes(b ^ 0xFF for b in data[where : where + 8]))
     slow.remove()
-    hub.inject("slow", repo_id=repo, filename="model.safetensors", bytes_per_second=16 * MiB)
+    # Slow enough that the readers below start long before the copy is complete and checked.
+    hub.inject("slow", repo_id=repo, filename="model.safetensors", bytes_per_second=4 * MiB)
 
     second = mxfs_mount("--lease", "2s", cache_dir=first.cache_dir, state_dir=first.state_dir)
     allow_corruption_warnings(second)

@@ -13,6 +13,7 @@ which the daemon's read counter confirms.  Sequential reads, ``pread``s back to 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -119,26 +120,41 @@ def read_mapped(m: mmap.mmap, fd: int, data: bytes, mount: MountedFs) -> None:
     assert daemon_read_bytes(mount) - before >= SIZE // 2, "the mapping was not filled by the daemon"
 
 
-def test_blob_deleted_by_hand_under_open_handles(hub: FakeHub, new_repo_id, mxfs_mount, mount_cache: Path) -> None:
-    mount, repo, data = cached_model(hub, new_repo_id, mxfs_mount, mount_cache, seed=41)
+def allow_vanished(mount: MountedFs, repo: str) -> None:
+    """A new open after the blob is gone logs that it fetches it again (expected here)."""
     mount.allowed_log.append(rf"^{re.escape(repo)}@\w+: model\.safetensors vanished from the cache; fetching it again$")
-    path = mount / repo / "model.safetensors"
+
+
+@contextlib.contextmanager
+def in_use(path: Path, data: bytes) -> Iterator[tuple[int, mmap.mmap, int]]:
+    """A handle that has read the file's start and a mapping that has touched it: the file in use.
+
+    Yields (fd, mapping, the mapping's fd); the mapping and both descriptors are closed after.
+    """
     fd = os.open(path, os.O_RDONLY)
     mapped_fd = os.open(path, os.O_RDONLY)
     try:
         assert os.read(fd, FIRST) == data[:FIRST]
         m = mmap.mmap(mapped_fd, 0, prot=mmap.PROT_READ)
-        assert m[:FIRST] == data[:FIRST]
-
-        blob = delete_by_hand(mount, repo)
-        assert not blob.exists()
-
-        read_on(fd, data, mount)
-        read_mapped(m, mapped_fd, data, mount)
-        m.close()
+        try:
+            assert m[:FIRST] == data[:FIRST]
+            yield fd, m, mapped_fd
+        finally:
+            m.close()
     finally:
         os.close(fd)
         os.close(mapped_fd)
+
+
+def test_blob_deleted_by_hand_under_open_handles(hub: FakeHub, new_repo_id, mxfs_mount, mount_cache: Path) -> None:
+    mount, repo, data = cached_model(hub, new_repo_id, mxfs_mount, mount_cache, seed=41)
+    allow_vanished(mount, repo)
+    path = mount / repo / "model.safetensors"
+    with in_use(path, data) as (fd, m, mapped_fd):
+        blob = delete_by_hand(mount, repo)
+        assert not blob.exists()
+        read_on(fd, data, mount)
+        read_mapped(m, mapped_fd, data, mount)
     # A new open finds the blob gone and downloads it again, right.
     with open(path, "rb") as f:
         assert sha256(f.read()) == sha256(data)
@@ -148,15 +164,9 @@ def test_blob_evicted_by_a_node_that_cannot_see_the_open_handles(
     hub: FakeHub, new_repo_id, mxfs_mount, mount_cache: Path, other_node_view: Path
 ) -> None:
     mount, repo, data = cached_model(hub, new_repo_id, mxfs_mount, mount_cache, seed=42)
-    mount.allowed_log.append(rf"^{re.escape(repo)}@\w+: model\.safetensors vanished from the cache; fetching it again$")
+    allow_vanished(mount, repo)
     path = mount / repo / "model.safetensors"
-    fd = os.open(path, os.O_RDONLY)
-    mapped_fd = os.open(path, os.O_RDONLY)
-    try:
-        assert os.read(fd, FIRST) == data[:FIRST]
-        m = mmap.mmap(mapped_fd, 0, prot=mmap.PROT_READ)
-        assert m[:FIRST] == data[:FIRST]
-
+    with in_use(path, data) as (fd, m, mapped_fd):
         blob = the_blob(mount_cache, repo)
         # This node's own `mxfs evict --force` refuses: the daemon holds the blob open.
         here = ["--state-dir", str(mount.state_dir), "--cache-dir", str(mount_cache)]
@@ -167,12 +177,7 @@ def test_blob_evicted_by_a_node_that_cannot_see_the_open_handles(
         gone = run_cli("evict", repo, "--force", *there)
         assert gone.returncode == 0 and "evicted" in gone.stdout, gone.stdout + gone.stderr
         assert not blob.exists() and not repo_dir(mount_cache, repo).exists()
-
         read_on(fd, data, mount)
         read_mapped(m, mapped_fd, data, mount)
-        m.close()
-    finally:
-        os.close(fd)
-        os.close(mapped_fd)
     with open(path, "rb") as f:
         assert sha256(f.read()) == sha256(data)

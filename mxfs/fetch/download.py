@@ -664,8 +664,7 @@ class EntryDownload:
         ok = await self._verified(state)
         if not ok:
             failures = self._verify_failures[state] = self._verify_failures.get(state, 0) + 1
-            state.discard_copy()
-            await trio.to_thread.run_sync(self.partial_maps.remove, self.entry.repo_id, file.etag)
+            # Logged as it happens, before any reader it fails can say so.
             log.warning(
                 "%s/%s: downloaded bytes do not match the Hub's checksum (attempt %d of %d); discarded",
                 self.entry,
@@ -673,6 +672,8 @@ class EntryDownload:
                 failures,
                 VERIFY_ATTEMPTS,
             )
+            state.discard_copy()
+            await trio.to_thread.run_sync(self.partial_maps.remove, self.entry.repo_id, file.etag)
             if failures >= VERIFY_ATTEMPTS:
                 raise IntegrityError(f"{self.entry}/{file.path}: checksum mismatch after {failures} downloads")
             # Rewrite the same partial file in place: readers' descriptors stay valid.

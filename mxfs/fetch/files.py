@@ -124,7 +124,7 @@ class FileState:
             if self.exposed:
                 # Another copy (published by another node, or found in the cache) replaces ours
                 # before ours was checked: what readers got from ours is unverified for ever.
-                self.discard_copy(keep_present=True)
+                self.discard_copy()
             self.retire_fd()
         self.exposed = False
         self.blob = blob
@@ -139,13 +139,14 @@ class FileState:
 
     # -- generations of the copy ------------------------------------------------------------
 
-    def discard_copy(self, *, keep_present: bool = False) -> None:
+    def discard_copy(self) -> None:
         """The current copy's bytes will never be verified: start a new generation.
 
         If any of them reached a reader, every handle open now is tainted (its reads fail from
         here on) and the filesystem is told to drop the inode's cached pages, so neither a
         read() nor an mmap can go on with them.  Handles opened later are not affected: the
-        kernel drops an inode's pages when a file that is not complete is opened.
+        filesystem gives the name a new inode (see MxfsOperations.open), whose page cache the
+        tainted handles do not share.
         """
         if self.exposed:
             self.last_tainted_generation = self.generation
@@ -154,8 +155,7 @@ class FileState:
         self.generation += 1
         self.exposed = False
         self.verified = False
-        if not keep_present:
-            self.present.clear()
+        self.present.clear()
         self.notify()
 
     def mark_verified(self) -> None:

@@ -109,7 +109,7 @@ def main() -> int:
         wait_port(port, olah)
         expected = load(snapshot_download(REPO, cache_dir=work / "warm", endpoint=mirror))  # warms olah's cache
         for i in range(args.repeat):
-            for which in (("snapshot_download", "mxfs mount") if i % 2 == 0 else ("mxfs mount", "snapshot_download")):
+            for which in ("snapshot_download", "mxfs mount") if i % 2 == 0 else ("mxfs mount", "snapshot_download"):
                 before = (work / "olah.log").read_text(errors="replace")
                 if which == "snapshot_download":
                     t0 = time.monotonic()

@@ -112,9 +112,14 @@ def cleanup_all() -> None:
 
 
 def vm_hwm_kib(pid: int) -> int | None:
+    return proc_status_kib(pid, "VmHWM")
+
+
+def proc_status_kib(pid: int, field: str) -> int | None:
+    """A ``/proc/<pid>/status`` memory figure (VmHWM, VmRSS) in KiB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except OSError:
         return None
@@ -448,6 +453,7 @@ class Suite:
                 (repo_dir / "parts" / f"{i:05d}.json").write_bytes(os.urandom(1024))
             repos[f"bench/files-{count}"] = repo_dir
         hub = HubServer(repos, self.work / "hub-files.log")
+        rss_after: dict[str, tuple[int | None, int | None]] = {}
         try:
             for repo_id in repos:
                 count = repo_id.rsplit("-", 1)[1]
@@ -455,11 +461,17 @@ class Suite:
                 for _ in range(self.repeat):
                     cache, state = self.fresh("cache"), self.fresh("state")
                     with self.mxfs(cache, state, "files", hub.endpoint) as d:
+                        mounted_rss = proc_status_kib(d.pid, "VmRSS")
                         t0 = time.perf_counter()
                         parts = d.mnt / repo_id / "parts"
                         for name in sorted(os.listdir(parts)):
                             read_file(parts / name)
                         mx.append(time.perf_counter() - t0)
+                        # Per-file download state is dropped when each file is published, and the
+                        # daemon hands freed memory back when idle: RSS should come back near the
+                        # mounted baseline, not grow with the repo's file count.
+                        time.sleep(3)
+                        rss_after[count] = (mounted_rss, proc_status_kib(d.pid, "VmRSS"))
                     shutil.rmtree(cache)
                     shutil.rmtree(state)
                     from huggingface_hub import snapshot_download
@@ -473,6 +485,10 @@ class Suite:
                     shutil.rmtree(hcache)
                 self.add(f"c''. cold load of a repo of {count} files of 1 KiB, read one by one", "s", mx,
                          {"snapshot_download + read": hf}, higher_better=False)  # fmt: skip
+                before, after = rss_after[count]
+                if before and after:
+                    self.notes.append(f"daemon RSS (VmRSS) after mounting {before / 1024:.0f} MiB, 3 s after reading "
+                                      f"every file of the {count}-file repo {after / 1024:.0f} MiB")  # fmt: skip
         finally:
             hub.stop()
 

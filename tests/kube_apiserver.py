@@ -69,7 +69,7 @@ CRD_PATH = REPO_ROOT / "deploy" / "crd.yaml"
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
 _PATH = re.compile(
-    r"/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)(/(?P<name>[^/]+))?"
+    r"(/apis/(?P<group>[^/]+)|/api)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)(/(?P<name>[^/]+))?"
 )
 
 # The slice of coordination.k8s.io/v1 Lease that the backend writes, in the CRD schema dialect.
@@ -93,6 +93,19 @@ _LEASE_SCHEMA: dict[str, Any] = {
 }
 
 
+# A core v1 ConfigMap: string data under string keys (the key syntax is checked on write).
+_CONFIG_MAP_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "apiVersion": {"type": "string"},
+        "kind": {"type": "string"},
+        "metadata": {"type": "object"},
+        "data": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+_CONFIG_MAP_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+
+
 class _Invalid(Exception):
     """An object the schema refuses; the message is a field path and what is wrong."""
 
@@ -107,11 +120,11 @@ class ResourceType:
 
     @property
     def api_version(self) -> str:
-        return f"{self.group}/{self.version}"
+        return f"{self.group}/{self.version}" if self.group else self.version
 
     @property
     def qualified(self) -> str:
-        return f"{self.plural}.{self.group}"
+        return f"{self.plural}.{self.group}" if self.group else self.plural
 
 
 def crd_resource_type(crd_path: Path = CRD_PATH) -> ResourceType:
@@ -126,6 +139,7 @@ def crd_resource_type(crd_path: Path = CRD_PATH) -> ResourceType:
 
 
 LEASE_TYPE = ResourceType("coordination.k8s.io", "v1", "leases", "Lease", _LEASE_SCHEMA)
+CONFIG_MAP_TYPE = ResourceType("", "v1", "configmaps", "ConfigMap", _CONFIG_MAP_SCHEMA)
 
 
 # -- schema validation ---------------------------------------------------------------------------
@@ -154,6 +168,9 @@ def _validate(value: Any, schema: dict[str, Any], path: str) -> None:
         raise _Invalid(f"{path}: Invalid value: {value!r}: should be greater than or equal to {schema['minimum']}")
     if kind == "object" and "properties" in schema and path != ".metadata":
         _validate_object(value, schema, path)
+    if kind == "object" and isinstance(schema.get("additionalProperties"), dict):
+        for key, item in value.items():
+            _validate(item, schema["additionalProperties"], f"{path}[{key}]")
     if kind == "array" and "items" in schema:
         for i, item in enumerate(value):
             _validate(item, schema["items"], f"{path}[{i}]")
@@ -312,7 +329,7 @@ class KubeApiServer:
         self.tokens: set[str] = {self.token}
         self.namespaces: set[str] = set()
         self.resources: dict[tuple[str, str, str], ResourceType] = {}
-        for rt in (crd_resource_type(), LEASE_TYPE):
+        for rt in (crd_resource_type(), LEASE_TYPE, CONFIG_MAP_TYPE):
             self.serve(rt)
         self.calls: list[Call] = []
         self.cert_users: list[str] = []  # subjects of the client certificates seen
@@ -519,7 +536,7 @@ class KubeApiServer:
         self._authenticate(headers, peer_subject)
         parts = urlsplit(target)
         match = _PATH.fullmatch(parts.path)
-        rt = match and self.resources.get((match["group"], match["version"], match["plural"]))
+        rt = match and self.resources.get((match["group"] or "", match["version"], match["plural"]))
         if not match or rt is None:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         namespace, name = match["ns"], match["name"]
@@ -629,6 +646,11 @@ class KubeApiServer:
                 " end with an alphanumeric character",
                 {"name": name, "group": rt.group, "kind": rt.kind},
             )  # fmt: skip
+        keys = list(obj.get("data") or {}) if rt is CONFIG_MAP_TYPE else []
+        bad_keys = [k for k in keys if not _CONFIG_MAP_KEY.fullmatch(k)]
+        if bad_keys:
+            message = f'ConfigMap "{name}" is invalid: data[{bad_keys[0]}]: Invalid value: a valid config key must'
+            raise ApiError(422, "Invalid", message + " consist of alphanumeric characters, '-', '_' or '.'")
         try:
             _validate(obj, rt.schema, "")
         except _Invalid as exc:

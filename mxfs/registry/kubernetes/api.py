@@ -53,7 +53,10 @@ MAX_RETRY_AFTER = 5.0
 
 @dataclass(frozen=True)
 class Resource:
-    """A namespaced resource type: ``/apis/<group>/<version>/namespaces/<ns>/<plural>``."""
+    """A namespaced resource type: ``/apis/<group>/<version>/namespaces/<ns>/<plural>``.
+
+    The core group (ConfigMap) has the empty name and lives under ``/api/<version>``.
+    """
 
     group: str
     version: str
@@ -62,10 +65,11 @@ class Resource:
 
     @property
     def api_version(self) -> str:
-        return f"{self.group}/{self.version}"
+        return f"{self.group}/{self.version}" if self.group else self.version
 
     def path(self, namespace: str, name: str | None = None) -> str:
-        base = f"/apis/{self.group}/{self.version}/namespaces/{namespace}/{self.plural}"
+        root = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        base = f"{root}/namespaces/{namespace}/{self.plural}"
         return base if name is None else f"{base}/{name}"
 
 

@@ -41,14 +41,23 @@ of ``kubectl get mxcache`` and out of any ModelExpress server's view of the entr
 ``resourceVersion`` changing (only the holder writes it); its exact ttl is kept in an annotation
 because ``leaseDurationSeconds`` holds whole seconds.
 
-Verbs used, and so granted by ``deploy/rbac.yaml``: get, list, create, update and delete on
-``modelcacheentries``; get, create, update and delete on ``leases``.
+Ref records (``mxfs refresh``, followed by every node) live in one ConfigMap, ``mxfs-refs``: a
+data key per ref (``ref-<sanitized repo@revision>-<hash>``, value JSON ``{"repoId", "revision",
+"commit", "version", "recordedAt"}``) and ``version``, the counter that numbers them.  A change
+is a resourceVersion-fenced replace like any other, and followers poll it with one GET.  A
+ConfigMap rather than a custom resource: refs are not entries, and a ModelExpress server listing
+ModelCacheEntry objects must not meet them.
+
+Verbs used, and so granted by ``deploy/rbac.yaml``: get, list, watch, create, update and delete
+on ``modelcacheentries``; get, create, update and delete on ``leases``; get, create and update on
+``configmaps``.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import math
 import random
@@ -67,6 +76,7 @@ from mxfs.registry.base import (
     Claimed,
     ClaimOutcome,
     Record,
+    RefRecord,
     RegistryBackend,
     RegistryError,
     Status,
@@ -86,6 +96,11 @@ GROUP = "modelexpress.nvidia.com"
 VERSION = "v1alpha1"
 ENTRIES = Resource(GROUP, VERSION, "modelcacheentries", "ModelCacheEntry")
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease")
+CONFIG_MAPS = Resource("", "v1", "configmaps", "ConfigMap")
+# The ConfigMap of ref records (``mxfs refresh``): one data key per ref, and the version counter.
+REFS_OBJECT = "mxfs-refs"
+REFS_VERSION_KEY = "version"
+REF_KEY_PREFIX = "ref-"
 SHORT_NAME = "mxcache"
 ENTRY_PREFIX = "mx-cache-"
 LOCK_PREFIX = "mxfs-lock-"
@@ -135,6 +150,11 @@ def entry_object_name(name: str, provider: str = PROVIDER) -> str:
 def lock_object_name(name: str) -> str:
     """The Lease name of the named lock."""
     return object_name(LOCK_PREFIX, name)
+
+
+def ref_key(repo_id: str, revision: str) -> str:
+    """The data key of a ref record in the ``mxfs-refs`` ConfigMap (keys allow ``[-._a-zA-Z0-9]``)."""
+    return object_name(REF_KEY_PREFIX, f"{repo_id}\n{revision}")
 
 
 # -- time ----------------------------------------------------------------------------------------
@@ -655,6 +675,56 @@ class KubernetesRegistry(RegistryBackend):
 
         return await self._change(name, decide)
 
+    # -- refs --------------------------------------------------------------------------------------
+
+    async def record_ref(self, repo_id: str, revision: str, commit: str) -> RefRecord:
+        key = ref_key(repo_id, revision)
+        for _ in range(MAX_ATTEMPTS):
+            self._check_open()
+            obj = await self._api.get(CONFIG_MAPS, REFS_OBJECT)
+            data = dict((obj or {}).get("data") or {})
+            stored = _ref_record(data.get(key))
+            if stored is not None and stored.commit == commit:
+                return stored  # also a write of ours whose answer was lost, found on the re-read
+            record = RefRecord(repo_id, revision, commit, _refs_version(obj) + 1, _now())
+            data[key] = json.dumps(
+                {
+                    "repoId": repo_id,
+                    "revision": revision,
+                    "commit": commit,
+                    "version": record.version,
+                    "recordedAt": format_time(record.recorded_at),
+                }
+            )
+            data[REFS_VERSION_KEY] = str(record.version)
+            if obj is None:
+                body = {
+                    "apiVersion": CONFIG_MAPS.api_version,
+                    "kind": CONFIG_MAPS.kind,
+                    "metadata": {
+                        "name": REFS_OBJECT,
+                        "namespace": self.namespace,
+                        "labels": {MANAGED_BY_LABEL: MANAGED_BY},
+                    },
+                    "data": data,
+                }
+                if await self._api.create(CONFIG_MAPS, body) is not None:
+                    return record
+            elif await self._api.replace(CONFIG_MAPS, {**obj, "data": data}) is not None:
+                return record
+        raise RegistryError(f"registry {self.url_for_logs}: refs: gave up after {MAX_ATTEMPTS} conflicts")
+
+    async def refs_version(self) -> int:
+        self._check_open()
+        return _refs_version(await self._api.get(CONFIG_MAPS, REFS_OBJECT))
+
+    async def refs_since(self, version: int) -> list[RefRecord]:
+        self._check_open()
+        obj = await self._api.get(CONFIG_MAPS, REFS_OBJECT)
+        data = (obj or {}).get("data") or {}
+        records = [_ref_record(value) for key, value in data.items() if key.startswith(REF_KEY_PREFIX)]
+        return sorted((r for r in records if r is not None and r.version > version), key=lambda r: r.version)
+
     # -- locks -------------------------------------------------------------------------------------
 
     async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
@@ -719,6 +789,29 @@ class KubernetesRegistry(RegistryBackend):
         # The shield makes sure the connections go even when the caller is cancelled.
         with trio.CancelScope(shield=True):
             await self._api.aclose()
+
+
+def _refs_version(obj: dict[str, Any] | None) -> int:
+    """The ref records' counter in the ``mxfs-refs`` ConfigMap (0 without one)."""
+    try:
+        return int(((obj or {}).get("data") or {}).get(REFS_VERSION_KEY) or 0)
+    except ValueError:
+        return 0
+
+
+def _ref_record(value: Any) -> RefRecord | None:
+    """A ref record from its ConfigMap value; None if absent or malformed (another tool's)."""
+    try:
+        data = json.loads(value)
+        return RefRecord(
+            str(data["repoId"]),
+            str(data["revision"]),
+            str(data["commit"]),
+            int(data["version"]),
+            parse_time(data["recordedAt"]),
+        )
+    except (TypeError, ValueError, KeyError):
+        return None
 
 
 def _lock_ttl(obj: dict[str, Any]) -> float:

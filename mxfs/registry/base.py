@@ -270,10 +270,10 @@ class RegistryBackend:
 
 @runtime_checkable
 class FinishNotifier(Protocol):
-    """A registry that can say when an entry finishes on any node (Redis: pub/sub).
+    """A registry that can say when an entry finishes on any node (Redis: pub/sub; Kubernetes: a watch).
 
     Optional: waiters poll the registry anyway, so a backend without it (SQLite, whose waiters
-    share the owner's node, or Kubernetes) only makes them notice a finish one poll later.
+    share the owner's node) only makes them notice a finish one poll later.
     """
 
     async def listen_finished(self, on_finished: Callable[[str], None], *, task_status: Any = ...) -> None:

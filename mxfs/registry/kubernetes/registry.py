@@ -41,6 +41,12 @@ of ``kubectl get mxcache`` and out of any ModelExpress server's view of the entr
 ``resourceVersion`` changing (only the holder writes it); its exact ttl is kept in an annotation
 because ``leaseDurationSeconds`` holds whole seconds.
 
+Waiters are woken by a watch (:meth:`KubernetesRegistry.listen_finished`): one list, then a
+watch of ModelCacheEntry objects from the listing's resourceVersion, resumed from the last
+version seen whenever the server ends it (every :data:`WATCH_TIMEOUT`, or when it restarts), and
+re-listed when that version is too old (410 Gone).  Every event feeds the lease memory above as
+a read does, so a waiter judges an owner's heartbeat without polling it.
+
 Ref records (``mxfs refresh``, followed by every node) live in one ConfigMap, ``mxfs-refs``: a
 data key per ref (``ref-<sanitized repo@revision>-<hash>``, value JSON ``{"repoId", "revision",
 "commit", "version", "recordedAt"}``) and ``version``, the counter that numbers them.  A change
@@ -55,6 +61,7 @@ on ``modelcacheentries``; get, create, update and delete on ``leases``; get, cre
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -85,7 +92,7 @@ from mxfs.registry.base import (
     check_seconds,
     redact_url,
 )
-from mxfs.registry.kubernetes.api import KubeApi, Resource
+from mxfs.registry.kubernetes.api import ApiError, KubeApi, Resource
 from mxfs.registry.kubernetes.config import ClusterConfig, load_config
 
 T = TypeVar("T")
@@ -115,6 +122,11 @@ _STATUSES = {phase: status for status, phase in PHASES.items()}
 # Longest object name Kubernetes accepts (a DNS-1123 subdomain), and the hash length in names.
 MAX_NAME_LENGTH = 253
 HASH_LENGTH = 12
+# How long one watch runs before the server ends it and we resume it (client-go picks 5-10 min;
+# shorter keeps a silently dead connection from hiding events for long).
+WATCH_TIMEOUT = 300.0
+MAX_REWATCH_DELAY = 30.0
+MIN_WATCH = 1.0
 # Conflicts mean other writers made progress; this many in a row on one object means something is
 # badly wrong (or thousands of nodes touch one entry at once).
 MAX_ATTEMPTS = 50
@@ -781,6 +793,71 @@ class KubernetesRegistry(RegistryBackend):
             if await self._api.delete(LEASES, lease_name, obj["metadata"].get("resourceVersion")):
                 return True
         raise RegistryError(f"registry {self.url_for_logs}: lock {name}: gave up after {MAX_ATTEMPTS} conflicts")
+
+    # -- waiting -----------------------------------------------------------------------------------
+
+    async def listen_finished(
+        self, on_finished: Callable[[str], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Call ``on_finished(name)`` for each entry any node finishes, until cancelled (the watch).
+
+        Started at once: an API server that is down must not hold up the caller, whose waiters
+        poll anyway.  A listing calls ``on_finished`` for every finished entry it holds, which
+        wakes only those waited on, so a finish between two watches is never missed.
+        """
+        task_status.started()
+        version: str | None = None  # where the next watch starts; None: list first
+        failures = 0
+        while not self._closed:
+            try:
+                if version is None:
+                    objects, version = await self._api.list_at(ENTRIES)
+                    for obj in objects:
+                        self._seen_change(obj, on_finished)
+                started = trio.current_time()
+                version = await self._watch_from(version, on_finished)
+                failures = 0
+                if trio.current_time() - started < MIN_WATCH:
+                    # A server that ends every watch at once must not be asked again at once.
+                    await trio.sleep(MIN_WATCH)
+            except RegistryError as exc:
+                if isinstance(exc, ApiError) and exc.code == 410:
+                    version = None  # too old (an HTTP 410 rather than an ERROR event)
+                    continue
+                failures += 1
+                delay = min(2.0**failures, MAX_REWATCH_DELAY)
+                log.debug("registry %s: watch failed (%s); again in %.0fs", self.url_for_logs, exc, delay)
+                await trio.sleep(delay)
+
+    async def _watch_from(self, version: str, on_finished: Callable[[str], None]) -> str | None:
+        """One watch from ``version``; the version to resume from, or None to list again (410)."""
+        async with contextlib.aclosing(self._api.watch(ENTRIES, version, WATCH_TIMEOUT)) as events:
+            async for event in events:
+                obj = event["object"]
+                kind = event.get("type")
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        log.debug(
+                            "registry %s: watch expired (%s); listing again", self.url_for_logs, obj.get("message")
+                        )
+                        return None
+                    raise RegistryError(f"registry {self.url_for_logs}: watch: {obj.get('message') or obj}")
+                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                if kind in ("ADDED", "MODIFIED"):
+                    self._seen_change(obj, on_finished)
+                elif kind == "DELETED":
+                    self._observer.forget(str((obj.get("metadata") or {}).get("name")))
+        return version
+
+    def _seen_change(self, obj: dict[str, Any], on_finished: Callable[[str], None]) -> None:
+        """An entry object as a list or watch shows it: note its lease, and say if it finished."""
+        spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+        model_name = spec.get("modelName")
+        if not isinstance(model_name, str) or spec.get("provider", PROVIDER) != PROVIDER:
+            return
+        self._observe(str((obj.get("metadata") or {}).get("name")), obj)
+        if _phase(obj) in (Status.DOWNLOADED, Status.ERROR):
+            on_finished(model_name)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -136,3 +136,31 @@ def test_refresh_on_one_node_moves_every_node_through_the_registry(
         # Each node's own state dir records the move, so a restart (offline too) agrees.
         recorded = node.state_dir / "repos" / repo.replace("/", "--") / "refs" / "main"
         assert recorded.read_text().strip() == new
+
+
+def test_a_node_that_cannot_list_the_new_commit_stays_and_catches_up(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    redis_server.client().flushdb()
+    repo = new_repo_id()
+    org, name = repo.split("/")
+    old = hub.add_repo(repo, V1)
+    within = 2.0
+    args = ("--registry", redis_server.url(), "--refresh-within", f"{within}s")
+    writer, follower = (mxfs_mount(*args, cache_dir=tmp_path / f"c{i}", state_dir=tmp_path / f"s{i}") for i in range(2))
+    assert revision_of(follower / org / name) == old
+    new = hub.commit(repo, {"config.json": V2_CONFIG})
+    # The follower looks the new commit up by hash; the refresh asks for "main": only the follower fails.
+    follower.allowed_log.append(f"{repo}@main: refreshed to {new[:12]}, not followed yet")
+    fault = hub.inject("error", status=404, repo_id=repo, path=f"*/revision/{new}*")
+    dirs = ["--cache-dir", str(writer.cache_dir), "--state-dir", str(writer.state_dir)]
+    done = run_cli("refresh", repo, *dirs, "--registry", redis_server.url(), env=hub.env())
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: fault.hits >= 2, 10 * within, "the follower tried, and tried again")
+    # It keeps serving the commit it has, whole.
+    assert revision_of(follower / org / name) == old
+    assert (follower / org / name / "config.json").read_bytes() == V1["config.json"]
+
+    fault.remove()
+    wait_until(lambda: revision_of(follower / org / name) == new, within, "the follower catches up")
+    assert (follower / org / name / "config.json").read_bytes() == V2_CONFIG

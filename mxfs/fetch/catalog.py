@@ -51,6 +51,8 @@ class Catalog:
         self._by_commit: dict[tuple[str, str], Entry] = {}
         self._misses: dict[ModelRef, _Miss] = {}
         self._inflight: dict[ModelRef, trio.Event] = {}
+        # Registry refreshes warned about as not followed yet (the Hub could not list them).
+        self._unfollowed: set[tuple[ModelRef, str]] = set()
         self.io_limiter = trio.CapacityLimiter(8)
 
     def resolved_refs(self) -> dict[ModelRef, Entry]:
@@ -177,12 +179,20 @@ class Catalog:
                 if not await self._move(ref, entry, record.commit, "refreshed in the registry"):
                     continue
             except MxfsError as exc:
-                log.warning("%s: refreshed to %s, not followed yet: %s", ref, short_commit(record.commit), exc)
+                # Tried again every round: warn once per commit, not every few seconds.
+                level = logging.DEBUG if (ref, record.commit) in self._unfollowed else logging.WARNING
+                self._unfollowed.add((ref, record.commit))
+                log.log(level, "%s: refreshed to %s, not followed yet: %s", ref, short_commit(record.commit), exc)
                 retry.append(record)
                 continue
-            await trio.to_thread.run_sync(
-                self.state.write_ref, ref.repo_id, ref.revision, record.commit, limiter=self.io_limiter
-            )
+            self._unfollowed.discard((ref, record.commit))
+            try:
+                await trio.to_thread.run_sync(
+                    self.state.write_ref, ref.repo_id, ref.revision, record.commit, limiter=self.io_limiter
+                )
+            except OSError as exc:
+                # Moved all the same: only a restart would fall back to the old record.
+                log.warning("%s: cannot record %s in the state dir: %s", ref, short_commit(record.commit), exc)
             moved.append(ref)
         return moved, retry
 

@@ -57,6 +57,8 @@ FLAG_KEYS = {
     "connections": "connections",
     "chunk_size": "chunk_size",
     "poll_interval": "poll_interval",
+    "refresh_within": "refresh_within",
+    "ca_bundle": "ca_bundle",
     "allow_other": "allow_other",
     "uid": "uid",
     "gid": "gid",
@@ -99,6 +101,7 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
     _add_setting(parser, "--chunk-size", "size of one range request")
     _add_setting(parser, "--poll-interval", "how often a waiter checks another's download")
     parser.add_argument("--token-file", help="file holding the Hub token (like HF_TOKEN); keep it mode 0600")
+    parser.add_argument("--ca-bundle", help="CA bundle (PEM) that Hub connections trust, for a proxy that re-signs TLS")
     _add_setting(parser, "--log-level", "debug, info, warning, error")
 
 
@@ -113,6 +116,7 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uid", help="owner shown for files and folders, a number or a name (default: the daemon's)")
     parser.add_argument("--gid", help="group shown for files and folders, a number or a name (default: the daemon's)")
     _add_setting(parser, "--metrics-address", "where /metrics listens, HOST:PORT; '' turns it off")
+    _add_setting(parser, "--refresh-within", "how soon this node follows `mxfs refresh` made on any node")
 
 
 def _add_eviction_options(parser: argparse.ArgumentParser) -> None:
@@ -533,11 +537,13 @@ async def _pin(settings: Settings, models: list[str], pinned: bool) -> int:
 
 
 async def _refresh(settings: Settings, models: list[str]) -> int:
-    """Re-resolve each revision and record it; daemons on this state dir follow the record.
+    """Re-resolve each revision and record it, in the state dir and the registry; daemons follow.
 
-    Nothing is downloaded: the model directory shows the new commit's tree at once and its files
-    are fetched when opened, like any other lookup.  The old commit stays cached (and served to
-    whoever has it open) until eviction takes it.
+    Daemons on this state dir follow the state dir's record, every other node following the
+    branch the registry's (within its ``refresh_within``).  Nothing is downloaded: the model
+    directory shows the new commit's tree at once and its files are fetched when opened, like
+    any other lookup.  The old commit stays cached (and served to whoever has it open) until
+    eviction takes it.
     """
     failed = 0
     async with open_services(settings) as services:
@@ -549,6 +555,12 @@ async def _refresh(settings: Settings, models: list[str]) -> int:
                 failed += 1
                 log.error("%s: %s", text, exc)
                 continue
+            try:
+                await services.registry.record_ref(ref.repo_id, ref.revision, entry.commit)
+            except RegistryError as exc:
+                # This node's daemons follow the state dir; the other nodes would not follow.
+                failed += 1
+                log.error("%s: recorded on this node only: registry unavailable: %s", ref, exc)
             commit = short_commit(entry.commit)
             if previous == entry.commit:
                 print(f"{ref}: unchanged ({commit})")

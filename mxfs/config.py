@@ -171,6 +171,12 @@ class Settings:
     chunk_size: int = 64 * 1024 * 1024
     # How often a node that waits for another node's download looks at the registry and the cache.
     poll_interval: float = 0.5
+    # How soon every daemon following a branch moves after `mxfs refresh` on any node (the
+    # daemon reads the shared registry's ref records twice per this period).
+    refresh_within: float = 10.0
+    # A CA bundle (PEM) that Hub connections trust instead of the system's: for a proxy that
+    # re-signs TLS.  None: SSL_CERT_FILE / SSL_CERT_DIR, else the system store.
+    ca_bundle: Path | None = None
     allow_other: bool = False
     # Owner shown for every file and folder of the mount; None: the daemon's own user and group.
     uid: int | None = None
@@ -419,6 +425,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("connections", "int", _int, "parallel HTTP connections of one model's download", _at_least(1)),
     Option("chunk_size", "size", _size, "size of one range request of a large file", _at_least(1 << 20, "1MiB")),
     Option("poll_interval", "duration", _duration, "how often a waiter looks at another node's download", _positive),
+    Option(
+        "refresh_within",
+        "duration",
+        _duration,
+        "how soon every node following a branch moves after `mxfs refresh` on any node",
+        _positive,
+    ),
+    Option("ca_bundle", "path", _optional(_path), "CA bundle (PEM) Hub connections trust (a proxy that re-signs TLS)"),
     Option("allow_other", "bool", _bool, "let users other than the daemon's read the mount (pods running as non-root)"),
     Option(
         "uid",

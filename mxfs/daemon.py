@@ -32,12 +32,12 @@ from mxfs.evict import Evictor
 from mxfs.exporter import ScrapeSources
 from mxfs.fetch import Catalog, Fetcher
 from mxfs.fs import MxfsOperations
-from mxfs.hub import Hub, HubClient
+from mxfs.hub import Hub, HubClient, trust_ca_bundle
 from mxfs.memory import bound_malloc_retention, return_memory_when_idle
 from mxfs.mounts import MountProbe, prepare_mountpoint, tune_fuse_connection
 from mxfs.pins import keep_pins
 from mxfs.rebuild import open_registry_recovering
-from mxfs.registry import Registry, redact_url
+from mxfs.registry import RefRecord, Registry, RegistryError, redact_url
 from mxfs.statedir import StateDir
 from mxfs.systemd import feed_watchdog, sd_notify, watchdog_period
 
@@ -100,6 +100,8 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
     # A corrupt embedded registry is moved aside and rebuilt from the cache (mxfs.rebuild).
     registry = await open_registry_recovering(settings.registry_url, cache, state.read_tree)
     try:
+        if settings.ca_bundle is not None:
+            await trio.to_thread.run_sync(trust_ca_bundle, settings.ca_bundle)
         # token None: huggingface_hub finds HF_TOKEN (or a stored login) itself.
         hub = Hub(HubClient(token=token))
         if hub.offline:
@@ -163,6 +165,52 @@ async def _follow_refreshes(
             ops.forget_model_dirs(moved)
 
 
+async def _follow_registry_refs(
+    registry: Registry,
+    catalog: Catalog,
+    ops: MxfsOperations,
+    within: float,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Move model directories to the commits ``mxfs refresh`` recorded in the shared registry.
+
+    The state dir reaches only the daemons that share it; the registry reaches every node.  One
+    cheap read (the refs version) every half of ``within``, and the records themselves only when
+    it moved, so a node follows within ``within`` as long as the Hub answers the new commit's
+    listing.  Records older than this daemon are skipped: its own lookups ask the Hub, which is
+    at least as new.  A record whose commit cannot be listed yet is tried again next round.
+    """
+    task_status.started()
+    seen: int | None = None
+    pending: dict[tuple[str, str], RefRecord] = {}
+    unreachable = False
+    while True:
+        try:
+            version = await registry.refs_version()
+            if seen is None or version < seen:  # start-up, or a registry emptied and begun again
+                seen = version
+            elif version > seen:
+                for record in await registry.refs_since(seen):
+                    pending[(record.repo_id, record.revision)] = record
+                    seen = max(seen, record.version)
+            if unreachable:
+                unreachable = False
+                log.info("registry %s: following refreshed revisions again", registry.url_for_logs)
+        except RegistryError as exc:
+            # Not a warning: the fetcher warns of an unreachable registry already, and a node
+            # that cannot read the records keeps serving what it resolved.
+            if not unreachable:
+                unreachable = True
+                log.info("cannot read refreshed revisions (tried again every %.1fs): %s", within / 2, exc)
+        if pending:
+            moved, retry = await catalog.follow_registry_refs(sorted(pending.values(), key=lambda r: r.version))
+            pending = {(r.repo_id, r.revision): r for r in retry}
+            if moved:
+                ops.forget_model_dirs(moved)
+        await trio.sleep(within / 2)
+
+
 # -- the mount ---------------------------------------------------------------------------------
 
 
@@ -185,6 +233,9 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 await nursery.start(_stop_on_signals, ops)
                 await nursery.start(return_memory_when_idle, services.fetcher)
                 await nursery.start(_follow_refreshes, services.catalog, ops)
+                await nursery.start(
+                    _follow_registry_refs, services.registry, services.catalog, ops, settings.refresh_within
+                )
                 await nursery.start(ops.drop_discarded_pages)
                 if listeners:
                     nursery.start_soon(exporter.serve, listeners, services.scrape_sources())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -36,7 +37,10 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.hf_api import RepoFile
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, set_client_factory
+
+# The request hook of the library's default session (offline mode, request ids); public in all but name.
+from huggingface_hub.utils._http import hf_request_event_hook
 
 from mxfs import metrics
 from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, OfflineMiss
@@ -68,6 +72,30 @@ CHUNK_SIZE = 1 << 20
 # A tree listing comes in pages (1000 entries each): a bound, so a server that keeps sending a
 # "next" link cannot keep a lookup busy forever.
 MAX_TREE_PAGES = 10_000
+
+
+def trust_ca_bundle(path: os.PathLike[str] | str) -> None:
+    """Make every Hub connection trust the CAs in ``path`` (PEM) instead of the system store.
+
+    For a proxy that re-signs TLS (a corporate gateway, a caching proxy between the fleet and
+    the Hub).  Every request mxfs makes to the Hub, CDN redirects included, goes through
+    huggingface_hub's shared session, so this replaces the factory of that session with the
+    library's own recipe plus ``verify``; proxies still come from ``HTTPS_PROXY``/``HTTP_PROXY``/
+    ``NO_PROXY`` (httpx2's ``trust_env``).  Blocking (reads the file); ValueError if it holds no
+    usable certificate.
+    """
+    try:
+        context = ssl.create_default_context(cafile=os.fspath(path))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"ca_bundle {os.fspath(path)!r}: {exc}") from None
+
+    def factory() -> httpx2.Client:
+        # As huggingface_hub's default_client_factory, with our trust store.
+        return httpx2.Client(
+            event_hooks={"request": [hf_request_event_hook]}, follow_redirects=True, timeout=None, verify=context
+        )
+
+    set_client_factory(factory)
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,19 @@ Kubernetes semantics the backend relies on, as a real server behaves:
   ``self == oldSelf`` immutability rule.  Unknown fields are *rejected* (422), where a real
   server would silently prune them: a field the code writes but the CRD lacks would be lost in
   a real cluster, so here it fails the test;
+- the core group's ConfigMap at ``/api/v1/namespaces/<ns>/configmaps`` (string data under
+  ``[-._a-zA-Z0-9]`` keys), where the backend keeps its ref records;
 - bearer-token auth (401 Unauthorized without a known token) or, over TLS, a client certificate
   signed by the stand-in's CA; ``forbid()`` makes a verb answer 403 Forbidden like missing RBAC;
-- errors are ``Status`` objects (``kind: Status``, ``reason``, ``code``, ``message``, ``details``).
+- errors are ``Status`` objects (``kind: Status``, ``reason``, ``code``, ``message``, ``details``);
+- watch: a list with ``watch=true`` and ``resourceVersion=N`` streams (chunked) one JSON line
+  per change after N, ``{"type": "ADDED" | "MODIFIED" | "DELETED", "object": ...}`` in
+  resourceVersion order, then waits for more until ``timeoutSeconds``; with
+  ``allowWatchBookmarks=true`` a ``BOOKMARK`` (an object carrying only the current
+  resourceVersion) ends a watch that timed out.  Changes are kept as etcd keeps its history until
+  compaction: a version older than the oldest kept one gets an ``ERROR`` event holding a 410
+  ``Expired`` Status, as a real server answers.  :meth:`expire_watches` ends every open watch and
+  compacts the history, so a client must reconnect, and re-list when its version is too old.
 
 The fixtures are registered under the names ``kube_apiserver`` (one plain-HTTP server for the
 session), ``make_kube_apiserver`` (private servers, with ``tls=True`` for certificates) and
@@ -29,11 +39,12 @@ session), ``make_kube_apiserver`` (private servers, with ``tls=True`` for certif
 
     from tests.kube_apiserver import kube_apiserver_fixture, kube_target_fixture  # noqa: F401
 
-There is no status subresource (the CRD declares none), no watch and no patch: the backend uses
-none of them.  The server runs ``http.server`` in a thread of the test process (a helper for
-tests only), so a daemon in a subprocess can reach it too.  Hooks for tests: :attr:`calls` (every
-request as ``(verb, plural, name)``, to compare with ``deploy/rbac.yaml``), :meth:`interfere`
-(another writer wins the race before the next write), :meth:`forbid` and :meth:`kubeconfig`.
+There is no status subresource (the CRD declares none) and no patch: the backend uses neither.
+The server runs ``http.server`` in a thread of the test process (a helper for tests only), so a
+daemon in a subprocess can reach it too.  Hooks for tests: :attr:`calls` (every request as
+``(verb, plural, name)``, to compare with ``deploy/rbac.yaml``), :meth:`interfere` (another
+writer wins the race before the next write), :meth:`forbid`, :meth:`kubeconfig`,
+:meth:`expire_watches` and :meth:`open_watches`.
 """
 
 from __future__ import annotations
@@ -51,8 +62,9 @@ import ssl
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,7 +81,7 @@ CRD_PATH = REPO_ROOT / "deploy" / "crd.yaml"
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
 _PATH = re.compile(
-    r"/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)(/(?P<name>[^/]+))?"
+    r"(/apis/(?P<group>[^/]+)|/api)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)(/(?P<name>[^/]+))?"
 )
 
 # The slice of coordination.k8s.io/v1 Lease that the backend writes, in the CRD schema dialect.
@@ -93,6 +105,23 @@ _LEASE_SCHEMA: dict[str, Any] = {
 }
 
 
+# A core v1 ConfigMap: string data under string keys (the key syntax is checked on write).
+_CONFIG_MAP_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "apiVersion": {"type": "string"},
+        "kind": {"type": "string"},
+        "metadata": {"type": "object"},
+        "data": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+_CONFIG_MAP_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+
+
+# The events of one watch, streamed by the handler thread as they come.
+WatchStream = Generator[dict[str, Any], None, None]
+
+
 class _Invalid(Exception):
     """An object the schema refuses; the message is a field path and what is wrong."""
 
@@ -107,11 +136,11 @@ class ResourceType:
 
     @property
     def api_version(self) -> str:
-        return f"{self.group}/{self.version}"
+        return f"{self.group}/{self.version}" if self.group else self.version
 
     @property
     def qualified(self) -> str:
-        return f"{self.plural}.{self.group}"
+        return f"{self.plural}.{self.group}" if self.group else self.plural
 
 
 def crd_resource_type(crd_path: Path = CRD_PATH) -> ResourceType:
@@ -126,6 +155,7 @@ def crd_resource_type(crd_path: Path = CRD_PATH) -> ResourceType:
 
 
 LEASE_TYPE = ResourceType("coordination.k8s.io", "v1", "leases", "Lease", _LEASE_SCHEMA)
+CONFIG_MAP_TYPE = ResourceType("", "v1", "configmaps", "ConfigMap", _CONFIG_MAP_SCHEMA)
 
 
 # -- schema validation ---------------------------------------------------------------------------
@@ -154,6 +184,9 @@ def _validate(value: Any, schema: dict[str, Any], path: str) -> None:
         raise _Invalid(f"{path}: Invalid value: {value!r}: should be greater than or equal to {schema['minimum']}")
     if kind == "object" and "properties" in schema and path != ".metadata":
         _validate_object(value, schema, path)
+    if kind == "object" and isinstance(schema.get("additionalProperties"), dict):
+        for key, item in value.items():
+            _validate(item, schema["additionalProperties"], f"{path}[{key}]")
     if kind == "array" and "items" in schema:
         for i, item in enumerate(value):
             _validate(item, schema["items"], f"{path}[{i}]")
@@ -312,7 +345,7 @@ class KubeApiServer:
         self.tokens: set[str] = {self.token}
         self.namespaces: set[str] = set()
         self.resources: dict[tuple[str, str, str], ResourceType] = {}
-        for rt in (crd_resource_type(), LEASE_TYPE):
+        for rt in (crd_resource_type(), LEASE_TYPE, CONFIG_MAP_TYPE):
             self.serve(rt)
         self.calls: list[Call] = []
         self.cert_users: list[str] = []  # subjects of the client certificates seen
@@ -322,7 +355,16 @@ class KubeApiServer:
         # (plural, namespace, name, what another writer does to the object)
         self._interference: list[tuple[str, str, str, Callable[[dict[str, Any]], None]]] = []
         self._rv = itertools.count(1000)
+        self._last_rv = 999
         self._lock = threading.Lock()
+        # The change history watches are served from: (resourceVersion, event type, plural,
+        # namespace, object), oldest first; everything at or below _compacted_rv is forgotten.
+        self._events: list[tuple[int, str, str, str, dict[str, Any]]] = []
+        self._compacted_rv = 0
+        self._changed = threading.Condition(self._lock)
+        self._watch_epoch = 0  # bumped by expire_watches(): every open watch ends
+        self.watches_open = 0
+        self.watches_started = 0
         self._tmp = tempfile.TemporaryDirectory(prefix="kube-standin-")
         self.tls = _make_certificates(Path(self._tmp.name)) if tls else None
         self._httpd: _Server | None = None
@@ -349,6 +391,7 @@ class KubeApiServer:
 
     def stop(self) -> None:
         """Stop listening and cut every open connection, as a server that went away would."""
+        self.expire_watches(compact=False)
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -402,8 +445,11 @@ class KubeApiServer:
         with self._lock:
             obj = copy.deepcopy(obj)
             meta = obj.setdefault("metadata", {})
-            meta.update(namespace=namespace, resourceVersion=str(next(self._rv)), uid=str(uuid.uuid4()))
+            meta.update(namespace=namespace, resourceVersion=str(self._next_rv()), uid=str(uuid.uuid4()))
+            kind = "MODIFIED" if (plural, namespace, meta["name"]) in self._objects else "ADDED"
             self._objects[(plural, namespace, meta["name"])] = obj
+            self._events.append((int(meta["resourceVersion"]), kind, plural, namespace, copy.deepcopy(obj)))
+            self._changed.notify_all()
 
     def interfere(self, plural: str, namespace: str, name: str, mutate: Callable[[dict[str, Any]], None]) -> None:
         """Before the next write to the object, let another writer change it (bumping its version).
@@ -436,6 +482,20 @@ class KubeApiServer:
         """
         with self._lock:
             self._overloads += [_Overload(code, method, retry_after, after_apply)] * times
+
+    def expire_watches(self, compact: bool = True) -> None:
+        """End every open watch now; with ``compact``, forget the history too (etcd compaction),
+        so that a client resuming from its last version is told 410 Gone and must re-list."""
+        with self._lock:
+            self._watch_epoch += 1
+            if compact:
+                self._events.clear()
+                self._compacted_rv = self._last_rv
+            self._changed.notify_all()
+
+    def open_watches(self) -> int:
+        with self._lock:
+            return self.watches_open
 
     def clear_overloads(self) -> None:
         with self._lock:
@@ -498,7 +558,7 @@ class KubeApiServer:
 
     def handle(
         self, method: str, target: str, headers: dict[str, str], body: bytes, peer_subject: str | None
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, dict[str, Any] | WatchStream]:
         with self._lock:
             overload = next((o for o in self._overloads if o.method in (None, method)), None)
             if overload is not None:
@@ -515,17 +575,20 @@ class KubeApiServer:
 
     def _handle(
         self, method: str, target: str, headers: dict[str, str], body: bytes, peer_subject: str | None
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, dict[str, Any] | WatchStream]:
         self._authenticate(headers, peer_subject)
         parts = urlsplit(target)
         match = _PATH.fullmatch(parts.path)
-        rt = match and self.resources.get((match["group"], match["version"], match["plural"]))
+        rt = match and self.resources.get((match["group"] or "", match["version"], match["plural"]))
         if not match or rt is None:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         namespace, name = match["ns"], match["name"]
         verbs = {"GET": "get" if name else "list", "POST": "create", "PUT": "update", "DELETE": "delete"}
         verb = verbs.get(method)
-        if verb is None or (name is None) != (verb in ("list", "create")):
+        query = parse_qs(parts.query)
+        if verb == "list" and query.get("watch", [""])[0] in ("true", "1"):
+            verb = "watch"
+        if verb is None or (name is None) != (verb in ("list", "watch", "create")):
             raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
         with self._lock:
             self.calls.append(Call(verb, rt.group, rt.plural, namespace, name))
@@ -537,11 +600,13 @@ class KubeApiServer:
                 {"group": rt.group, "kind": rt.plural},
             )  # fmt: skip
         payload = self._json(body) if verb in ("create", "update") or (verb == "delete" and body) else {}
+        if verb == "watch":
+            return 200, self._watch(rt, namespace, query)
         with self._lock:
             if verb == "get":
                 return 200, self._get(rt, namespace, name)
             if verb == "list":
-                return 200, self._list(rt, namespace, parse_qs(parts.query))
+                return 200, self._list(rt, namespace, query)
             if verb == "create":
                 return 201, self._create(rt, namespace, payload)
             if verb == "update":
@@ -604,8 +669,59 @@ class KubeApiServer:
         }
 
     def _current_rv(self) -> int:
-        rvs = [int(o["metadata"]["resourceVersion"]) for o in self._objects.values()]
-        return max(rvs, default=0)
+        return self._last_rv
+
+    def _next_rv(self) -> int:
+        self._last_rv = next(self._rv)
+        return self._last_rv
+
+    def _record(self, kind: str, rt: ResourceType, namespace: str, obj: dict[str, Any]) -> None:
+        """Keep a change for the watches (called under the lock, after the write)."""
+        version = int(obj["metadata"]["resourceVersion"])
+        self._events.append((version, kind, rt.plural, namespace, copy.deepcopy(obj)))
+        self._changed.notify_all()
+
+    def _watch(self, rt: ResourceType, namespace: str, query: dict[str, list[str]]) -> WatchStream:
+        """The events of a watch, as a generator the handler streams line by line (see module doc)."""
+        since = int(query.get("resourceVersion", ["0"])[0] or 0)
+        timeout = float(query.get("timeoutSeconds", ["1800"])[0])
+        bookmarks = query.get("allowWatchBookmarks", [""])[0] == "true"
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            epoch = self._watch_epoch
+            self.watches_open += 1
+            self.watches_started += 1
+        try:
+            sent = since
+            while True:
+                last: dict[str, Any] | None = None  # what ends the watch, if it ends now
+                with self._lock:
+                    batch = [
+                        (version, kind, copy.deepcopy(obj))
+                        for version, kind, plural, ns, obj in self._events
+                        if version > sent and plural == rt.plural and ns == namespace
+                    ]
+                    left = deadline - time.monotonic()
+                    if sent < self._compacted_rv:
+                        gone = ApiError(410, "Expired", f"too old resource version: {sent} ({self._compacted_rv})")
+                        last = {"type": "ERROR", "object": gone.status()}
+                    elif not batch and (self._watch_epoch != epoch or left <= 0):
+                        meta = {"resourceVersion": str(self._last_rv)}
+                        mark = {"kind": rt.kind, "apiVersion": rt.api_version, "metadata": meta}
+                        last = {"type": "BOOKMARK", "object": mark} if bookmarks and left <= 0 else {}
+                    elif not batch:
+                        self._changed.wait(min(left, 0.5))
+                        continue
+                if last is not None:
+                    if last:
+                        yield last
+                    return
+                for version, kind, obj in batch:
+                    yield {"type": kind, "object": obj}
+                    sent = version
+        finally:
+            with self._lock:
+                self.watches_open -= 1
 
     def _check_body(self, rt: ResourceType, namespace: str, obj: dict[str, Any]) -> str:
         if obj.get("apiVersion") != rt.api_version or obj.get("kind") != rt.kind:
@@ -629,6 +745,11 @@ class KubeApiServer:
                 " end with an alphanumeric character",
                 {"name": name, "group": rt.group, "kind": rt.kind},
             )  # fmt: skip
+        keys = list(obj.get("data") or {}) if rt is CONFIG_MAP_TYPE else []
+        bad_keys = [k for k in keys if not _CONFIG_MAP_KEY.fullmatch(k)]
+        if bad_keys:
+            message = f'ConfigMap "{name}" is invalid: data[{bad_keys[0]}]: Invalid value: a valid config key must'
+            raise ApiError(422, "Invalid", message + " consist of alphanumeric characters, '-', '_' or '.'")
         try:
             _validate(obj, rt.schema, "")
         except _Invalid as exc:
@@ -652,11 +773,12 @@ class KubeApiServer:
         stored["metadata"].update(
             namespace=namespace,
             uid=str(uuid.uuid4()),
-            resourceVersion=str(next(self._rv)),
+            resourceVersion=str(self._next_rv()),
             generation=1,
             creationTimestamp=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
         self._objects[(rt.plural, namespace, name)] = stored
+        self._record("ADDED", rt, namespace, stored)
         return copy.deepcopy(stored)
 
     def _interfere(self, rt: ResourceType, namespace: str, name: str) -> None:
@@ -665,7 +787,8 @@ class KubeApiServer:
                 del self._interference[i]
                 stored = self._objects[(rt.plural, namespace, name)]
                 mutate(stored)
-                stored["metadata"]["resourceVersion"] = str(next(self._rv))
+                stored["metadata"]["resourceVersion"] = str(self._next_rv())
+                self._record("MODIFIED", rt, namespace, stored)
                 return
 
     def _conflict(self, rt: ResourceType, name: str) -> ApiError:
@@ -695,8 +818,9 @@ class KubeApiServer:
                 raise ApiError(422, "Invalid", message)
         updated = copy.deepcopy(obj)
         server_set = {k: stored["metadata"][k] for k in ("uid", "creationTimestamp", "generation", "namespace")}
-        updated["metadata"].update(server_set, resourceVersion=str(next(self._rv)))
+        updated["metadata"].update(server_set, resourceVersion=str(self._next_rv()))
         self._objects[(rt.plural, namespace, name)] = updated
+        self._record("MODIFIED", rt, namespace, updated)
         return copy.deepcopy(updated)
 
     def _delete(self, rt: ResourceType, namespace: str, name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -711,6 +835,10 @@ class KubeApiServer:
                 {"name": name, "group": rt.group, "kind": rt.plural},
             )  # fmt: skip
         del self._objects[(rt.plural, namespace, name)]
+        # Like etcd, the deletion is a revision of its own; the event carries it.
+        gone = copy.deepcopy(stored)
+        gone["metadata"]["resourceVersion"] = str(self._next_rv())
+        self._record("DELETED", rt, namespace, gone)
         return copy.deepcopy(stored)
 
 
@@ -786,6 +914,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
         code, payload = self.server.api.handle(self.command, self.path, headers, body, self.peer_subject)
+        if not isinstance(payload, dict):
+            self._stream(payload)
+            return
         data = json.dumps(payload).encode()
         self.send_response(code)
         retry_after = (payload.get("details") or {}).get("retryAfterSeconds")
@@ -795,6 +926,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _stream(self, events: WatchStream) -> None:
+        """A watch: one JSON line per event, chunked, as long as the watch lasts."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for event in events:
+                line = json.dumps(event).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        finally:
+            events.close()
 
     do_GET = do_POST = do_PUT = do_DELETE = _serve
 

@@ -149,6 +149,8 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "connections": ("16", 16),
     "chunk_size": ("16MiB", 16 * 2**20),
     "poll_interval": ("250ms", 0.25),
+    "refresh_within": ("30s", 30.0),
+    "ca_bundle": ("/etc/ssl/proxy-ca.pem", Path("/etc/ssl/proxy-ca.pem")),
     "allow_other": ("on", True),
     "uid": ("1000", 1000),
     "gid": ("nogroup", 65534),

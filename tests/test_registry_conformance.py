@@ -578,3 +578,51 @@ async def test_locks_do_not_appear_as_entries(make_registry: OpenClient) -> None
     registry = await make_registry()
     assert await registry.try_lock("evict", "me", 30)
     assert await registry.list_by_last_used() == []
+
+
+# -- ref records (cluster-wide refresh) ----------------------------------------------------------
+
+COMMIT_A, COMMIT_B, COMMIT_C = "a" * 40, "b" * 40, "c" * 40
+
+
+async def test_ref_records_are_versioned_and_seen_by_every_client(make_registry: OpenClient) -> None:
+    writer, follower = await make_registry(), await make_registry()
+    assert await follower.refs_version() == 0
+    assert await follower.refs_since(0) == []
+
+    first = await writer.record_ref("org/model", "main", COMMIT_A)
+    assert (first.repo_id, first.revision, first.commit) == ("org/model", "main", COMMIT_A)
+    assert first.version > 0
+    assert first.recorded_at.tzinfo is not None
+    assert await follower.refs_version() == first.version
+    assert await follower.refs_since(0) == [first]
+    assert await follower.refs_since(first.version) == []
+
+    # The same commit again is no news: no follower is woken for it.
+    assert await writer.record_ref("org/model", "main", COMMIT_A) == first
+    assert await follower.refs_version() == first.version
+
+    other = await writer.record_ref("org/other", "v1.0", COMMIT_B)
+    moved = await writer.record_ref("org/model", "main", COMMIT_C)
+    assert first.version < other.version < moved.version
+    assert await follower.refs_version() == moved.version
+    # One record per ref, the latest; oldest version first.
+    assert await follower.refs_since(0) == [other, moved]
+    assert await follower.refs_since(other.version) == [moved]
+    assert await follower.refs_since(moved.version) == []
+
+
+async def test_concurrent_ref_records_get_distinct_versions(make_registry: OpenClient) -> None:
+    clients = [await make_registry() for _ in range(6)]
+    commits = [f"{i:040x}" for i in range(len(clients))]
+    records = await _race(
+        [lambda c=c, i=i: c.record_ref("org/model", f"branch-{i % 3}", commits[i]) for i, c in enumerate(clients)]
+    )
+    assert len({r.version for r in records}) == len(records)
+    stored = await clients[0].refs_since(0)
+    assert sorted(r.revision for r in stored) == ["branch-0", "branch-1", "branch-2"]
+    for record in stored:
+        # Of two writers of one ref, the stored record is the later (higher) version.
+        rivals = [r for r in records if r.revision == record.revision]
+        assert record == max(rivals, key=lambda r: r.version)
+    assert await clients[0].refs_version() == max(r.version for r in records)

@@ -305,6 +305,13 @@ async def test_rbac_grants_exactly_the_verbs_the_backend_uses(kube_target: KubeT
     assert await a.try_lock("evict", "a", 30)
     assert await a.try_lock("evict", "a", 30)
     assert await a.unlock("evict", "a")
+    await a.record_ref("org/model", "main", "a" * 40)
+    await a.record_ref("org/model", "main", "b" * 40)
+    await b.refs_since(await b.refs_version())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.listen_finished, lambda name: None)
+        await _until(lambda: kube_target.server.open_watches() > 0)
+        nursery.cancel_scope.cancel()
 
     used: dict[tuple[str, str], set[str]] = {}
     for group, plural, verb in kube_target.server.verbs(kube_target.namespace):
@@ -908,3 +915,116 @@ def test_mount_serves_a_model_through_the_kubernetes_registry(
     assert obj["status"]["phase"] == "Downloaded", mount.log()[-3000:]
     assert obj["status"]["sizeBytes"] >= sum(map(len, files.values()))
     assert kube_target.server.token not in mount.log()
+
+
+# -- the watch -----------------------------------------------------------------------------------
+
+
+async def test_the_stand_in_watch_streams_changes_in_order_and_expires(
+    kube_target: KubeTarget, open_kube: OpenKube
+) -> None:
+    """The stand-in's watch, as a real server's: events after a version, in order; 410 once compacted."""
+    registry, writer = await open_kube(), await open_kube()
+    api = registry._api
+    _, start = await api.list_at(ENTRIES)
+    name = _name()
+    assert await writer.try_claim(name, "a", LONG_LEASE) == Claimed()
+    assert await writer.finish_claim(name, "a", Status.DOWNLOADED)
+    await writer.delete(name)
+    events = []
+    with trio.fail_after(10):
+        async for event in api.watch(ENTRIES, start, 1):
+            events.append(event)
+    kinds = [e["type"] for e in events]
+    assert kinds == ["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]
+    versions = [int(e["object"]["metadata"]["resourceVersion"]) for e in events]
+    assert versions == sorted(versions) and len(set(versions[:3])) == 3
+    assert events[1]["object"]["status"]["phase"] == PHASES[Status.DOWNLOADED]
+
+    kube_target.server.expire_watches()
+    with trio.fail_after(10):
+        [gone] = [event async for event in api.watch(ENTRIES, start, 30)]
+    assert gone["type"] == "ERROR" and gone["object"]["code"] == 410
+
+
+async def _listen(registry: KubernetesRegistry, nursery: trio.Nursery) -> list[str]:
+    """Start ``listen_finished``; the list of names it reports, as it reports them."""
+    heard: list[str] = []
+    await nursery.start(registry.listen_finished, heard.append)
+    return heard
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 20) -> None:
+    """Wait (a bounded while, on the real clock: the watch runs over real HTTP) until ``condition``.
+
+    Polled: part of what it looks at is the stand-in's state, changed by its threads.
+    """
+    with trio.fail_after(seconds):
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+async def test_waiters_hear_a_finish_through_the_watch_not_by_polling(
+    kube_target: KubeTarget, open_kube: OpenKube
+) -> None:
+    listener, owner = await open_kube(), await open_kube()
+    server = kube_target.server
+    done, failed, running = _name(1), _name(2), _name(3)
+    assert await owner.try_claim(done, "o", LONG_LEASE) == Claimed()
+    assert await owner.finish_claim(done, "o", Status.DOWNLOADED)  # before the listener: the listing says so
+    async with trio.open_nursery() as nursery:
+        heard = await _listen(listener, nursery)
+        await _until(lambda: done in heard and server.open_watches() == 1)
+        calls_before = len(server.calls)
+
+        assert await owner.try_claim(failed, "o", LONG_LEASE) == Claimed()
+        assert await owner.try_claim(running, "o", LONG_LEASE) == Claimed()
+        assert await owner.refresh_claim(running, "o", LONG_LEASE)
+        assert await owner.finish_claim(failed, "o", Status.ERROR, "boom")
+        await _until(lambda: failed in heard)
+        assert running not in heard  # claimed and renewed, never finished
+        # The listener made no request of its own meanwhile: the one open watch brought the news.
+        assert [c for c in server.calls[calls_before:] if c.verb in ("list", "watch")] == []
+        nursery.cancel_scope.cancel()
+    assert heard.count(failed) == 1
+
+
+async def test_an_expired_watch_is_resumed_and_a_compacted_one_relisted(
+    kube_target: KubeTarget, open_kube: OpenKube
+) -> None:
+    listener, owner = await open_kube(), await open_kube()
+    server = kube_target.server
+    first, second, third = _name(1), _name(2), _name(3)
+    async with trio.open_nursery() as nursery:
+        heard = await _listen(listener, nursery)
+        await _until(lambda: server.open_watches() == 1)
+        started = server.watches_started
+
+        # The server ends the watch without forgetting history: resumed from the last version.
+        server.expire_watches(compact=False)
+        assert await owner.try_claim(first, "o", LONG_LEASE) == Claimed()
+        assert await owner.finish_claim(first, "o", Status.DOWNLOADED)
+        await _until(lambda: first in heard)
+        assert server.watches_started > started
+
+        # Compacted while the listener was between watches: its version is gone (410), so it
+        # lists again, and the listing reports the finish it would otherwise have missed.
+        def count(verb: str) -> int:
+            return sum(1 for c in server.calls if c.verb == verb and c.namespace == kube_target.namespace)
+
+        lists, watches = count("list"), count("watch")
+        refused = ("watch", ENTRIES.plural, kube_target.namespace)
+        server.forbid(*refused)  # the next watch is refused: the listener backs off
+        server.expire_watches(compact=False)
+        await _until(lambda: count("watch") > watches)
+        assert await owner.try_claim(second, "o", LONG_LEASE) == Claimed()
+        assert await owner.finish_claim(second, "o", Status.DOWNLOADED)
+        server.expire_watches(compact=True)
+        server.forbidden.discard(refused)
+        await _until(lambda: second in heard)
+        assert count("list") > lists
+
+        assert await owner.try_claim(third, "o", LONG_LEASE) == Claimed()
+        assert await owner.finish_claim(third, "o", Status.ERROR, "boom")
+        await _until(lambda: third in heard)
+        nursery.cancel_scope.cancel()

@@ -5,7 +5,9 @@ claimed.  Resolutions and tree listings are kept in the state directory, so a da
 while the Hub is unreachable (or with ``HF_HUB_OFFLINE=1``) still lists and serves every cached
 entry.  The recorded resolution is also how a resolution moves while daemons run: ``mxfs
 refresh`` re-resolves against the Hub and records the new commit, and every daemon on that state
-directory follows the record (:meth:`Catalog.follow_recorded_refs`).
+directory follows the record (:meth:`Catalog.follow_recorded_refs`).  ``mxfs refresh`` records it
+in the shared registry too, and daemons with their own state directory follow that
+(:meth:`Catalog.follow_registry_refs`).
 
 An existing huggingface_hub cache mounted as is works offline too: its ``refs/`` and ``trees/``
 (or, failing that, its snapshot links) describe what it holds.
@@ -14,6 +16,7 @@ An existing huggingface_hub cache mounted as is works offline too: its ``refs/``
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import trio
@@ -23,6 +26,7 @@ from mxfs.errors import HubUnavailable, InvalidName, MxfsError, NotFound, Offlin
 from mxfs.fetch.entry import Entry
 from mxfs.hub import Hub, Resolved
 from mxfs.names import ModelRef, short_commit
+from mxfs.registry import RefRecord
 from mxfs.statedir import StateDir, recorded_commit
 from mxfs.tree import RepoTree
 
@@ -47,6 +51,8 @@ class Catalog:
         self._by_commit: dict[tuple[str, str], Entry] = {}
         self._misses: dict[ModelRef, _Miss] = {}
         self._inflight: dict[ModelRef, trio.Event] = {}
+        # Registry refreshes warned about as not followed yet (the Hub could not list them).
+        self._unfollowed: set[tuple[ModelRef, str]] = set()
         self.io_limiter = trio.CapacityLimiter(8)
 
     def resolved_refs(self) -> dict[ModelRef, Entry]:
@@ -144,18 +150,66 @@ class Catalog:
         commits = await trio.to_thread.run_sync(recorded, limiter=self.io_limiter)
         moved = []
         for (ref, entry), commit in zip(movable, commits, strict=True):
-            if commit is None or commit == entry.commit:
+            if commit is None:
                 continue
             try:
-                new = await self._entry_at(ref.repo_id, commit, None)
+                if await self._move(ref, entry, commit, "recorded resolution"):
+                    moved.append(ref)
             except MxfsError as exc:
                 log.warning("%s: recorded resolution moved to %s, not followed yet: %s", ref, short_commit(commit), exc)
-                continue
-            if self._by_ref.get(ref) is entry:  # not moved by a lookup or refresh meanwhile
-                self._by_ref[ref] = new
-                moved.append(ref)
-                log.info("%s: now %s (was %s)", ref, short_commit(commit), short_commit(entry.commit))
         return moved
+
+    async def follow_registry_refs(self, records: Iterable[RefRecord]) -> tuple[list[ModelRef], list[RefRecord]]:
+        """Move resolved refs to the commits ``mxfs refresh`` recorded in the shared registry.
+
+        ``records`` are those recorded since the caller last looked, oldest first.  Returns the
+        refs moved, and the records to try again later (their new commit could not be listed:
+        the Hub is down, say).  A ref this daemon has not resolved is left alone: its first
+        lookup asks the Hub, which is at least as new.  A move is written to the state dir too,
+        so a restart (offline included) serves what the fleet serves.
+        """
+        moved: list[ModelRef] = []
+        retry: list[RefRecord] = []
+        for record in records:
+            ref = ModelRef(record.repo_id, record.revision)
+            entry = self._by_ref.get(ref)
+            if entry is None or ref.revision_is_commit:
+                continue
+            try:
+                if not await self._move(ref, entry, record.commit, "refreshed in the registry"):
+                    continue
+            except MxfsError as exc:
+                # Tried again every round: warn once per commit, not every few seconds.
+                level = logging.DEBUG if (ref, record.commit) in self._unfollowed else logging.WARNING
+                self._unfollowed.add((ref, record.commit))
+                log.log(level, "%s: refreshed to %s, not followed yet: %s", ref, short_commit(record.commit), exc)
+                retry.append(record)
+                continue
+            self._unfollowed.discard((ref, record.commit))
+            try:
+                await trio.to_thread.run_sync(
+                    self.state.write_ref, ref.repo_id, ref.revision, record.commit, limiter=self.io_limiter
+                )
+            except OSError as exc:
+                # Moved all the same: only a restart would fall back to the old record.
+                log.warning("%s: cannot record %s in the state dir: %s", ref, short_commit(record.commit), exc)
+            moved.append(ref)
+        return moved, retry
+
+    async def _move(self, ref: ModelRef, entry: Entry, commit: str, why: str) -> bool:
+        """Point ``ref``, now resolved to ``entry``, at ``commit``.
+
+        False if it is there already, or a lookup or refresh moved it meanwhile; MxfsError if
+        the new commit's tree cannot be listed.
+        """
+        if commit == entry.commit:
+            return False
+        new = await self._entry_at(ref.repo_id, commit, None)
+        if self._by_ref.get(ref) is not entry:
+            return False
+        self._by_ref[ref] = new
+        log.info("%s: now %s (was %s; %s)", ref, short_commit(commit), short_commit(entry.commit), why)
+        return True
 
     async def _offline_ref(self, ref: ModelRef) -> str | None:
         return await trio.to_thread.run_sync(

@@ -226,7 +226,7 @@ class Fetcher:
         self._entries: dict[str, EntryFetch] = {}
         self._nursery: trio.Nursery | None = None
         # Waiters of entries another node downloads, woken when the registry says it finished
-        # (where it can: Redis pub/sub).
+        # (where it can: Redis pub/sub, the Kubernetes watch).
         self._finish_notifier = registry if isinstance(registry, FinishNotifier) else None
         self._finished: dict[str, trio.Event] = {}
         # (entry key, path) of every copy discarded after some of its bytes were read: the

@@ -45,6 +45,23 @@ class Record:
 
 
 @dataclass(frozen=True)
+class RefRecord:
+    """Where a branch or tag points, as ``mxfs refresh`` last recorded it for the whole fleet.
+
+    ``version`` orders every ref record of one registry: each change of any ref gets a version
+    above all earlier ones, so a follower that remembers the last version it saw asks for what
+    came after it (one cheap read when nothing did).  ``recorded_at`` is the backend's clock,
+    shown to humans.
+    """
+
+    repo_id: str
+    revision: str
+    commit: str
+    version: int
+    recorded_at: datetime
+
+
+@dataclass(frozen=True)
 class Claimed:
     """This caller now owns the download of the entry."""
 
@@ -220,6 +237,24 @@ class Registry(Protocol):
         """Release the named lock if ``owner`` holds it; False otherwise (changing nothing)."""
         ...
 
+    async def record_ref(self, repo_id: str, revision: str, commit: str) -> RefRecord:
+        """Record that ``revision`` of ``repo_id`` resolves to ``commit`` (``mxfs refresh``).
+
+        A change gets the next version, above every earlier ref record of this registry;
+        recording the commit already recorded changes nothing (waking no follower) and returns
+        the stored record.  Concurrent recorders of one ref each get a distinct version, and the
+        stored record is the one with the highest.
+        """
+        ...
+
+    async def refs_version(self) -> int:
+        """The highest version of any ref record, 0 when there is none: what followers poll."""
+        ...
+
+    async def refs_since(self, version: int) -> list[RefRecord]:
+        """The ref records whose version is above ``version``, lowest version first."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -235,10 +270,10 @@ class RegistryBackend:
 
 @runtime_checkable
 class FinishNotifier(Protocol):
-    """A registry that can say when an entry finishes on any node (Redis: pub/sub).
+    """A registry that can say when an entry finishes on any node (Redis: pub/sub; Kubernetes: a watch).
 
     Optional: waiters poll the registry anyway, so a backend without it (SQLite, whose waiters
-    share the owner's node, or Kubernetes) only makes them notice a finish one poll later.
+    share the owner's node) only makes them notice a finish one poll later.
     """
 
     async def listen_finished(self, on_finished: Callable[[str], None], *, task_status: Any = ...) -> None:

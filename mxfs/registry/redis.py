@@ -12,6 +12,9 @@ Schema (DESIGN section 3), compatible with ModelExpress's Redis registry:
   step by every script that stamps ``last_used_at`` or deletes.
 - ``mxfs:finished``: a pub/sub channel; finishing an entry as DOWNLOADED or ERROR (by
   ``finish_claim`` or ``set_status``) publishes its name there, so waiters need not poll.
+- ``mxfs:refs``: a hash of where each branch or tag points as ``mxfs refresh`` recorded it, field
+  ``<repo id>\n<revision>``, value JSON ``{"commit", "version", "recorded_at_ms"}``; and
+  ``mxfs:refs:version``, the counter that numbers them, which followers poll (one ``GET``).
 
 Every mutation is one Lua script (registered once with ``register_script``; redis-py reloads it
 after a server restart answers NOSCRIPT), so each read-modify-write is atomic, and every script
@@ -41,6 +44,7 @@ Redis is back; until then calls raise :class:`RegistryError`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -60,6 +64,7 @@ from mxfs.registry.base import (
     Claimed,
     ClaimOutcome,
     Record,
+    RefRecord,
     RegistryBackend,
     RegistryError,
     Status,
@@ -80,6 +85,8 @@ FINISHED_CHANNEL = "mxfs:finished"
 LISTEN_WAIT = 1.0
 MAX_RESUBSCRIBE_DELAY = 30.0
 LOCK_PREFIX = "mxfs:lock:"
+REFS_KEY = "mxfs:refs"
+REFS_VERSION_KEY = "mxfs:refs:version"
 
 # Worker threads and pooled connections per registry: one connection per thread, so no call ever
 # waits for a connection while holding a thread.
@@ -393,6 +400,27 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# A ref record gets the next number of the counter, in the same script, so versions order the
+# records exactly as they were written; the same commit again changes nothing.
+_RECORD_REF = _lua(
+    """
+-- KEYS[1] - the refs hash, KEYS[2] - the refs version counter
+-- ARGV[1] - the field (repo id, newline, revision), ARGV[2] - the commit
+-- Returns the stored record as JSON: {commit, version, recorded_at_ms}.
+""",
+    """
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if stored then
+    local ok, record = pcall(cjson.decode, stored)
+    if ok and type(record) == 'table' and record['commit'] == ARGV[2] then return stored end
+end
+local version = redis.call('INCR', KEYS[2])
+local record = cjson.encode({commit = ARGV[2], version = version, recorded_at_ms = now_ms()})
+redis.call('HSET', KEYS[1], ARGV[1], record)
+return record
+""",
+)
+
 _REINDEX = _lua(
     """
 -- KEYS[1] - the entry's hash, KEYS[2] - the LRU index
@@ -416,6 +444,22 @@ return 1
 
 def _key(name: str) -> str:
     return KEY_PREFIX + name
+
+
+def _ref_field(repo_id: str, revision: str) -> str:
+    # Neither a repo id nor a revision can hold a newline (mxfs.names validates both).
+    return f"{repo_id}\n{revision}"
+
+
+def _ref_record(field: str, value: str) -> RefRecord:
+    """The record stored at ``field``; ValueError if it is malformed."""
+    repo_id, sep, revision = field.partition("\n")
+    data = json.loads(value)
+    if not sep or not isinstance(data, dict) or not isinstance(data.get("commit"), str):
+        raise ValueError(f"malformed ref record {field!r}: {value!r}")
+    return RefRecord(
+        repo_id, revision, data["commit"], int(data["version"]), _EPOCH + int(data["recorded_at_ms"]) * _MS
+    )
 
 
 def _us(when: datetime) -> int:
@@ -503,6 +547,7 @@ class RedisRegistry(RegistryBackend):
         self._reindex = register(_REINDEX)
         self._try_lock = register(_TRY_LOCK)
         self._unlock = register(_UNLOCK)
+        self._record_ref = register(_RECORD_REF)
 
     def __repr__(self) -> str:
         return f"<RedisRegistry {self.url_for_logs}>"
@@ -684,6 +729,36 @@ class RedisRegistry(RegistryBackend):
 
     async def unlock(self, name: str, owner: str) -> bool:
         return await self._script(self._unlock, [f"{LOCK_PREFIX}{name}"], [owner]) == 1
+
+    async def record_ref(self, repo_id: str, revision: str, commit: str) -> RefRecord:
+        field = _ref_field(repo_id, revision)
+        stored = await self._script(self._record_ref, [REFS_KEY, REFS_VERSION_KEY], [field, commit])
+        return self._parse_ref(field, stored)
+
+    async def refs_version(self) -> int:
+        value = await self._run(self._client.get, REFS_VERSION_KEY)
+        try:
+            return int(value or 0)
+        except ValueError:
+            what = f"{REFS_VERSION_KEY} is not a number: {value!r}"
+            raise RegistryError(f"registry {self.url_for_logs}: {what}") from None
+
+    async def refs_since(self, version: int) -> list[RefRecord]:
+        fields: dict[str, str] = await self._run(self._client.hgetall, REFS_KEY)
+        records = []
+        for field, value in fields.items():
+            try:
+                records.append(_ref_record(field, value))
+            except (ValueError, KeyError, TypeError) as exc:
+                # One bad field (another tool's) must not stop every other ref from moving.
+                log.warning("registry %s: %s: skipping %s", self.url_for_logs, REFS_KEY, exc)
+        return sorted((r for r in records if r.version > version), key=lambda r: r.version)
+
+    def _parse_ref(self, field: str, value: str) -> RefRecord:
+        try:
+            return _ref_record(field, value)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RegistryError(f"registry {self.url_for_logs}: {REFS_KEY}: {exc}") from None
 
     async def listen_finished(
         self, on_finished: Callable[[str], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -48,6 +48,7 @@ from mxfs.registry.base import (
     Claimed,
     ClaimOutcome,
     Record,
+    RefRecord,
     RegistryBackend,
     RegistryError,
     Status,
@@ -58,7 +59,7 @@ from mxfs.registry.base import (
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2  # 2: the locks table
+SCHEMA_VERSION = 3  # 2: the locks table; 3: the refs table
 # Another process may hold the write lock (a claim, or another process creating the schema):
 # wait this long for it before reporting the registry as unavailable.
 BUSY_TIMEOUT_MS = 10_000
@@ -101,6 +102,19 @@ _CREATE_SCHEMA = (
         expires_at_ms  INTEGER NOT NULL
     ) WITHOUT ROWID
     """,
+    # Where each branch or tag points, as `mxfs refresh` recorded it for every node to follow.
+    # Rows are replaced, never deleted, so MAX(version) only grows.
+    """
+    CREATE TABLE IF NOT EXISTS refs (
+        repo_id         TEXT NOT NULL,
+        revision        TEXT NOT NULL,
+        commit_hash     TEXT NOT NULL,
+        version         INTEGER NOT NULL,
+        recorded_at_ms  INTEGER NOT NULL,
+        PRIMARY KEY (repo_id, revision)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX IF NOT EXISTS refs_by_version ON refs (version)",
 )
 
 _COLUMNS = (
@@ -184,6 +198,18 @@ _TRY_LOCK = f"""
     WHERE locks.owner = excluded.owner OR locks.expires_at_ms <= {_NOW_MS}
 """
 _UNLOCK = "DELETE FROM locks WHERE name = :name AND owner = :owner"
+
+_REF_COLUMNS = "repo_id, revision, commit_hash, version, recorded_at_ms"
+_SELECT_REF = f"SELECT {_REF_COLUMNS} FROM refs WHERE repo_id = :repo_id AND revision = :revision"
+# Run under the write lock after _SELECT_REF found a different commit (or none).
+_RECORD_REF = f"""
+    INSERT INTO refs (repo_id, revision, commit_hash, version, recorded_at_ms)
+    VALUES (:repo_id, :revision, :commit, (SELECT COALESCE(MAX(version), 0) + 1 FROM refs), {_NOW_MS})
+    ON CONFLICT (repo_id, revision) DO UPDATE SET
+        commit_hash = excluded.commit_hash, version = excluded.version, recorded_at_ms = excluded.recorded_at_ms
+"""
+_REFS_VERSION = "SELECT COALESCE(MAX(version), 0) FROM refs"
+_REFS_SINCE = f"SELECT {_REF_COLUMNS} FROM refs WHERE version > :version ORDER BY version"
 
 _TRY_RETAKE = f"""
     UPDATE entries SET
@@ -295,6 +321,11 @@ def _floor_ms(when: datetime) -> int:
     if when.tzinfo is None:
         raise ValueError("a naive datetime cannot be stored as a registry timestamp")
     return (when - _EPOCH) // _MS
+
+
+def _ref_record(row: tuple[Any, ...]) -> RefRecord:
+    repo_id, revision, commit, version, recorded_at_ms = row
+    return RefRecord(repo_id, revision, commit, int(version), _from_ms(recorded_at_ms))
 
 
 def _record(row: tuple[Any, ...]) -> Record:
@@ -517,6 +548,27 @@ class SqliteRegistry(RegistryBackend):
 
     async def unlock(self, name: str, owner: str) -> bool:
         return await self._write(_UNLOCK, {"name": name, "owner": owner}) == 1
+
+    async def record_ref(self, repo_id: str, revision: str, commit: str) -> RefRecord:
+        params = {"repo_id": repo_id, "revision": revision, "commit": commit}
+
+        def record(conn: sqlite3.Connection) -> RefRecord:
+            with _immediate(conn):
+                row = conn.execute(_SELECT_REF, params).fetchone()
+                if row is None or row[2] != commit:
+                    conn.execute(_RECORD_REF, params)
+                    row = conn.execute(_SELECT_REF, params).fetchone()
+                return _ref_record(row)
+
+        return await self._run(record)
+
+    async def refs_version(self) -> int:
+        (version,) = await self._run(lambda conn: conn.execute(_REFS_VERSION).fetchone())
+        return int(version)
+
+    async def refs_since(self, version: int) -> list[RefRecord]:
+        rows = await self._run(lambda conn: conn.execute(_REFS_SINCE, {"version": version}).fetchall())
+        return [_ref_record(row) for row in rows]
 
     async def restore_downloaded(self, records: Iterable[RestoredRecord]) -> list[str]:
         """Record entries found complete in the cache as DOWNLOADED, all in one transaction.

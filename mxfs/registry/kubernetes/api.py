@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,10 @@ MAX_RETRY_AFTER = 5.0
 
 @dataclass(frozen=True)
 class Resource:
-    """A namespaced resource type: ``/apis/<group>/<version>/namespaces/<ns>/<plural>``."""
+    """A namespaced resource type: ``/apis/<group>/<version>/namespaces/<ns>/<plural>``.
+
+    The core group (ConfigMap) has the empty name and lives under ``/api/<version>``.
+    """
 
     group: str
     version: str
@@ -62,10 +66,11 @@ class Resource:
 
     @property
     def api_version(self) -> str:
-        return f"{self.group}/{self.version}"
+        return f"{self.group}/{self.version}" if self.group else self.version
 
     def path(self, namespace: str, name: str | None = None) -> str:
-        base = f"/apis/{self.group}/{self.version}/namespaces/{namespace}/{self.plural}"
+        root = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        base = f"{root}/namespaces/{namespace}/{self.plural}"
         return base if name is None else f"{base}/{name}"
 
 
@@ -138,6 +143,10 @@ class KubeApi:
 
     async def list(self, resource: Resource, label_selector: str | None = None) -> list[dict[str, Any]]:
         """Every object of ``resource`` in the namespace, page by page."""
+        return (await self.list_at(resource, label_selector))[0]
+
+    async def list_at(self, resource: Resource, label_selector: str | None = None) -> tuple[list[dict[str, Any]], str]:
+        """Every object of ``resource``, and the resourceVersion of the listing (where a watch starts)."""
         items: list[dict[str, Any]] = []
         params: dict[str, str] = {"limit": str(PAGE_SIZE)}
         if label_selector:
@@ -145,9 +154,11 @@ class KubeApi:
         while True:
             body = await self._list_page(resource, params)
             items += body.get("items") or []
-            token = (body.get("metadata") or {}).get("continue")
+            metadata = body.get("metadata") or {}
+            token = metadata.get("continue")
             if not token:
-                return items
+                # The last page's version: the pages of one listing are one snapshot.
+                return items, str(metadata.get("resourceVersion") or "")
             params["continue"] = token
 
     async def probe(self, resource: Resource) -> None:
@@ -196,6 +207,48 @@ class KubeApi:
             return False
         self._body(response, f"delete {resource.plural}/{name}")
         return True
+
+    async def watch(
+        self, resource: Resource, resource_version: str, server_timeout: float
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The changes of ``resource`` after ``resource_version``: ``{"type", "object"}`` events.
+
+        Ends when the server ends the watch (after ``server_timeout`` seconds, or sooner when it
+        restarts or compacts); the caller watches again from the last version it saw.  A version the
+        server no longer has comes back as an ``ERROR`` event whose object is a 410 ``Status``
+        (or, from some servers, as a 410 answer: :class:`ApiError` with code 410); the caller
+        must then list again.  Other failures raise :class:`RegistryError` like every call.
+        """
+        params = {
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "timeoutSeconds": str(max(1, round(server_timeout))),
+            "allowWatchBookmarks": "true",
+        }
+        path = resource.path(self.namespace)
+        token = await self._token.get()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # Silence between events is normal: the read timeout covers the whole watch, plus slack.
+        timeouts = httpx2.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT, read=server_timeout + READ_TIMEOUT)
+        try:
+            async with self._client.stream("GET", path, params=params, headers=headers, timeout=timeouts) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise self._error(response, f"watch {resource.plural}")
+                async for line in response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        raise RegistryError(f"{self._where}: watch {resource.plural}: a line is not JSON") from None
+                    if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
+                        raise RegistryError(f"{self._where}: watch {resource.plural}: an event is not an object")
+                    yield event
+        except httpx2.HTTPError as exc:
+            metrics.REGISTRY_ERRORS.inc()
+            server = redact_url(self.config.server)
+            raise RegistryError(f"{self._where}: watch {resource.plural} on {server}: {exc}") from exc
 
     # -- transport -------------------------------------------------------------------------------
 

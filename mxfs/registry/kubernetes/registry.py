@@ -41,14 +41,30 @@ of ``kubectl get mxcache`` and out of any ModelExpress server's view of the entr
 ``resourceVersion`` changing (only the holder writes it); its exact ttl is kept in an annotation
 because ``leaseDurationSeconds`` holds whole seconds.
 
-Verbs used, and so granted by ``deploy/rbac.yaml``: get, list, create, update and delete on
-``modelcacheentries``; get, create, update and delete on ``leases``.
+Waiters are woken by a watch (:meth:`KubernetesRegistry.listen_finished`): one list, then a
+watch of ModelCacheEntry objects from the listing's resourceVersion, resumed from the last
+version seen whenever the server ends it (every :data:`WATCH_TIMEOUT`, or when it restarts), and
+re-listed when that version is too old (410 Gone).  Every event feeds the lease memory above as
+a read does, so a waiter judges an owner's heartbeat without polling it.
+
+Ref records (``mxfs refresh``, followed by every node) live in one ConfigMap, ``mxfs-refs``: a
+data key per ref (``ref-<sanitized repo@revision>-<hash>``, value JSON ``{"repoId", "revision",
+"commit", "version", "recordedAt"}``) and ``version``, the counter that numbers them.  A change
+is a resourceVersion-fenced replace like any other, and followers poll it with one GET.  A
+ConfigMap rather than a custom resource: refs are not entries, and a ModelExpress server listing
+ModelCacheEntry objects must not meet them.
+
+Verbs used, and so granted by ``deploy/rbac.yaml``: get, list, watch, create, update and delete
+on ``modelcacheentries``; get, create, update and delete on ``leases``; get, create and update on
+``configmaps``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import json
 import logging
 import math
 import random
@@ -67,6 +83,7 @@ from mxfs.registry.base import (
     Claimed,
     ClaimOutcome,
     Record,
+    RefRecord,
     RegistryBackend,
     RegistryError,
     Status,
@@ -75,7 +92,7 @@ from mxfs.registry.base import (
     check_seconds,
     redact_url,
 )
-from mxfs.registry.kubernetes.api import KubeApi, Resource
+from mxfs.registry.kubernetes.api import ApiError, KubeApi, Resource
 from mxfs.registry.kubernetes.config import ClusterConfig, load_config
 
 T = TypeVar("T")
@@ -86,6 +103,11 @@ GROUP = "modelexpress.nvidia.com"
 VERSION = "v1alpha1"
 ENTRIES = Resource(GROUP, VERSION, "modelcacheentries", "ModelCacheEntry")
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease")
+CONFIG_MAPS = Resource("", "v1", "configmaps", "ConfigMap")
+# The ConfigMap of ref records (``mxfs refresh``): one data key per ref, and the version counter.
+REFS_OBJECT = "mxfs-refs"
+REFS_VERSION_KEY = "version"
+REF_KEY_PREFIX = "ref-"
 SHORT_NAME = "mxcache"
 ENTRY_PREFIX = "mx-cache-"
 LOCK_PREFIX = "mxfs-lock-"
@@ -100,6 +122,11 @@ _STATUSES = {phase: status for status, phase in PHASES.items()}
 # Longest object name Kubernetes accepts (a DNS-1123 subdomain), and the hash length in names.
 MAX_NAME_LENGTH = 253
 HASH_LENGTH = 12
+# How long one watch runs before the server ends it and we resume it (client-go picks 5-10 min;
+# shorter keeps a silently dead connection from hiding events for long).
+WATCH_TIMEOUT = 300.0
+MAX_REWATCH_DELAY = 30.0
+MIN_WATCH = 1.0
 # Conflicts mean other writers made progress; this many in a row on one object means something is
 # badly wrong (or thousands of nodes touch one entry at once).
 MAX_ATTEMPTS = 50
@@ -135,6 +162,11 @@ def entry_object_name(name: str, provider: str = PROVIDER) -> str:
 def lock_object_name(name: str) -> str:
     """The Lease name of the named lock."""
     return object_name(LOCK_PREFIX, name)
+
+
+def ref_key(repo_id: str, revision: str) -> str:
+    """The data key of a ref record in the ``mxfs-refs`` ConfigMap (keys allow ``[-._a-zA-Z0-9]``)."""
+    return object_name(REF_KEY_PREFIX, f"{repo_id}\n{revision}")
 
 
 # -- time ----------------------------------------------------------------------------------------
@@ -655,6 +687,56 @@ class KubernetesRegistry(RegistryBackend):
 
         return await self._change(name, decide)
 
+    # -- refs --------------------------------------------------------------------------------------
+
+    async def record_ref(self, repo_id: str, revision: str, commit: str) -> RefRecord:
+        key = ref_key(repo_id, revision)
+        for _ in range(MAX_ATTEMPTS):
+            self._check_open()
+            obj = await self._api.get(CONFIG_MAPS, REFS_OBJECT)
+            data = dict((obj or {}).get("data") or {})
+            stored = _ref_record(data.get(key))
+            if stored is not None and stored.commit == commit:
+                return stored  # also a write of ours whose answer was lost, found on the re-read
+            record = RefRecord(repo_id, revision, commit, _refs_version(obj) + 1, _now())
+            data[key] = json.dumps(
+                {
+                    "repoId": repo_id,
+                    "revision": revision,
+                    "commit": commit,
+                    "version": record.version,
+                    "recordedAt": format_time(record.recorded_at),
+                }
+            )
+            data[REFS_VERSION_KEY] = str(record.version)
+            if obj is None:
+                body = {
+                    "apiVersion": CONFIG_MAPS.api_version,
+                    "kind": CONFIG_MAPS.kind,
+                    "metadata": {
+                        "name": REFS_OBJECT,
+                        "namespace": self.namespace,
+                        "labels": {MANAGED_BY_LABEL: MANAGED_BY},
+                    },
+                    "data": data,
+                }
+                if await self._api.create(CONFIG_MAPS, body) is not None:
+                    return record
+            elif await self._api.replace(CONFIG_MAPS, {**obj, "data": data}) is not None:
+                return record
+        raise RegistryError(f"registry {self.url_for_logs}: refs: gave up after {MAX_ATTEMPTS} conflicts")
+
+    async def refs_version(self) -> int:
+        self._check_open()
+        return _refs_version(await self._api.get(CONFIG_MAPS, REFS_OBJECT))
+
+    async def refs_since(self, version: int) -> list[RefRecord]:
+        self._check_open()
+        obj = await self._api.get(CONFIG_MAPS, REFS_OBJECT)
+        data = (obj or {}).get("data") or {}
+        records = [_ref_record(value) for key, value in data.items() if key.startswith(REF_KEY_PREFIX)]
+        return sorted((r for r in records if r is not None and r.version > version), key=lambda r: r.version)
+
     # -- locks -------------------------------------------------------------------------------------
 
     async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
@@ -712,6 +794,71 @@ class KubernetesRegistry(RegistryBackend):
                 return True
         raise RegistryError(f"registry {self.url_for_logs}: lock {name}: gave up after {MAX_ATTEMPTS} conflicts")
 
+    # -- waiting -----------------------------------------------------------------------------------
+
+    async def listen_finished(
+        self, on_finished: Callable[[str], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Call ``on_finished(name)`` for each entry any node finishes, until cancelled (the watch).
+
+        Started at once: an API server that is down must not hold up the caller, whose waiters
+        poll anyway.  A listing calls ``on_finished`` for every finished entry it holds, which
+        wakes only those waited on, so a finish between two watches is never missed.
+        """
+        task_status.started()
+        version: str | None = None  # where the next watch starts; None: list first
+        failures = 0
+        while not self._closed:
+            try:
+                if version is None:
+                    objects, version = await self._api.list_at(ENTRIES)
+                    for obj in objects:
+                        self._seen_change(obj, on_finished)
+                started = trio.current_time()
+                version = await self._watch_from(version, on_finished)
+                failures = 0
+                if trio.current_time() - started < MIN_WATCH:
+                    # A server that ends every watch at once must not be asked again at once.
+                    await trio.sleep(MIN_WATCH)
+            except RegistryError as exc:
+                if isinstance(exc, ApiError) and exc.code == 410:
+                    version = None  # too old (an HTTP 410 rather than an ERROR event)
+                    continue
+                failures += 1
+                delay = min(2.0**failures, MAX_REWATCH_DELAY)
+                log.debug("registry %s: watch failed (%s); again in %.0fs", self.url_for_logs, exc, delay)
+                await trio.sleep(delay)
+
+    async def _watch_from(self, version: str, on_finished: Callable[[str], None]) -> str | None:
+        """One watch from ``version``; the version to resume from, or None to list again (410)."""
+        async with contextlib.aclosing(self._api.watch(ENTRIES, version, WATCH_TIMEOUT)) as events:
+            async for event in events:
+                obj = event["object"]
+                kind = event.get("type")
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        log.debug(
+                            "registry %s: watch expired (%s); listing again", self.url_for_logs, obj.get("message")
+                        )
+                        return None
+                    raise RegistryError(f"registry {self.url_for_logs}: watch: {obj.get('message') or obj}")
+                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                if kind in ("ADDED", "MODIFIED"):
+                    self._seen_change(obj, on_finished)
+                elif kind == "DELETED":
+                    self._observer.forget(str((obj.get("metadata") or {}).get("name")))
+        return version
+
+    def _seen_change(self, obj: dict[str, Any], on_finished: Callable[[str], None]) -> None:
+        """An entry object as a list or watch shows it: note its lease, and say if it finished."""
+        spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+        model_name = spec.get("modelName")
+        if not isinstance(model_name, str) or spec.get("provider", PROVIDER) != PROVIDER:
+            return
+        self._observe(str((obj.get("metadata") or {}).get("name")), obj)
+        if _phase(obj) in (Status.DOWNLOADED, Status.ERROR):
+            on_finished(model_name)
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -719,6 +866,29 @@ class KubernetesRegistry(RegistryBackend):
         # The shield makes sure the connections go even when the caller is cancelled.
         with trio.CancelScope(shield=True):
             await self._api.aclose()
+
+
+def _refs_version(obj: dict[str, Any] | None) -> int:
+    """The ref records' counter in the ``mxfs-refs`` ConfigMap (0 without one)."""
+    try:
+        return int(((obj or {}).get("data") or {}).get(REFS_VERSION_KEY) or 0)
+    except ValueError:
+        return 0
+
+
+def _ref_record(value: Any) -> RefRecord | None:
+    """A ref record from its ConfigMap value; None if absent or malformed (another tool's)."""
+    try:
+        data = json.loads(value)
+        return RefRecord(
+            str(data["repoId"]),
+            str(data["revision"]),
+            str(data["commit"]),
+            int(data["version"]),
+            parse_time(data["recordedAt"]),
+        )
+    except (TypeError, ValueError, KeyError):
+        return None
 
 
 def _lock_ttl(obj: dict[str, Any]) -> float:

@@ -128,7 +128,6 @@ def make_download(tmp_path: Path, state: FileState) -> EntryDownload:
         cache=HubCache(tmp_path / "cache"),
         partial_maps=PartialMaps(tmp_path / "state"),
         client=None,  # type: ignore[arg-type]  # _write_limit makes no request
-        registry=None,  # type: ignore[arg-type]
         lease=30.0,
         connections=4,
         chunk_size=1 << 20,
@@ -169,7 +168,7 @@ def test_a_lost_lease_withdraws_the_copy_from_readers_at_once(tmp_path: Path) ->
     download._fds[state] = -1  # started (the descriptor is not used here)
     opened = state.generation
     state.expose()
-    download.lease_keeper.on_lost()  # type: ignore[misc]
+    download.withdraw_copies()  # what the claim calls the moment its lease is lost
     assert not state.readable(0, 100, strict=False)
     with pytest.raises(IntegrityError):
         state.check_copy(opened)  # it read bytes nobody will ever verify

@@ -1,9 +1,8 @@
-"""The owner's side of the claim protocol: download one entry into the cache, under a lease.
+"""The owner's download of one entry into the cache, run inside its claim (:mod:`.claim`).
 
-Only the node whose ``try_claim`` returned ``Claimed`` runs this.  It
+Only the node whose claim won runs this; the claim keeps the lease and cancels this the moment
+it cannot (two writers must never share an entry).  It
 
-* keeps its lease alive every ``lease/3`` and stops writing at once if it cannot (another node
-  may take over after expiry; two writers must never share an entry);
 * downloads every file of the entry, several at once, large files in parallel ranges, small
   files first and files that readers are waiting for ahead of everything else;
 * lets readers on this node read bytes as they land (``FileState.present``), and fetches the
@@ -45,7 +44,6 @@ from mxfs.fetch.partials import PartialMap, PartialMaps
 from mxfs.fetch.plan import ALIGN, Chunk, ChunkQueue, chunk_size_for
 from mxfs.hub import HubClient, RangeBody, Transient
 from mxfs.ranges import RangeSet
-from mxfs.registry import Registry
 from mxfs.retry import RetryPolicy
 from mxfs.tree import HubFile
 
@@ -68,10 +66,6 @@ ON_DEMAND_MAX = 32 << 20
 ON_DEMAND_BACKOFF = 1.0
 # How often the range maps of partial files are made durable: what a crash can cost to redo.
 MAP_SAVE_INTERVAL = 5.0
-
-
-class LeaseLost(Exception):
-    """The lease could not be renewed (taken over, or the registry unreachable for too long)."""
 
 
 class PrefixHasher:
@@ -118,7 +112,6 @@ class EntryDownload:
         cache: HubCache,
         partial_maps: PartialMaps,
         client: HubClient,
-        registry: Registry,
         lease: float,
         connections: int,
         chunk_size: int,
@@ -132,7 +125,6 @@ class EntryDownload:
         self.cache = cache
         self.partial_maps = partial_maps
         self.client = client
-        self.registry = registry
         self.lease = lease
         self.connections = connections
         self.chunk_size = chunk_size
@@ -159,8 +151,6 @@ class EntryDownload:
         self._fds: dict[FileState, int] = {}
         self._verify_failures: dict[FileState, int] = {}
         self._hashers: dict[FileState, PrefixHasher] = {}
-        self.lease_keeper = LeaseKeeper(registry, entry.registry_key, claim_id, lease, str(entry))
-        self.lease_keeper.on_lost = self._withdraw_copies
         self.bytes_downloaded = 0
         self._closed = False  # set when the attempt ends: late callbacks of abandoned streams are ignored
         # The nursery on-demand fetches run in; None until the transfers start and after they end.
@@ -172,8 +162,9 @@ class EntryDownload:
         # Held while a range map is saved: the partial file's descriptor must not close under it.
         self._map_lock = trio.Lock()
 
-    async def run(self) -> None:
-        """Download everything; raises LeaseLost or an MxfsError. Files stay published either way.
+    async def run(self, lease: LeaseKeeper) -> None:
+        """Download everything, while ``lease`` is kept; raises an MxfsError, or is cancelled
+        when the lease is lost. Files stay published either way.
 
         Partial files of an attempt that stops are kept, with their range maps, for the next
         attempt of this node to resume, unless keeping them is pointless or harmful: the lease
@@ -183,7 +174,6 @@ class EntryDownload:
         try:
             with domain_errors_ungrouped():
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self.lease_keeper.run, nursery.cancel_scope)
                     nursery.start_soon(self._save_maps_periodically)
                     await self._download_all()
                     nursery.cancel_scope.cancel()
@@ -191,12 +181,10 @@ class EntryDownload:
             keep = False
             raise
         finally:
-            await self._close_partials(keep=keep and not self.lease_keeper.lost)
-        if self.lease_keeper.lost:
-            raise LeaseLost(f"{self.entry}: lease lost, stopped writing")
+            await self._close_partials(keep=keep and not lease.lost)
         await trio.to_thread.run_sync(self.remove_dead_partials, limiter=self.io_limiter)
 
-    def _withdraw_copies(self) -> None:
+    def withdraw_copies(self) -> None:
         """The lease is lost: from now on nobody is served a byte of this attempt's copies.
 
         Its writers are being cancelled, but a renewal stuck in a frozen registry can keep the
@@ -803,4 +791,4 @@ def _disk_error(exc: OSError, what: str) -> MxfsError:
     return MxfsError(f"{what}: {exc}")
 
 
-__all__: Sequence[str] = ("EntryDownload", "LeaseLost")
+__all__: Sequence[str] = ("EntryDownload",)

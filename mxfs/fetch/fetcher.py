@@ -21,7 +21,6 @@ import contextlib
 import logging
 import math
 import os
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -40,15 +39,14 @@ from mxfs.errors import (
     RegistryUnavailable,
 )
 from mxfs.fetch.catalog import Catalog
-from mxfs.fetch.download import EntryDownload, LeaseLost
+from mxfs.fetch.claim import Claim, LeaseLost
+from mxfs.fetch.download import EntryDownload
 from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import CopyDiscarded, FileState, SharedFd, read_at
 from mxfs.fetch.partials import PartialMaps
 from mxfs.hub import Hub
 from mxfs.names import EntryName, ModelRef
 from mxfs.registry import (
-    AlreadyExists,
-    Claimed,
     FinishNotifier,
     Record,
     Registry,
@@ -66,8 +64,6 @@ ENTRY_RETRY = RetryPolicy(attempts=3, initial_delay=2.0, max_delay=60.0)
 REGISTRY_WARNING_INTERVAL = 30.0
 # Every node touches the entries it has open this often, so eviction elsewhere sees them in use.
 TOUCH_INTERVAL = 60.0
-# How long a stopping daemon tries to hand its running claims back.
-RELEASE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -432,9 +428,9 @@ class Fetcher:
                     if self.hub.offline:
                         # Cache only: nothing to claim, nothing to wait for, nothing to retry.
                         raise OfflineMiss(f"{entry}: HF_HUB_OFFLINE is set and not all of its files are cached")
-                    claim_id = uuid.uuid4().hex
-                    if await self._try_acquire(ef, claim_id):
-                        await self._download(ef, claim_id)
+                    claim = Claim(self.registry, entry, self.settings.lease)
+                    if await claim.acquire():
+                        await self._download(ef, claim)
                         return
                     await self._wait_for_news(entry.registry_key)
                 except LeaseLost as exc:
@@ -500,24 +496,7 @@ class Fetcher:
             state.set_blob(self.cache.blob_path(entry.repo_id, state.file.etag))
         return ef.complete
 
-    async def _try_acquire(self, ef: EntryFetch, claim_id: str) -> bool:
-        """One round of the claim protocol; True if this node now owns the download."""
-        name, lease = ef.entry.registry_key, self.settings.lease
-        try:
-            outcome = await self.registry.try_claim(name, claim_id, lease)
-            if isinstance(outcome, Claimed):
-                return True
-            assert isinstance(outcome, AlreadyExists)
-            if outcome.status == Status.DOWNLOADED:
-                # The registry says done but our cache lacks files: they vanished. Re-download.
-                return await self.registry.try_retake(name, claim_id, lease, Status.DOWNLOADED)
-            if outcome.status == Status.ERROR:
-                return await self.registry.try_reset_error_for_retry(name, claim_id, lease)
-            return False
-        except RegistryError as exc:
-            raise RegistryUnavailable(f"{ef.entry}: registry unavailable: {exc}") from exc
-
-    async def _download(self, ef: EntryFetch, claim_id: str) -> None:
+    async def _download(self, ef: EntryFetch, claim: Claim) -> None:
         entry = ef.entry
         log.info("%s: downloading %d files, %d bytes", entry, len(entry.files), entry.size)
         metrics.DOWNLOADS_STARTED.inc()
@@ -525,11 +504,10 @@ class Fetcher:
         download = ef.download = EntryDownload(
             entry,
             ef.states,
-            claim_id,
+            claim.id,
             cache=self.cache,
             partial_maps=self.partial_maps,
             client=self.hub.client,
-            registry=self.registry,
             lease=self.settings.lease,
             connections=self.settings.connections,
             chunk_size=self.settings.chunk_size,
@@ -537,49 +515,26 @@ class Fetcher:
             io_limiter=self.io_limiter,
             retry=self.hub.retry,
         )
-        settled = False
         try:
-            await download.run()
-            settled = True
-        except LeaseLost:
-            settled = True
-            raise
-        except MxfsError as exc:
-            settled = True
+            async with claim.held(on_lost=download.withdraw_copies) as lease:
+                await download.run(lease)
+                metrics.DOWNLOADS_FINISHED.inc()
+                await self._write_refs(ef)
+                elapsed = max(trio.current_time() - started, 1e-6)
+                log.info(
+                    "%s: downloaded %d bytes in %.1fs (%.1f MB/s)",
+                    entry,
+                    download.bytes_downloaded,
+                    elapsed,
+                    download.bytes_downloaded / elapsed / 1e6,
+                )
+        except MxfsError:
             metrics.DOWNLOADS_FAILED.inc()
-            await self._finish(ef, claim_id, Status.ERROR, str(exc))
             raise
         finally:
             ef.download = None
-            if not settled:
-                # Cancelled: the daemon is stopping. Hand the claim back now rather than leave
-                # others (and our own restart, which resumes the partial files) waiting for the
-                # lease to run out.
-                with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
-                    await self._finish(ef, claim_id, Status.ERROR, "interrupted: the downloading daemon stopped")
-        metrics.DOWNLOADS_FINISHED.inc()
-        await self._write_refs(ef)
-        elapsed = max(trio.current_time() - started, 1e-6)
-        log.info(
-            "%s: downloaded %d bytes in %.1fs (%.1f MB/s)",
-            entry,
-            download.bytes_downloaded,
-            elapsed,
-            download.bytes_downloaded / elapsed / 1e6,
-        )
-        if await self._finish(ef, claim_id, Status.DOWNLOADED, None) is False:
-            log.warning("%s: finished, but another node had taken the claim over", entry)
         ef.failures = 0
         ef.mark_done()
-
-    async def _finish(self, ef: EntryFetch, claim_id: str, status: Status, message: str | None) -> bool | None:
-        """Publish the outcome: True, False if another node owns the claim now, None if the
-        registry could not be reached (logged here)."""
-        try:
-            return await self.registry.finish_claim(ef.entry.registry_key, claim_id, status, message, ef.entry.size)
-        except RegistryError as exc:
-            log.error("%s: could not record %s in the registry: %s", ef.entry, status, exc)
-            return None
 
     async def _publish_complete(self, ef: EntryFetch) -> None:
         """Everything is on disk: refs, HF tree listing, and a DOWNLOADED record if there is none."""
@@ -588,9 +543,9 @@ class Fetcher:
         try:
             record = await self.registry.get_record(name)
             if record is None or record.status != Status.DOWNLOADED:
-                claim_id = uuid.uuid4().hex
-                if await self._try_acquire(ef, claim_id):
-                    await self._finish(ef, claim_id, Status.DOWNLOADED, None)
+                claim = Claim(self.registry, ef.entry, self.settings.lease)
+                if await claim.acquire():
+                    await claim.finish(Status.DOWNLOADED, None)
         except (RegistryError, RegistryUnavailable) as exc:
             # The bytes are here and verified: serve them, the registry can catch up later.
             log.warning("%s: cached, but the registry is unavailable (%s)", ef.entry, exc)

@@ -42,7 +42,7 @@ from mxfs.fetch.catalog import Catalog
 from mxfs.fetch.claim import Claim, LeaseLost
 from mxfs.fetch.download import EntryDownload
 from mxfs.fetch.entry import Entry
-from mxfs.fetch.files import CopyDiscarded, FileState, SharedFd, read_at
+from mxfs.fetch.files import CopyDiscarded, FileState, ReaderWaits, SharedFd, read_at
 from mxfs.fetch.partials import PartialMaps
 from mxfs.hub import Hub
 from mxfs.names import EntryName, ModelRef
@@ -81,11 +81,11 @@ class EntryFetch:
     def __init__(self, entry: Entry, discards: trio.MemorySendChannel[tuple[str, str]] | None = None) -> None:
         self.entry = entry
         self.states = {path: FileState(f) for path, f in entry.files.items()}
-        waiting_files: set[FileState] = set()
+        waits = ReaderWaits()
         for state in self.states.values():
             state.entry_key = entry.registry_key
             state.discards = discards
-            state.waiting_files = waiting_files
+            state.reader_waits = waits
         self.running = False
         self.error: MxfsError | None = None
         self.retry_at = 0.0

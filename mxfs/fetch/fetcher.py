@@ -1,4 +1,5 @@
-"""The claim protocol (DESIGN section 5) and the read path, as one service the filesystem uses.
+"""The claim protocol (DESIGN section 5) as one service the filesystem uses; reads go through
+the :class:`~mxfs.fetch.source.FileSource` that :meth:`Fetcher.open` returns.
 
 For every entry this node touches there is one :class:`EntryFetch`.  The first ``open()`` of
 any of its files starts one coordination task, which loops until the entry is in the cache:
@@ -32,7 +33,6 @@ from mxfs.config import Settings
 from mxfs.errors import (
     AccessDenied,
     DiskFull,
-    IntegrityError,
     MxfsError,
     NotFound,
     OfflineMiss,
@@ -42,8 +42,10 @@ from mxfs.fetch.catalog import Catalog
 from mxfs.fetch.claim import Claim, LeaseLost
 from mxfs.fetch.download import EntryDownload
 from mxfs.fetch.entry import Entry
-from mxfs.fetch.files import CopyDiscarded, FileState, ReaderWaits, SharedFd, read_at
+from mxfs.fetch.entrystate import EntryFetch
+from mxfs.fetch.files import FileState
 from mxfs.fetch.partials import PartialMaps
+from mxfs.fetch.source import FileSource, ReadCount
 from mxfs.hub import Hub
 from mxfs.names import EntryName, ModelRef
 from mxfs.registry import (
@@ -54,7 +56,6 @@ from mxfs.registry import (
     Status,
 )
 from mxfs.retry import RetryPolicy
-from mxfs.tree import HubFile
 
 log = logging.getLogger(__name__)
 
@@ -73,138 +74,6 @@ class Activity:
     bytes_read: int  # returned by reads through the mount since start-up
     open_handles: int
     downloads_running: int  # entries this node downloads as the claim owner
-
-
-class EntryFetch:
-    """This node's view of one entry: per-file state, who downloads it, and what went wrong."""
-
-    def __init__(self, entry: Entry, discards: trio.MemorySendChannel[tuple[str, str]] | None = None) -> None:
-        self.entry = entry
-        self.states = {path: FileState(f) for path, f in entry.files.items()}
-        waits = ReaderWaits()
-        for state in self.states.values():
-            state.entry_key = entry.registry_key
-            state.discards = discards
-            state.reader_waits = waits
-        self.running = False
-        self.error: MxfsError | None = None
-        self.retry_at = 0.0
-        self.failures = 0
-        self.handles = 0
-        self.download: EntryDownload | None = None
-        self._done = trio.Event()
-
-    @property
-    def complete(self) -> bool:
-        return all(s.complete for s in self.states.values())
-
-    def progress(self) -> tuple[int, int]:
-        """(bytes present on this node, partial files included, total bytes)."""
-        return self.entry.tree.progress(lambda f: self.states[f.path].bytes_present)
-
-    def set_error(self, error: MxfsError) -> None:
-        self.error = error
-        for state in self.states.values():
-            if not state.complete:
-                state.set_error(error)
-        self._done.set()
-
-    def clear_error(self) -> None:
-        self.error = None
-        for state in self.states.values():
-            state.error = None
-
-    def mark_done(self) -> None:
-        self._done.set()
-        if self.handles == 0:
-            # Nobody reads: do not keep blobs open (an open blob counts as "in use" for eviction).
-            for state in self.states.values():
-                state.retire_fd()
-
-    async def wait_done(self) -> None:
-        await self._done.wait()
-
-    def reset_done(self) -> None:
-        if self._done.is_set():
-            self._done = trio.Event()
-
-
-@dataclass
-class OpenFile:
-    """One open file handle: reads wait for their bytes, concurrent reads never serialize.
-
-    Every byte it returns belongs to a copy of the file that is verified or still current:
-    the handle checks its copy before and after each wait and each pread (``FileState.check_copy``).
-    """
-
-    fetcher: Fetcher
-    ef: EntryFetch
-    state: FileState
-    strict: bool
-    # The file's copy generation when the handle was opened: copies discarded from then on may
-    # have reached it (see FileState.discard_copy).
-    first_generation: int = 0
-    closed: bool = False
-    # Held from open() to close() once the file is complete: the blob's inode stays readable even
-    # if eviction (here or on another node) unlinks it while the file is open.
-    held_fd: SharedFd | None = None
-
-    @property
-    def file(self) -> HubFile:
-        return self.state.file
-
-    async def read(self, offset: int, size: int) -> bytes:
-        state = self.state
-        self._check_copy()
-        end = min(offset + size, self.file.size)
-        if offset >= end:
-            return b""
-        # The read that reaches the end of a file waits for verified bytes even in fast mode:
-        # after it the kernel answers end-of-file by itself, so a checksum failure found later
-        # could never reach a reader that read the whole file.
-        strict = self.strict or end == self.file.size
-        if not state.readable(offset, end, strict):
-            self.fetcher.ensure_started(self.ef)
-            try:
-                await state.wait_readable(offset, end, strict, self.first_generation)
-            except CopyDiscarded as exc:
-                raise CopyDiscarded(f"{self.ef.entry}/{exc}") from None
-            self._check_copy()
-        generation = state.expose()
-        if self.held_fd is None and state.complete:
-            self.held_fd = state.acquire_fd()
-        shared = self.held_fd or state.acquire_fd()
-        try:
-            data = await read_at(shared.fd, offset, end - offset, self.fetcher.io_limiter)
-        finally:
-            if shared is not self.held_fd:
-                shared.release()
-        # The copy may have been discarded while the pread ran (it then taints this handle,
-        # since the copy was marked exposed before): these bytes may be of either copy.
-        self._check_copy()
-        if state.generation != generation and shared is not self.held_fd:
-            raise IntegrityError(f"{self.ef.entry}/{self.file.path}: the copy changed under a read")
-        self.fetcher.bytes_read += len(data)
-        return data
-
-    def copy_discarded_since(self, generation: int) -> bool:
-        """True if a copy of the file of ``generation`` or later was discarded after readers got
-        some of its bytes (the filesystem then retires the inode those readers share)."""
-        return self.state.tainted(generation)
-
-    def _check_copy(self) -> None:
-        try:
-            self.state.check_copy(self.first_generation)
-        except CopyDiscarded as exc:
-            raise CopyDiscarded(f"{self.ef.entry}/{exc}") from None
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self.held_fd is not None:
-                self.held_fd.release()
-                self.held_fd = None
-            self.fetcher._release(self)
 
 
 class Fetcher:
@@ -228,7 +97,8 @@ class Fetcher:
         # (entry key, path) of every copy discarded after some of its bytes were read: the
         # filesystem drops the kernel's cached pages of those files.  Rare, so unbounded.
         self._discards_send, self._discards_receive = trio.open_memory_channel[tuple[str, str]](math.inf)
-        self.bytes_read = 0
+        self._starts_send, self._starts_receive = trio.open_memory_channel[EntryFetch](math.inf)
+        self._reads = ReadCount()
         self._registry_warned_at = -math.inf
         # Set by the daemon: frees space (an eviction cycle) when a download finds the disk full;
         # called with the bytes the entry still needs.
@@ -241,10 +111,16 @@ class Fetcher:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._touch_open_entries)
+            nursery.start_soon(self._serve_start_requests)
             if self._finish_notifier is not None:
                 await nursery.start(self._finish_notifier.listen_finished, self._finished_elsewhere)
             task_status.started()
             await trio.sleep_forever()
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes returned by reads through the mount since start-up."""
+        return self._reads.bytes
 
     def _finished_elsewhere(self, name: str) -> None:
         """The registry says ``name`` finished (on any node): wake its waiters now."""
@@ -298,10 +174,10 @@ class Fetcher:
     def entry_fetch(self, entry: Entry) -> EntryFetch:
         ef = self._entries.get(entry.registry_key)
         if ef is None:
-            ef = self._entries[entry.registry_key] = EntryFetch(entry, self._discards_send)
+            ef = self._entries[entry.registry_key] = EntryFetch(entry, self._discards_send, self._starts_send)
         return ef
 
-    async def open(self, entry: Entry, path: str) -> OpenFile:
+    async def open(self, entry: Entry, path: str) -> FileSource:
         """Open a file for reading: returns at once, the download (if any) starts in the background."""
         ef = self.entry_fetch(entry)
         state = ef.states[path]
@@ -318,21 +194,19 @@ class Fetcher:
                 s.blob = None
                 s.retire_fd()
             ef.reset_done()
-        handle = OpenFile(self, ef, state, strict=self.settings.verify == "strict", first_generation=state.generation)
-        handle.held_fd = held_fd
+        handle = FileSource(
+            ef,
+            state,
+            strict=self.settings.verify == "strict",
+            io_limiter=self.io_limiter,
+            reads=self._reads,
+            held_fd=held_fd,
+        )
         ef.handles += 1
         self._spawn(self._touch, entry)
         if not state.complete:
             self.ensure_started(ef)
         return handle
-
-    def _release(self, handle: OpenFile) -> None:
-        ef = handle.ef
-        ef.handles -= 1
-        if ef.handles == 0:
-            for state in ef.states.values():
-                if state.complete:  # a partial file's descriptor belongs to its download
-                    state.retire_fd()
 
     async def _blob_still_there(self, ef: EntryFetch, state: FileState) -> bool:
         blob = state.blob
@@ -402,15 +276,13 @@ class Fetcher:
     # -- coordination ---------------------------------------------------------------------------
 
     def ensure_started(self, ef: EntryFetch) -> None:
-        if ef.running or ef.complete:
-            return
-        if ef.error is not None:
-            if trio.current_time() < ef.retry_at:
-                return
-            ef.clear_error()
-        ef.running = True
-        ef.reset_done()
-        self._spawn(self._coordinate, ef)
+        ef.request_start()
+
+    async def _serve_start_requests(self) -> None:
+        """One coordination task per start request (``EntryFetch.request_start`` marks the
+        entry running before it sends, so an entry never has two)."""
+        async for ef in self._starts_receive:
+            self._spawn(self._coordinate, ef)
 
     def _spawn(self, fn, *args) -> None:
         if self._nursery is None:
@@ -593,4 +465,4 @@ def record_repo(record: Record) -> str:
     return name.repo_id if name is not None else ""
 
 
-__all__ = ["Activity", "EntryFetch", "Fetcher", "OpenFile"]
+__all__ = ["Activity", "EntryFetch", "Fetcher", "FileSource"]

@@ -128,7 +128,7 @@ def make_download(tmp_path: Path, state: FileState) -> EntryDownload:
         "claim",
         cache=HubCache(tmp_path / "cache"),
         partial_maps=PartialMaps(tmp_path / "state"),
-        client=None,  # type: ignore[arg-type]  # _write_limit makes no request
+        client=None,  # type: ignore[arg-type]  # write_limit makes no request
         lease=30.0,
         connections=4,
         chunk_size=1 << 20,

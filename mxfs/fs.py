@@ -33,7 +33,7 @@ import trio
 
 from mxfs import metrics
 from mxfs.errors import AccessDenied, InvalidName, MxfsError, NameTooLong, NotFound, ReadOnly, errno_for
-from mxfs.fetch import Entry, Fetcher, OpenFile
+from mxfs.fetch import Entry, Fetcher, FileSource
 from mxfs.names import ModelRef, check_component_length, model_dir_name, parse_model_dir, validate_repo_part
 from mxfs.tree import HubFile
 
@@ -166,7 +166,7 @@ class MxfsOperations(pyfuse3.Operations):
         # How many times the kernel was given each inode (lookup and readdir replies), minus
         # what it forgot: a node is dropped at zero.
         self._lookups: collections.Counter[int] = collections.Counter()
-        self._handles: dict[int, OpenFile] = {}
+        self._handles: dict[int, FileSource] = {}
         self._dir_handles: dict[int, list[tuple[str, Node]]] = {}
         self._fh = itertools.count(1)
         self.requests = InFlight()
@@ -481,7 +481,7 @@ class MxfsOperations(pyfuse3.Operations):
         self._handles[fh] = handle
         # Blobs are immutable, so cached pages stay right; but only for verified bytes, so a
         # copy that fails its checksum can never linger in the page cache.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=handle.state.complete, direct_io=False)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=handle.complete, direct_io=False)
 
     @fuse_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:

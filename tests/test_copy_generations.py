@@ -19,8 +19,9 @@ from mxfs.cache import HubCache
 from mxfs.errors import IntegrityError
 from mxfs.fetch.download import EntryDownload
 from mxfs.fetch.entry import Entry
-from mxfs.fetch.files import FileState, Stream
+from mxfs.fetch.files import FileState
 from mxfs.fetch.partials import PartialMaps
+from mxfs.fetch.planner import Stream
 from mxfs.hub import HUB_RETRY
 from mxfs.tree import HubFile, RepoTree
 
@@ -127,8 +128,7 @@ def make_download(tmp_path: Path, state: FileState) -> EntryDownload:
         "claim",
         cache=HubCache(tmp_path / "cache"),
         partial_maps=PartialMaps(tmp_path / "state"),
-        client=None,  # type: ignore[arg-type]  # _write_limit makes no request
-        registry=None,  # type: ignore[arg-type]
+        client=None,  # type: ignore[arg-type]  # write_limit makes no request
         lease=30.0,
         connections=4,
         chunk_size=1 << 20,
@@ -143,22 +143,22 @@ def test_a_stream_stops_at_present_bytes_and_at_other_streams(tmp_path: Path) ->
     download = make_download(tmp_path, state)
     background = Stream(0, SIZE)
     state.streams.add(background)
-    assert download._write_limit(state, background) == SIZE
+    assert download.transfer.write_limit(state, background) == SIZE
     # A reader's on-demand range ahead of the background stream: the background stops where it starts.
     on_demand = Stream(600, 800, on_demand=True)
     state.streams.add(on_demand)
-    assert download._write_limit(state, background) == 600
-    assert download._write_limit(state, on_demand) == 800
+    assert download.transfer.write_limit(state, background) == 600
+    assert download.transfer.write_limit(state, on_demand) == 800
     # Bytes that landed (a reader may have been served them) are never written again.
     state.present.add(300, 400)
-    assert download._write_limit(state, background) == 300
+    assert download.transfer.write_limit(state, background) == 300
     background.pos = 300
-    assert download._write_limit(state, background) == 300  # stop: the byte at pos is present
+    assert download.transfer.write_limit(state, background) == 300  # stop: the byte at pos is present
     # Inside an on-demand range, the background stream yields to it.
     background.pos = 650
-    assert download._write_limit(state, background) == 650
-    download._closed = True
-    assert download._write_limit(state, on_demand) == 0
+    assert download.transfer.write_limit(state, background) == 650
+    download.transfer.closed = True
+    assert download.transfer.write_limit(state, on_demand) == 0
 
 
 def test_a_lost_lease_withdraws_the_copy_from_readers_at_once(tmp_path: Path) -> None:
@@ -169,9 +169,9 @@ def test_a_lost_lease_withdraws_the_copy_from_readers_at_once(tmp_path: Path) ->
     download._fds[state] = -1  # started (the descriptor is not used here)
     opened = state.generation
     state.expose()
-    download.lease_keeper.on_lost()  # type: ignore[misc]
+    download.withdraw_copies()  # what the claim calls the moment its lease is lost
     assert not state.readable(0, 100, strict=False)
     with pytest.raises(IntegrityError):
         state.check_copy(opened)  # it read bytes nobody will ever verify
     stream = Stream(500, SIZE)
-    assert download._write_limit(state, stream) == 0
+    assert download.transfer.write_limit(state, stream) == 0

@@ -32,9 +32,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, OfflineMiss, errno_for
-from mxfs.fetch.download import PrefixHasher
 from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import FileState, SharedFd, read_at
+from mxfs.fetch.verify import PrefixHasher
 from mxfs.hub import RangeBody, Transient, _translate
 from mxfs.names import EntryName
 from mxfs.tree import HubFile, RepoTree

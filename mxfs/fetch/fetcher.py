@@ -1,4 +1,5 @@
-"""The claim protocol (DESIGN section 5) and the read path, as one service the filesystem uses.
+"""The claim protocol (DESIGN section 5) as one service the filesystem uses; reads go through
+the :class:`~mxfs.fetch.source.FileSource` that :meth:`Fetcher.open` returns.
 
 For every entry this node touches there is one :class:`EntryFetch`.  The first ``open()`` of
 any of its files starts one coordination task, which loops until the entry is in the cache:
@@ -21,7 +22,6 @@ import contextlib
 import logging
 import math
 import os
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -33,22 +33,22 @@ from mxfs.config import Settings
 from mxfs.errors import (
     AccessDenied,
     DiskFull,
-    IntegrityError,
     MxfsError,
     NotFound,
     OfflineMiss,
     RegistryUnavailable,
 )
 from mxfs.fetch.catalog import Catalog
-from mxfs.fetch.download import EntryDownload, LeaseLost
+from mxfs.fetch.claim import Claim, LeaseLost
+from mxfs.fetch.download import EntryDownload
 from mxfs.fetch.entry import Entry
-from mxfs.fetch.files import CopyDiscarded, FileState, SharedFd, read_at
+from mxfs.fetch.entrystate import EntryFetch
+from mxfs.fetch.files import FileState
 from mxfs.fetch.partials import PartialMaps
+from mxfs.fetch.source import FileSource, ReadCount
 from mxfs.hub import Hub
 from mxfs.names import EntryName, ModelRef
 from mxfs.registry import (
-    AlreadyExists,
-    Claimed,
     FinishNotifier,
     Record,
     Registry,
@@ -56,7 +56,6 @@ from mxfs.registry import (
     Status,
 )
 from mxfs.retry import RetryPolicy
-from mxfs.tree import HubFile
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +65,6 @@ ENTRY_RETRY = RetryPolicy(attempts=3, initial_delay=2.0, max_delay=60.0)
 REGISTRY_WARNING_INTERVAL = 30.0
 # Every node touches the entries it has open this often, so eviction elsewhere sees them in use.
 TOUCH_INTERVAL = 60.0
-# How long a stopping daemon tries to hand its running claims back.
-RELEASE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -77,138 +74,6 @@ class Activity:
     bytes_read: int  # returned by reads through the mount since start-up
     open_handles: int
     downloads_running: int  # entries this node downloads as the claim owner
-
-
-class EntryFetch:
-    """This node's view of one entry: per-file state, who downloads it, and what went wrong."""
-
-    def __init__(self, entry: Entry, discards: trio.MemorySendChannel[tuple[str, str]] | None = None) -> None:
-        self.entry = entry
-        self.states = {path: FileState(f) for path, f in entry.files.items()}
-        waiting_files: set[FileState] = set()
-        for state in self.states.values():
-            state.entry_key = entry.registry_key
-            state.discards = discards
-            state.waiting_files = waiting_files
-        self.running = False
-        self.error: MxfsError | None = None
-        self.retry_at = 0.0
-        self.failures = 0
-        self.handles = 0
-        self.download: EntryDownload | None = None
-        self._done = trio.Event()
-
-    @property
-    def complete(self) -> bool:
-        return all(s.complete for s in self.states.values())
-
-    def progress(self) -> tuple[int, int]:
-        """(bytes present on this node, partial files included, total bytes)."""
-        return self.entry.tree.progress(lambda f: self.states[f.path].bytes_present)
-
-    def set_error(self, error: MxfsError) -> None:
-        self.error = error
-        for state in self.states.values():
-            if not state.complete:
-                state.set_error(error)
-        self._done.set()
-
-    def clear_error(self) -> None:
-        self.error = None
-        for state in self.states.values():
-            state.error = None
-
-    def mark_done(self) -> None:
-        self._done.set()
-        if self.handles == 0:
-            # Nobody reads: do not keep blobs open (an open blob counts as "in use" for eviction).
-            for state in self.states.values():
-                state.retire_fd()
-
-    async def wait_done(self) -> None:
-        await self._done.wait()
-
-    def reset_done(self) -> None:
-        if self._done.is_set():
-            self._done = trio.Event()
-
-
-@dataclass
-class OpenFile:
-    """One open file handle: reads wait for their bytes, concurrent reads never serialize.
-
-    Every byte it returns belongs to a copy of the file that is verified or still current:
-    the handle checks its copy before and after each wait and each pread (``FileState.check_copy``).
-    """
-
-    fetcher: Fetcher
-    ef: EntryFetch
-    state: FileState
-    strict: bool
-    # The file's copy generation when the handle was opened: copies discarded from then on may
-    # have reached it (see FileState.discard_copy).
-    first_generation: int = 0
-    closed: bool = False
-    # Held from open() to close() once the file is complete: the blob's inode stays readable even
-    # if eviction (here or on another node) unlinks it while the file is open.
-    held_fd: SharedFd | None = None
-
-    @property
-    def file(self) -> HubFile:
-        return self.state.file
-
-    async def read(self, offset: int, size: int) -> bytes:
-        state = self.state
-        self._check_copy()
-        end = min(offset + size, self.file.size)
-        if offset >= end:
-            return b""
-        # The read that reaches the end of a file waits for verified bytes even in fast mode:
-        # after it the kernel answers end-of-file by itself, so a checksum failure found later
-        # could never reach a reader that read the whole file.
-        strict = self.strict or end == self.file.size
-        if not state.readable(offset, end, strict):
-            self.fetcher.ensure_started(self.ef)
-            try:
-                await state.wait_readable(offset, end, strict, self.first_generation)
-            except CopyDiscarded as exc:
-                raise CopyDiscarded(f"{self.ef.entry}/{exc}") from None
-            self._check_copy()
-        generation = state.expose()
-        if self.held_fd is None and state.complete:
-            self.held_fd = state.acquire_fd()
-        shared = self.held_fd or state.acquire_fd()
-        try:
-            data = await read_at(shared.fd, offset, end - offset, self.fetcher.io_limiter)
-        finally:
-            if shared is not self.held_fd:
-                shared.release()
-        # The copy may have been discarded while the pread ran (it then taints this handle,
-        # since the copy was marked exposed before): these bytes may be of either copy.
-        self._check_copy()
-        if state.generation != generation and shared is not self.held_fd:
-            raise IntegrityError(f"{self.ef.entry}/{self.file.path}: the copy changed under a read")
-        self.fetcher.bytes_read += len(data)
-        return data
-
-    def copy_discarded_since(self, generation: int) -> bool:
-        """True if a copy of the file of ``generation`` or later was discarded after readers got
-        some of its bytes (the filesystem then retires the inode those readers share)."""
-        return self.state.tainted(generation)
-
-    def _check_copy(self) -> None:
-        try:
-            self.state.check_copy(self.first_generation)
-        except CopyDiscarded as exc:
-            raise CopyDiscarded(f"{self.ef.entry}/{exc}") from None
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self.held_fd is not None:
-                self.held_fd.release()
-                self.held_fd = None
-            self.fetcher._release(self)
 
 
 class Fetcher:
@@ -232,7 +97,8 @@ class Fetcher:
         # (entry key, path) of every copy discarded after some of its bytes were read: the
         # filesystem drops the kernel's cached pages of those files.  Rare, so unbounded.
         self._discards_send, self._discards_receive = trio.open_memory_channel[tuple[str, str]](math.inf)
-        self.bytes_read = 0
+        self._starts_send, self._starts_receive = trio.open_memory_channel[EntryFetch](math.inf)
+        self._reads = ReadCount()
         self._registry_warned_at = -math.inf
         # Set by the daemon: frees space (an eviction cycle) when a download finds the disk full;
         # called with the bytes the entry still needs.
@@ -245,10 +111,16 @@ class Fetcher:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._touch_open_entries)
+            nursery.start_soon(self._serve_start_requests)
             if self._finish_notifier is not None:
                 await nursery.start(self._finish_notifier.listen_finished, self._finished_elsewhere)
             task_status.started()
             await trio.sleep_forever()
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes returned by reads through the mount since start-up."""
+        return self._reads.bytes
 
     def _finished_elsewhere(self, name: str) -> None:
         """The registry says ``name`` finished (on any node): wake its waiters now."""
@@ -302,10 +174,10 @@ class Fetcher:
     def entry_fetch(self, entry: Entry) -> EntryFetch:
         ef = self._entries.get(entry.registry_key)
         if ef is None:
-            ef = self._entries[entry.registry_key] = EntryFetch(entry, self._discards_send)
+            ef = self._entries[entry.registry_key] = EntryFetch(entry, self._discards_send, self._starts_send)
         return ef
 
-    async def open(self, entry: Entry, path: str) -> OpenFile:
+    async def open(self, entry: Entry, path: str) -> FileSource:
         """Open a file for reading: returns at once, the download (if any) starts in the background."""
         ef = self.entry_fetch(entry)
         state = ef.states[path]
@@ -322,21 +194,19 @@ class Fetcher:
                 s.blob = None
                 s.retire_fd()
             ef.reset_done()
-        handle = OpenFile(self, ef, state, strict=self.settings.verify == "strict", first_generation=state.generation)
-        handle.held_fd = held_fd
+        handle = FileSource(
+            ef,
+            state,
+            strict=self.settings.verify == "strict",
+            io_limiter=self.io_limiter,
+            reads=self._reads,
+            held_fd=held_fd,
+        )
         ef.handles += 1
         self._spawn(self._touch, entry)
         if not state.complete:
             self.ensure_started(ef)
         return handle
-
-    def _release(self, handle: OpenFile) -> None:
-        ef = handle.ef
-        ef.handles -= 1
-        if ef.handles == 0:
-            for state in ef.states.values():
-                if state.complete:  # a partial file's descriptor belongs to its download
-                    state.retire_fd()
 
     async def _blob_still_there(self, ef: EntryFetch, state: FileState) -> bool:
         blob = state.blob
@@ -406,15 +276,13 @@ class Fetcher:
     # -- coordination ---------------------------------------------------------------------------
 
     def ensure_started(self, ef: EntryFetch) -> None:
-        if ef.running or ef.complete:
-            return
-        if ef.error is not None:
-            if trio.current_time() < ef.retry_at:
-                return
-            ef.clear_error()
-        ef.running = True
-        ef.reset_done()
-        self._spawn(self._coordinate, ef)
+        ef.request_start()
+
+    async def _serve_start_requests(self) -> None:
+        """One coordination task per start request (``EntryFetch.request_start`` marks the
+        entry running before it sends, so an entry never has two)."""
+        async for ef in self._starts_receive:
+            self._spawn(self._coordinate, ef)
 
     def _spawn(self, fn, *args) -> None:
         if self._nursery is None:
@@ -432,9 +300,9 @@ class Fetcher:
                     if self.hub.offline:
                         # Cache only: nothing to claim, nothing to wait for, nothing to retry.
                         raise OfflineMiss(f"{entry}: HF_HUB_OFFLINE is set and not all of its files are cached")
-                    claim_id = uuid.uuid4().hex
-                    if await self._try_acquire(ef, claim_id):
-                        await self._download(ef, claim_id)
+                    claim = Claim(self.registry, entry, self.settings.lease)
+                    if await claim.acquire():
+                        await self._download(ef, claim)
                         return
                     await self._wait_for_news(entry.registry_key)
                 except LeaseLost as exc:
@@ -500,24 +368,7 @@ class Fetcher:
             state.set_blob(self.cache.blob_path(entry.repo_id, state.file.etag))
         return ef.complete
 
-    async def _try_acquire(self, ef: EntryFetch, claim_id: str) -> bool:
-        """One round of the claim protocol; True if this node now owns the download."""
-        name, lease = ef.entry.registry_key, self.settings.lease
-        try:
-            outcome = await self.registry.try_claim(name, claim_id, lease)
-            if isinstance(outcome, Claimed):
-                return True
-            assert isinstance(outcome, AlreadyExists)
-            if outcome.status == Status.DOWNLOADED:
-                # The registry says done but our cache lacks files: they vanished. Re-download.
-                return await self.registry.try_retake(name, claim_id, lease, Status.DOWNLOADED)
-            if outcome.status == Status.ERROR:
-                return await self.registry.try_reset_error_for_retry(name, claim_id, lease)
-            return False
-        except RegistryError as exc:
-            raise RegistryUnavailable(f"{ef.entry}: registry unavailable: {exc}") from exc
-
-    async def _download(self, ef: EntryFetch, claim_id: str) -> None:
+    async def _download(self, ef: EntryFetch, claim: Claim) -> None:
         entry = ef.entry
         log.info("%s: downloading %d files, %d bytes", entry, len(entry.files), entry.size)
         metrics.DOWNLOADS_STARTED.inc()
@@ -525,11 +376,10 @@ class Fetcher:
         download = ef.download = EntryDownload(
             entry,
             ef.states,
-            claim_id,
+            claim.id,
             cache=self.cache,
             partial_maps=self.partial_maps,
             client=self.hub.client,
-            registry=self.registry,
             lease=self.settings.lease,
             connections=self.settings.connections,
             chunk_size=self.settings.chunk_size,
@@ -537,49 +387,26 @@ class Fetcher:
             io_limiter=self.io_limiter,
             retry=self.hub.retry,
         )
-        settled = False
         try:
-            await download.run()
-            settled = True
-        except LeaseLost:
-            settled = True
-            raise
-        except MxfsError as exc:
-            settled = True
+            async with claim.held(on_lost=download.withdraw_copies) as lease:
+                await download.run(lease)
+                metrics.DOWNLOADS_FINISHED.inc()
+                await self._write_refs(ef)
+                elapsed = max(trio.current_time() - started, 1e-6)
+                log.info(
+                    "%s: downloaded %d bytes in %.1fs (%.1f MB/s)",
+                    entry,
+                    download.bytes_downloaded,
+                    elapsed,
+                    download.bytes_downloaded / elapsed / 1e6,
+                )
+        except MxfsError:
             metrics.DOWNLOADS_FAILED.inc()
-            await self._finish(ef, claim_id, Status.ERROR, str(exc))
             raise
         finally:
             ef.download = None
-            if not settled:
-                # Cancelled: the daemon is stopping. Hand the claim back now rather than leave
-                # others (and our own restart, which resumes the partial files) waiting for the
-                # lease to run out.
-                with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
-                    await self._finish(ef, claim_id, Status.ERROR, "interrupted: the downloading daemon stopped")
-        metrics.DOWNLOADS_FINISHED.inc()
-        await self._write_refs(ef)
-        elapsed = max(trio.current_time() - started, 1e-6)
-        log.info(
-            "%s: downloaded %d bytes in %.1fs (%.1f MB/s)",
-            entry,
-            download.bytes_downloaded,
-            elapsed,
-            download.bytes_downloaded / elapsed / 1e6,
-        )
-        if await self._finish(ef, claim_id, Status.DOWNLOADED, None) is False:
-            log.warning("%s: finished, but another node had taken the claim over", entry)
         ef.failures = 0
         ef.mark_done()
-
-    async def _finish(self, ef: EntryFetch, claim_id: str, status: Status, message: str | None) -> bool | None:
-        """Publish the outcome: True, False if another node owns the claim now, None if the
-        registry could not be reached (logged here)."""
-        try:
-            return await self.registry.finish_claim(ef.entry.registry_key, claim_id, status, message, ef.entry.size)
-        except RegistryError as exc:
-            log.error("%s: could not record %s in the registry: %s", ef.entry, status, exc)
-            return None
 
     async def _publish_complete(self, ef: EntryFetch) -> None:
         """Everything is on disk: refs, HF tree listing, and a DOWNLOADED record if there is none."""
@@ -588,9 +415,9 @@ class Fetcher:
         try:
             record = await self.registry.get_record(name)
             if record is None or record.status != Status.DOWNLOADED:
-                claim_id = uuid.uuid4().hex
-                if await self._try_acquire(ef, claim_id):
-                    await self._finish(ef, claim_id, Status.DOWNLOADED, None)
+                claim = Claim(self.registry, ef.entry, self.settings.lease)
+                if await claim.acquire():
+                    await claim.finish(Status.DOWNLOADED, None)
         except (RegistryError, RegistryUnavailable) as exc:
             # The bytes are here and verified: serve them, the registry can catch up later.
             log.warning("%s: cached, but the registry is unavailable (%s)", ef.entry, exc)
@@ -638,4 +465,4 @@ def record_repo(record: Record) -> str:
     return name.repo_id if name is not None else ""
 
 
-__all__ = ["Activity", "EntryFetch", "Fetcher", "OpenFile"]
+__all__ = ["Activity", "EntryFetch", "Fetcher", "FileSource"]

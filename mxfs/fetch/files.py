@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from mxfs.errors import IntegrityError, MxfsError
+from mxfs.fetch.planner import Stream
 from mxfs.ranges import RangeSet
 from mxfs.tree import HubFile
 
@@ -24,34 +23,24 @@ async def read_at(fd: int, offset: int, size: int, limiter: trio.CapacityLimiter
     return await trio.to_thread.run_sync(os.pread, fd, size, offset, limiter=limiter)
 
 
-@dataclass(eq=False)
-class Stream:
-    """One HTTP range answer being written into the partial file: it has reached ``pos`` of ``end``.
+class ReaderWaits:
+    """The files of one entry that readers wait on now: data the download reads.
 
-    Readers look at the streams to decide whether the bytes they wait for are about to arrive or
-    must be fetched on demand, and streams look at each other so two never write the same bytes.
+    Readers never call into the download: they record what they wait for on their FileState
+    (``wanted_offsets``, ``on_demand_waits``), and every change of a waited file wakes
+    :meth:`wait_changed`, where the download's planner looks at the waits again.
     """
 
-    pos: int
-    end: int
-    on_demand: bool = False
-    # Fetching the whole file from ``pos`` on, because the server ignores Range (see
-    # EntryDownload._become_whole): it claims ``[pos, end)`` like an on-demand stream.
-    whole: bool = False
+    def __init__(self) -> None:
+        self.files: set[FileState] = set()
+        self._changed = trio.Event()
 
-    @property
-    def claims_ahead(self) -> bool:
-        """Other streams leave ``[pos, end)`` to this one."""
-        return self.on_demand or self.whole
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
-    def will_reach(self, offset: int, within: int) -> bool:
-        return self.pos <= offset < self.end and offset - self.pos <= within
-
-    def hands_over_at(self, offset: int, within: int) -> bool:
-        """A background range about to end just before ``offset``: its worker goes on with the
-        next range, which a reader waiting there puts first in line, so a reader following the
-        download across a range boundary need not open a request of its own."""
-        return not self.claims_ahead and self.end <= offset and offset - self.pos <= within
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
 
 
 class FileState:
@@ -89,14 +78,14 @@ class FileState:
         self.entry_key = ""  # the registry key of the file's entry
         self.waiting = 0
         self.wanted_offsets: set[int] = set()
+        # The ranges readers wait for that may be fetched on demand (not strict waits, which
+        # want verified bytes): the download's planner reads them (DESIGN section 5).
+        self.on_demand_waits: list[tuple[int, int]] = []
         # The entry's files that readers wait on now, shared by its FileStates: the download
         # puts their ranges first without looking at every file.
-        self.waiting_files: set[FileState] | None = None
+        self.reader_waits: ReaderWaits | None = None
         # Range requests writing this file now (background chunks and on-demand reads).
         self.streams: set[Stream] = set()
-        # Set by this node's download while it writes the file: a reader about to wait for
-        # ``[start, end)`` calls it, so missing bytes are fetched on demand (DESIGN section 5).
-        self.on_wait: Callable[[int, int], None] | None = None
         self._changed = trio.Event()
         self._fd: SharedFd | None = None
 
@@ -110,9 +99,12 @@ class FileState:
         return self.file.size if self.complete else self.present.total
 
     def notify(self) -> None:
-        """Wake every reader waiting on this file (they re-check what they wait for)."""
+        """Wake every reader waiting on this file (they re-check what they wait for), and the
+        download's planner if readers wait on it (a stream it counted on may have stopped)."""
         self._changed.set()
         self._changed = trio.Event()
+        if self.waiting and self.reader_waits is not None:
+            self.reader_waits.changed()
 
     async def wait_changed(self) -> None:
         """Wait for the next :meth:`notify`."""
@@ -200,24 +192,26 @@ class FileState:
             return
         self.waiting += 1
         self.wanted_offsets.add(start)
-        if self.waiting_files is not None:
-            self.waiting_files.add(self)
+        wait = (start, end)
+        if not strict:
+            self.on_demand_waits.append(wait)
+        if self.reader_waits is not None:
+            self.reader_waits.files.add(self)
+            self.reader_waits.changed()
         try:
             while not self.readable(start, end, strict):
                 if first_generation is not None:
                     self.check_copy(first_generation)
                 if self.error is not None:
                     raise self.error
-                # Asked again after every change: a stream that would have brought these bytes
-                # may have stopped, or the download may only now have started.
-                if self.on_wait is not None and not strict:
-                    self.on_wait(start, end)
                 await self._changed.wait()
         finally:
             self.waiting -= 1
             self.wanted_offsets.discard(start)
-            if self.waiting == 0 and self.waiting_files is not None:
-                self.waiting_files.discard(self)
+            if not strict:
+                self.on_demand_waits.remove(wait)
+            if self.waiting == 0 and self.reader_waits is not None:
+                self.reader_waits.files.discard(self)
 
     # -- the shared read descriptor --------------------------------------------------------
 

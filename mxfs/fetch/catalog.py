@@ -96,7 +96,10 @@ class Catalog:
                 commit = await self._offline_ref(ref)
                 if commit is None:
                     raise
-                log.warning("%s: Hub unavailable (%s); using cached resolution %s", ref, exc, short_commit(commit))
+                # Offline by choice (HF_HUB_OFFLINE) is how a cached model is meant to be served:
+                # no warning for it, only for a Hub that should answer and does not.
+                level = logging.INFO if isinstance(exc, OfflineMiss) else logging.WARNING
+                log.log(level, "%s: Hub unavailable (%s); using cached resolution %s", ref, exc, short_commit(commit))
         entry = await self._entry_at(ref.repo_id, commit, resolved)
         if not ref.revision_is_commit:
             await trio.to_thread.run_sync(

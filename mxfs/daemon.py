@@ -246,6 +246,8 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 if (period := watchdog_period()) is not None:
                     await nursery.start(feed_watchdog, probe, period)
                 nursery.start_soon(_announce_ready, probe)
+                # The HTTP session and headers are ready before the first reader's lookup needs them.
+                nursery.start_soon(services.catalog.hub.warm_up)
                 await pyfuse3.main(max_tasks=MAX_FUSE_TASKS)
                 nursery.cancel_scope.cancel()
         finally:

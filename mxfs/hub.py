@@ -18,12 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx2
 import trio
@@ -146,6 +147,22 @@ class HubClient:
         # Set once a range request was answered with the whole file (a mirror or proxy that
         # ignores Range): from then on every file is fetched in one request, for the daemon's life.
         self.ignores_ranges = False
+        # Where each file's bytes were served from after the Hub's redirect (the CDN's signed URL),
+        # so a file's next ranges skip the round trip to the Hub (see open_range).
+        self._locations: dict[tuple[str, str, str], str] = {}
+        self._locations_lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Make the HTTP session and the request headers now, not in the first reader's lookup.
+
+        Both are made lazily by huggingface_hub, and the headers' first build asks the Hub for
+        its list of agent harnesses (once a day per machine, up to a 3 s timeout): a cost the
+        first lookup of a model would otherwise pay before its own requests start.
+        """
+        if self.offline:
+            return
+        get_session()
+        build_hf_headers(token=self._token)
 
     def _check_online(self, what: str) -> None:
         if self.offline:
@@ -224,11 +241,49 @@ class HubClient:
         Redirects (LFS files go to a CDN) are followed by huggingface_hub's session, which drops
         the Authorization header when the redirect leaves the Hub's origin.  The server may ignore
         ``Range`` and answer 200 with the whole file: :class:`RangeBody` then skips to ``start``.
+
+        A file is downloaded as many ranges, and on the real Hub each would first ask the Hub
+        (one round trip to huggingface.co, answered with a redirect) and only then the CDN.  The
+        CDN's URL of a file at a commit names its content, so the first redirect's target is
+        remembered and later ranges go there directly, without the Hub's token (as the redirect
+        would have).  A remembered URL that the CDN refuses (its signature expired: 403, or 401,
+        404, 410) or that fails in any way is forgotten, and that range asks the Hub again.
         """
         what = f"{EntryName(repo_id, commit)}/{path}"
         self._check_online(what)
+        key = (repo_id, commit, path)
+        with self._locations_lock:
+            located = self._locations.get(key)
+        if located is not None:
+            try:
+                with self._open_range_at(located, start, end, what, authorized=False) as body:
+                    yield body
+                return
+            except _StaleLocation:
+                self._forget_location(key, located)
+            except BaseException:
+                self._forget_location(key, located)
+                raise
         url = hf_hub_url(repo_id, path, revision=commit, endpoint=self.endpoint)
-        headers = build_hf_headers(token=self._token)
+        with self._open_range_at(url, start, end, what, authorized=True, remember=key) as body:
+            yield body
+
+    @contextmanager
+    def _open_range_at(
+        self,
+        url: str,
+        start: int,
+        end: int,
+        what: str,
+        *,
+        authorized: bool,
+        remember: tuple[str, str, str] | None = None,
+    ) -> Iterator[RangeBody]:
+        if authorized:
+            headers = build_hf_headers(token=self._token)
+        else:
+            headers = build_hf_headers(token=False)
+            headers.pop("authorization", None)
         headers["Range"] = f"bytes={start}-{end - 1}"
         # The size and hashes we check against are those of the listing: no compression.
         headers["Accept-Encoding"] = "identity"
@@ -238,16 +293,52 @@ class HubClient:
                 # Latency up to the response headers: the body's duration is the file's size.
                 with metrics.hub_request("range"):
                     response = stack.enter_context(get_session().stream("GET", url, headers=headers, timeout=timeout))
+                if not authorized and response.status_code in _STALE_LOCATION:
+                    response.read()
+                    raise _StaleLocation(response.status_code)
                 try:
                     hf_raise_for_status(response)
                 except Exception:
                     response.read()
                     raise
+                if remember is not None:
+                    self._remember_location(remember, url, str(response.url))
                 yield RangeBody(response, start, end, what)
-        except MxfsError:
+        except (MxfsError, _StaleLocation):
             raise
         except Exception as exc:
             raise _translate(exc, what) from exc
+
+    def _remember_location(self, key: tuple[str, str, str], asked: str, served: str) -> None:
+        """Keep a redirect's target, but only one on another origin: a mirror that serves bytes
+        itself has no redirect to save, and the Hub's token must never go to a remembered URL."""
+        if served == asked or _origin(served) == _origin(self.endpoint):
+            return
+        with self._locations_lock:
+            if len(self._locations) >= MAX_LOCATIONS:
+                del self._locations[next(iter(self._locations))]
+            self._locations[key] = served
+
+    def _forget_location(self, key: tuple[str, str, str], located: str) -> None:
+        with self._locations_lock:
+            if self._locations.get(key) == located:
+                del self._locations[key]
+
+
+# A remembered CDN URL answered with one of these is out of date (an expired signature), not a
+# failure of the file: ask the Hub again.
+_STALE_LOCATION = frozenset({400, 401, 403, 404, 410})
+# Remembered CDN URLs (a few hundred bytes each): one per file recently downloaded.
+MAX_LOCATIONS = 4096
+
+
+class _StaleLocation(Exception):
+    """A remembered CDN URL was refused; the range is asked of the Hub instead."""
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
 
 
 class RangeBody:
@@ -320,6 +411,13 @@ class Hub:
     @property
     def offline(self) -> bool:
         return self.client.offline
+
+    async def warm_up(self) -> None:
+        """:meth:`HubClient.warm_up` in a thread; best effort (a lookup would make them anyway)."""
+        try:
+            await trio.to_thread.run_sync(self.client.warm_up, limiter=self.limiter, abandon_on_cancel=True)
+        except Exception as exc:  # never fatal: the first lookup tries again and reports
+            log.debug("warming up the Hub session: %s", exc)
 
     async def call(self, fn: Callable[..., T], *args: Any, what: str) -> T:
         """Run ``fn(*args)`` in a thread, retrying transient failures with backoff.

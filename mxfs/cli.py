@@ -58,6 +58,7 @@ FLAG_KEYS = {
     "chunk_size": "chunk_size",
     "poll_interval": "poll_interval",
     "allow_other": "allow_other",
+    "handoff": "handoff",
     "uid": "uid",
     "gid": "gid",
     "metrics_address": "metrics_address",
@@ -107,6 +108,13 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
         parser,
         "--allow-other",
         "let users other than the daemon's read the mount",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+    )
+    _add_setting(
+        parser,
+        "--handoff",
+        "serve complete models from the cache's own inodes (a read-only bind mount; root only)",
         action=argparse.BooleanOptionalAction,
         default=None,
     )
@@ -183,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _flag_spelling(dest: str, value: object) -> str:
     if dest == "eviction_enabled":
         return "--no-eviction"
-    if dest == "allow_other" and value is False:
-        return "--no-allow-other"
+    if dest in ("allow_other", "handoff") and value is False:
+        return "--no-" + dest.replace("_", "-")
     return "--" + dest.replace("_", "-")
 
 

@@ -172,6 +172,9 @@ class Settings:
     # How often a node that waits for another node's download looks at the registry and the cache.
     poll_interval: float = 0.5
     allow_other: bool = False
+    # Hand complete, verified models to the kernel (a read-only bind mount of hard links to the
+    # blobs over the model directory): FUSE leaves the data path (docs/handoff.md).
+    handoff: bool = True
     # Owner shown for every file and folder of the mount; None: the daemon's own user and group.
     uid: int | None = None
     gid: int | None = None
@@ -420,6 +423,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("chunk_size", "size", _size, "size of one range request of a large file", _at_least(1 << 20, "1MiB")),
     Option("poll_interval", "duration", _duration, "how often a waiter looks at another node's download", _positive),
     Option("allow_other", "bool", _bool, "let users other than the daemon's read the mount (pods running as non-root)"),
+    Option("handoff", "bool", _bool, "serve complete models by the kernel (bind mount), FUSE off the data path"),
     Option(
         "uid",
         "int",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,12 +33,14 @@ from mxfs.evict import Evictor
 from mxfs.exporter import ScrapeSources
 from mxfs.fetch import Catalog, Fetcher
 from mxfs.fs import MxfsOperations
+from mxfs.handoff import HandOff, KernelRelease
+from mxfs.handoff.kernel import can_mount
 from mxfs.hub import Hub, HubClient
 from mxfs.memory import bound_malloc_retention, return_memory_when_idle
 from mxfs.mounts import MountProbe, prepare_mountpoint, tune_fuse_connection
 from mxfs.pins import keep_pins
 from mxfs.rebuild import open_registry_recovering
-from mxfs.registry import Registry, redact_url
+from mxfs.registry import Registry, RegistryError, redact_url
 from mxfs.statedir import StateDir
 from mxfs.systemd import feed_watchdog, sd_notify, watchdog_period
 
@@ -66,13 +69,24 @@ class Services:
         )
 
 
-def make_evictor(settings: Settings, registry: Registry, cache: HubCache, fetcher: Fetcher | None = None) -> Evictor:
+def make_evictor(
+    settings: Settings,
+    registry: Registry,
+    cache: HubCache,
+    fetcher: Fetcher | None = None,
+    handoff: HandOff | KernelRelease | None = None,
+) -> Evictor:
+    """The evictor; ``handoff`` takes handed-off models back from the kernel before deleting them
+    (a command without a mount detaches what this mount namespace shows, if it may mount)."""
+    if handoff is None and can_mount():
+        handoff = KernelRelease()
     return Evictor(
         registry,
         cache,
         settings.eviction,
         check_interval=settings.eviction.check_interval,
         open_entries=fetcher.open_entries if fetcher is not None else set,
+        handoff=handoff,
     )
 
 
@@ -131,13 +145,25 @@ async def _announce_ready(probe: MountProbe) -> None:
     sd_notify("READY=1\nSTATUS=serving")
 
 
+# How long a stopping daemon spends taking its hand-offs back before it unmounts anyway (the
+# lazy unmount of the FUSE mount detaches whatever is left).
+DETACH_TIMEOUT = 3.0
+
+
 async def _stop_on_signals(
-    ops: MxfsOperations, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ops: MxfsOperations,
+    handoff: HandOff | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
+            if handoff is not None:
+                # While the loop still answers: the detach looks the directories up through FUSE.
+                with trio.move_on_after(DETACH_TIMEOUT):
+                    await handoff.detach_all()
             pyfuse3.terminate()
             # pyfuse3.main() returns once the requests in flight are answered: end them now.
             ops.requests.cancel_all()
@@ -149,7 +175,11 @@ REF_POLL_INTERVAL = 2.0
 
 
 async def _follow_refreshes(
-    catalog: Catalog, ops: MxfsOperations, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    catalog: Catalog,
+    ops: MxfsOperations,
+    handoff: HandOff | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Move model directories to the commits recorded in the state dir (``mxfs refresh``).
 
@@ -160,10 +190,40 @@ async def _follow_refreshes(
     while True:
         await trio.sleep(REF_POLL_INTERVAL)
         if moved := await catalog.follow_recorded_refs():
+            if handoff is not None:
+                # Detached first: the old commit's bind would otherwise hide the new one, and
+                # its open files keep reading the old commit.
+                await handoff.detach_refs(moved)
             ops.forget_model_dirs(moved)
 
 
 # -- the mount ---------------------------------------------------------------------------------
+
+
+def _make_handoff(settings: Settings, services: Services, mountpoint: Path) -> HandOff | None:
+    """The hand-off of complete models to the kernel, if it is on and the daemon may mount."""
+    if not settings.handoff:
+        log.info("hand-off off: FUSE serves every file")
+        return None
+    if not can_mount():
+        log.info("hand-off needs root (mount(2)); FUSE serves every file")
+        return None
+    registry = services.registry
+
+    async def touch(key: str) -> None:
+        with contextlib.suppress(RegistryError):
+            await registry.touch(key)
+
+    return HandOff(
+        services.cache,
+        mountpoint,
+        settings.state_dir,
+        uid=os.getuid() if settings.uid is None else settings.uid,
+        gid=os.getgid() if settings.gid is None else settings.gid,
+        touch=touch,
+        completed=services.fetcher.completed_entries(),
+    )
+
 
 
 async def serve(settings: Settings, mountpoint: Path) -> None:
@@ -173,7 +233,16 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
     # Bound before mounting: a taken port is a clear startup error, not a half-started daemon.
     listeners = await exporter.listen(settings.metrics_address) if settings.metrics_address else []
     async with open_services(settings) as services:
-        ops = MxfsOperations(services.fetcher, settings.revision, uid=settings.uid, gid=settings.gid)
+        handoff = _make_handoff(settings, services, mountpoint)
+        if handoff is not None:
+            services.evictor.handoff = handoff
+        ops = MxfsOperations(
+            services.fetcher,
+            settings.revision,
+            uid=settings.uid,
+            gid=settings.gid,
+            on_model_dir=handoff.model_dir_resolved if handoff is not None else None,
+        )
         options = set(pyfuse3.default_options) | {"fsname=mxfs", "subtype=mxfs", "ro"}
         if settings.allow_other:
             # Root needs no user_allow_other in /etc/fuse.conf; other users do.
@@ -182,9 +251,12 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
         probe = MountProbe(mountpoint)
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(_stop_on_signals, ops)
+                await nursery.start(_stop_on_signals, ops, handoff)
                 await nursery.start(return_memory_when_idle, services.fetcher)
-                await nursery.start(_follow_refreshes, services.catalog, ops)
+                await nursery.start(_follow_refreshes, services.catalog, ops, handoff)
+                if handoff is not None:
+                    # start_soon: making the mount shared may wait for our own loop to answer.
+                    nursery.start_soon(handoff.run)
                 await nursery.start(ops.drop_discarded_pages)
                 if listeners:
                     nursery.start_soon(exporter.serve, listeners, services.scrape_sources())

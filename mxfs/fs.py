@@ -155,10 +155,19 @@ class MxfsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(
-        self, fetcher: Fetcher, default_revision: str = "main", *, uid: int | None = None, gid: int | None = None
+        self,
+        fetcher: Fetcher,
+        default_revision: str = "main",
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+        on_model_dir: Callable[[str, ModelRef, Entry], None] | None = None,
     ) -> None:
         super().__init__()
         self.fetcher = fetcher
+        # Told each model directory (``org/name[@rev]``) as it resolves: the hand-off binds the
+        # complete ones over it (mxfs.handoff, wired by the daemon).
+        self._on_model_dir = on_model_dir
         self.default_revision = default_revision
         self._inodes = itertools.count(pyfuse3.ROOT_INODE + 1)
         root = Node(pyfuse3.ROOT_INODE, "root", pyfuse3.ROOT_INODE)
@@ -291,6 +300,9 @@ class MxfsOperations(pyfuse3.Operations):
         if node.entry is None:
             assert node.ref is not None
             node.entry = await self.fetcher.lookup(node.ref)
+            if self._on_model_dir is not None and node.kind == "model":
+                org = self._nodes[node.parent].org if node.parent in self._nodes else node.ref.repo_id.split("/")[0]
+                self._on_model_dir(f"{org}/{node.name}", node.ref, node.entry)
         return node.entry
 
     def _reply_entry(self, node: Node) -> pyfuse3.EntryAttributes:

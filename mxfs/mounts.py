@@ -59,6 +59,15 @@ def current_mounts() -> list[Mount]:
         return parse_mountinfo(f.read())
 
 
+def mountinfo_roots() -> list[tuple[str, str]]:
+    """(root, mount point) of every mount: ``root`` is the path inside its filesystem that a bind
+    mount shows, so it names where a bind came from."""
+    with open("/proc/self/mountinfo") as f:
+        lines = f.read().splitlines()
+    rows = (line.split() for line in lines)
+    return [(_unescape(fields[3]), _unescape(fields[4])) for fields in rows if len(fields) > 4]
+
+
 def mount_type(mountpoint: Path) -> str | None:
     """The filesystem type mounted at ``mountpoint`` (``fuse.mxfs``), or None if nothing is."""
     target = os.path.abspath(mountpoint)
@@ -133,6 +142,13 @@ def unmount(mountpoint: Path, *, lazy: bool = False) -> str:
     except OSError:
         stale = False  # EACCES (another user's mount without allow_other), say: let umount judge
     lazy = lazy or stale
+    if not lazy:
+        # Models handed to the kernel are binds under the mount (mxfs.handoff): an unmount of the
+        # mount itself would be "busy" while they are there.  A lazy one detaches them with it.
+        base = str(path).rstrip("/") + "/"
+        points = {m.mount_point for m in current_mounts() if m.mount_point.startswith(base)}
+        for point in sorted(points, key=lambda p: -p.count("/")):
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
     commands = (
         ["fusermount3", "-u", *(["-z"] if lazy else []), str(path)],
         ["umount", *(["-l"] if lazy else []), str(path)],

@@ -232,6 +232,9 @@ class Fetcher:
         # (entry key, path) of every copy discarded after some of its bytes were read: the
         # filesystem drops the kernel's cached pages of those files.  Rare, so unbounded.
         self._discards_send, self._discards_receive = trio.open_memory_channel[tuple[str, str]](math.inf)
+        # Entries that became complete and verified on this node, for the hand-off (mxfs.handoff);
+        # made when first asked for, so a daemon without one queues nothing.
+        self._completed_send: trio.MemorySendChannel[Entry] | None = None
         self.bytes_read = 0
         self._registry_warned_at = -math.inf
         # Set by the daemon: frees space (an eviction cycle) when a download finds the disk full;
@@ -272,6 +275,16 @@ class Fetcher:
     def discarded_copies(self) -> trio.MemoryReceiveChannel[tuple[str, str]]:
         """(entry key, path) of each copy discarded after readers were served some of its bytes."""
         return self._discards_receive
+
+    def completed_entries(self) -> trio.MemoryReceiveChannel[Entry]:
+        """Each entry once all its files are in the cache and verified (as ``mark_done`` says)."""
+        self._completed_send, receive = trio.open_memory_channel[Entry](math.inf)
+        return receive
+
+    def _completed(self, ef: EntryFetch) -> None:
+        ef.mark_done()
+        if self._completed_send is not None:
+            self._completed_send.send_nowait(ef.entry)
 
     # -- names --------------------------------------------------------------------------------
 
@@ -570,7 +583,7 @@ class Fetcher:
         if await self._finish(ef, claim_id, Status.DOWNLOADED, None) is False:
             log.warning("%s: finished, but another node had taken the claim over", entry)
         ef.failures = 0
-        ef.mark_done()
+        self._completed(ef)
 
     async def _finish(self, ef: EntryFetch, claim_id: str, status: Status, message: str | None) -> bool | None:
         """Publish the outcome: True, False if another node owns the claim now, None if the
@@ -595,7 +608,7 @@ class Fetcher:
             # The bytes are here and verified: serve them, the registry can catch up later.
             log.warning("%s: cached, but the registry is unavailable (%s)", ef.entry, exc)
         ef.failures = 0
-        ef.mark_done()
+        self._completed(ef)
 
     async def _write_refs(self, ef: EntryFetch) -> None:
         entry = ef.entry

@@ -61,6 +61,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def open_for_reading(path: Path | str) -> int:
+    """A read-only descriptor that never moves the file's atime (``O_NOATIME``, where allowed).
+
+    A blob handed to the kernel shares its inode with the hand-off's view (mxfs.handoff.view),
+    which shows the commit date as its atime, as the FUSE view does; the daemon's own reads of
+    the blob (FUSE handles opened before the hand-off) must not change it.  O_NOATIME needs the
+    file's owner or CAP_FOWNER: without them (EPERM), a plain descriptor.
+    """
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
 def make_dirs(path: Path) -> None:
     """``mkdir -p`` that creates every missing level with :data:`DIR_MODE`.
 

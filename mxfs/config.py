@@ -175,6 +175,9 @@ class Settings:
     # Hand complete, verified models to the kernel (a read-only bind mount of hard links to the
     # blobs over the model directory): FUSE leaves the data path (docs/handoff.md).
     handoff: bool = True
+    # How often the daemon checks its hand-offs against the mount table and the cache: a bind
+    # unmounted behind its back is made again, one whose files left the cache is taken back.
+    handoff_check_interval: float = 45.0
     # Owner shown for every file and folder of the mount; None: the daemon's own user and group.
     uid: int | None = None
     gid: int | None = None
@@ -424,6 +427,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("poll_interval", "duration", _duration, "how often a waiter looks at another node's download", _positive),
     Option("allow_other", "bool", _bool, "let users other than the daemon's read the mount (pods running as non-root)"),
     Option("handoff", "bool", _bool, "serve complete models by the kernel (bind mount), FUSE off the data path"),
+    Option(
+        "handoff_check_interval",
+        "duration",
+        _duration,
+        "how often handed-off models are checked against the mount table and the cache",
+        _positive,
+    ),
     Option(
         "uid",
         "int",

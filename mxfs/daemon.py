@@ -37,6 +37,7 @@ from mxfs.handoff import HandOff, KernelRelease
 from mxfs.handoff.kernel import can_mount
 from mxfs.hub import Hub, HubClient
 from mxfs.memory import bound_malloc_retention, return_memory_when_idle
+from mxfs.metrics import HANDOFF_OFF, HandOffState
 from mxfs.mounts import MountProbe, prepare_mountpoint, tune_fuse_connection
 from mxfs.pins import keep_pins
 from mxfs.rebuild import open_registry_recovering
@@ -62,10 +63,19 @@ class Services:
     fetcher: Fetcher
     evictor: Evictor
 
-    def scrape_sources(self) -> ScrapeSources:
-        """What the metrics exporter reads at each scrape."""
+    def scrape_sources(self, handoff: HandOff | None = None) -> ScrapeSources:
+        """What the metrics exporter reads at each scrape (``handoff``: the mount's, if it runs)."""
+
+        def handoff_state() -> HandOffState:
+            if handoff is None:
+                return HANDOFF_OFF
+            return HandOffState(enabled=True, model_dirs=len(handoff.attached))
+
         return ScrapeSources(
-            entry_counts=self.registry.status_counts, cache_usage=self.evictor.usage, activity=self.fetcher.activity
+            entry_counts=self.registry.status_counts,
+            cache_usage=self.evictor.usage,
+            activity=self.fetcher.activity,
+            handoff=handoff_state,
         )
 
 
@@ -132,8 +142,11 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             await registry.aclose()
 
 
-async def _announce_ready(probe: MountProbe) -> None:
-    """Wait until the mount answers, then tell systemd; a mount that never answers fails the daemon."""
+async def _announce_ready(probe: MountProbe, handoff: HandOff | None) -> None:
+    """Wait until the mount answers, then tell systemd; a mount that never answers fails the daemon.
+
+    Before it is ready the mount is made shared for the hand-off: readers in mount namespaces
+    made after that (pods) see the models handed off later."""
     deadline = trio.current_time() + MOUNT_ANSWER_TIMEOUT
     while not await probe.answers(max(deadline - trio.current_time(), 0.001)):
         if trio.current_time() >= deadline:
@@ -141,6 +154,8 @@ async def _announce_ready(probe: MountProbe) -> None:
             raise OSError(errno.ETIMEDOUT, what)
         await trio.sleep(0.05)
     await trio.to_thread.run_sync(tune_fuse_connection, probe.mountpoint)
+    if handoff is not None:
+        await handoff.share_mount()
     log.info("mounted at %s", probe.mountpoint)
     sd_notify("READY=1\nSTATUS=serving")
 
@@ -222,8 +237,8 @@ def _make_handoff(settings: Settings, services: Services, mountpoint: Path) -> H
         gid=os.getgid() if settings.gid is None else settings.gid,
         touch=touch,
         completed=services.fetcher.completed_entries(),
+        check_interval=settings.handoff_check_interval,
     )
-
 
 
 async def serve(settings: Settings, mountpoint: Path) -> None:
@@ -255,18 +270,17 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 await nursery.start(return_memory_when_idle, services.fetcher)
                 await nursery.start(_follow_refreshes, services.catalog, ops, handoff)
                 if handoff is not None:
-                    # start_soon: making the mount shared may wait for our own loop to answer.
                     nursery.start_soon(handoff.run)
                 await nursery.start(ops.drop_discarded_pages)
                 if listeners:
-                    nursery.start_soon(exporter.serve, listeners, services.scrape_sources())
+                    nursery.start_soon(exporter.serve, listeners, services.scrape_sources(handoff))
                 if settings.eviction.pinned:
                     await nursery.start(keep_pins, settings, services.registry)
                 if settings.eviction.enabled:
                     await nursery.start(services.evictor.run)
                 if (period := watchdog_period()) is not None:
                     await nursery.start(feed_watchdog, probe, period)
-                nursery.start_soon(_announce_ready, probe)
+                nursery.start_soon(_announce_ready, probe, handoff)
                 await pyfuse3.main(max_tasks=MAX_FUSE_TASKS)
                 nursery.cancel_scope.cancel()
         finally:

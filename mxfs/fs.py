@@ -34,7 +34,18 @@ import trio
 from mxfs import metrics
 from mxfs.errors import AccessDenied, InvalidName, MxfsError, NameTooLong, NotFound, ReadOnly, errno_for
 from mxfs.fetch import Entry, Fetcher, OpenFile
-from mxfs.names import ModelRef, check_component_length, model_dir_name, parse_model_dir, validate_repo_part
+from mxfs.names import (
+    XATTR_ETAG,
+    XATTR_MODEL,
+    XATTR_REVISION,
+    XATTR_SIZE,
+    XATTR_STATUS,
+    ModelRef,
+    check_component_length,
+    model_dir_name,
+    parse_model_dir,
+    validate_repo_part,
+)
 from mxfs.tree import HubFile
 
 log = logging.getLogger(__name__)
@@ -48,12 +59,6 @@ IMMUTABLE_TIMEOUT = 3600.0
 MODEL_TIMEOUT = 60.0
 # Root and org listings change as models are used.
 LISTING_TIMEOUT = 1.0
-
-XATTR_REVISION = b"user.mxfs.revision"
-XATTR_STATUS = b"user.mxfs.status"
-XATTR_ETAG = b"user.mxfs.etag"
-XATTR_MODEL = b"user.mxfs.model"
-XATTR_SIZE = b"user.mxfs.size"
 
 
 def fuse_handler(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:

@@ -29,15 +29,45 @@ def _pids() -> list[str]:
         return []
 
 
-def _fdinfo_ino(pid: str, fd: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("ino:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
+def parse_fdinfo_ino(text: str) -> int | None:
+    """The ``ino:`` of a ``/proc/<pid>/fdinfo/<fd>`` text (Linux >= 5.14); None if it has none."""
+    for line in text.splitlines():
+        if line.startswith("ino:"):
+            with contextlib.suppress(IndexError, ValueError):
+                return int(line.split()[1])
     return None
+
+
+def parse_maps(text: str) -> set[FileKey]:
+    """(st_dev, st_ino) of every file mapped in a ``/proc/<pid>/maps`` text.
+
+    A line is ``start-end perms offset major:minor inode [path]`` with the device in hex;
+    anonymous mappings have inode 0.  The path is not used: it may hold spaces, say
+    ``(deleted)``, or name the file as another mount namespace sees it.
+    """
+    found: set[FileKey] = set()
+    for line in text.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 5 or fields[4] == "0":
+            continue
+        major, sep, minor = fields[3].partition(":")
+        with contextlib.suppress(ValueError):
+            if sep:
+                found.add((os.makedev(int(major, 16), int(minor, 16)), int(fields[4])))
+    return found
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None  # the process ended, or is not ours to read
+
+
+def _fdinfo_ino(pid: str, fd: str) -> int | None:
+    text = _read(f"/proc/{pid}/fdinfo/{fd}")
+    return parse_fdinfo_ino(text) if text is not None else None
 
 
 def _open_in(pid: str, inodes: set[int], keys: set[FileKey], found: set[FileKey]) -> None:
@@ -56,20 +86,9 @@ def _open_in(pid: str, inodes: set[int], keys: set[FileKey], found: set[FileKey]
 
 
 def _mapped_in(pid: str, keys: set[FileKey], found: set[FileKey]) -> None:
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.readlines()
-    except OSError:
-        return
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) < 6 or fields[4] == "0":
-            continue
-        major, _, minor = fields[3].partition(":")
-        with contextlib.suppress(ValueError):
-            key = (os.makedev(int(major, 16), int(minor, 16)), int(fields[4]))
-            if key in keys:
-                found.add(key)
+    text = _read(f"/proc/{pid}/maps")
+    if text is not None:
+        found |= parse_maps(text) & keys
 
 
 def in_use(keys: Iterable[FileKey]) -> set[FileKey]:

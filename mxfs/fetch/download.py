@@ -30,7 +30,7 @@ from pathlib import Path
 import trio
 
 from mxfs import metrics
-from mxfs.cache import HubCache, make_dirs
+from mxfs.cache import HubCache, make_dirs, open_for_reading
 from mxfs.errors import (
     DiskFull,
     HubUnavailable,
@@ -324,7 +324,7 @@ class EntryDownload:
             try:
                 if resume is None:
                     _reserve(fd, file.size)
-                read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                read_fd = open_for_reading(path)
             except BaseException:
                 os.close(fd)
                 os.unlink(path)

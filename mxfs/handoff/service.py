@@ -5,13 +5,17 @@ to a revision whose blobs are all in the cache, the view of that revision (mxfs.
 is bound read-only over the directory inside our FUSE mount.  From then on the kernel serves
 it from the cache's inodes; FUSE handles opened before keep the FUSE inode and keep working.
 
-What ``open()`` used to tell the daemon comes from elsewhere: opens of the view are reported by
-inotify (a touch at once, then at most one per ``touch_interval``), descriptors and mappings
-held for longer by the ``/proc`` scan (a touch every ``touch_interval``; eviction runs the
-same scan).  Eviction detaches a view before it deletes (:meth:`HandOff.detach_entry`);
-``mxfs refresh`` detaches the directories whose revision moved (:meth:`HandOff.detach_refs`),
-and the next lookup hands the new commit off.  The directories handed off are recorded in the
-state directory so that a restart (after a stop or a ``kill -9``) hands them off again.
+What ``open()`` used to tell the daemon comes from elsewhere: opens of the view's files are
+reported by inotify (a touch at once, then at most one per ``OPEN_TOUCH_INTERVAL``: LRU order
+keeps a second's precision without a registry write per file of a model being loaded),
+descriptors and mappings held for longer by the ``/proc`` scan (a touch every
+``touch_interval``; eviction runs the same scan).  The daemon's calls into its own mount run in
+child processes (mxfs.handoff.kernel, which says why).  Eviction detaches a view before it
+deletes (:meth:`HandOff.detach_entry`); ``mxfs refresh`` detaches the directories whose
+revision moved (:meth:`HandOff.detach_refs`), and the next lookup hands the new commit off.
+The directories handed off are recorded in the state directory so that a restart (after a
+stop or a ``kill -9``) hands them off again; :meth:`HandOff.reconcile` repairs what changed
+behind the daemon's back.
 """
 
 from __future__ import annotations
@@ -28,16 +32,21 @@ import trio
 
 from mxfs.cache import HubCache, atomic_write_text, repo_folder_name
 from mxfs.fetch import Entry
-from mxfs.handoff import kernel
+from mxfs.handoff import kernel, syscalls
 from mxfs.handoff.usage import OpenWatch
 from mxfs.handoff.view import NotComplete, build_view, view_is_current
 from mxfs.names import EntryName, ModelRef
 from mxfs.openfiles import file_key, in_use
+from mxfs.tree import RepoTree
 
 log = logging.getLogger(__name__)
 
 # As often as the fetcher touches the entries open through FUSE (mxfs.fetch.fetcher).
 TOUCH_INTERVAL = 60.0
+# At most one touch per entry this often for opens through the kernel (FUSE touches on every open).
+OPEN_TOUCH_INTERVAL = 1.0
+# How often the hand-offs are checked against the mount table and the cache (``HandOff.reconcile``).
+CHECK_INTERVAL = 45.0
 RECORD_FILE = "handoff-dirs"
 
 
@@ -51,9 +60,13 @@ class ModelDir:
     view: Path | None = None  # the view bound over it now; None while FUSE serves it
 
 
-def view_suffix(name: EntryName) -> str:
-    """How a view's bind mount ends in mountinfo's root field, whoever made it."""
-    return f"/{repo_folder_name(name.repo_id)}/.mxfs-views/{name.commit}"
+def view_key(tree: RepoTree) -> tuple[str, str]:
+    """How :func:`mxfs.handoff.kernel.view_binds` names the view of ``tree``."""
+    return repo_folder_name(tree.repo_id), tree.commit
+
+
+def entry_view_key(name: EntryName) -> tuple[str, str]:
+    return repo_folder_name(name.repo_id), name.commit
 
 
 class KernelRelease:
@@ -63,8 +76,8 @@ class KernelRelease:
 
     async def detach_entry(self, name: EntryName) -> None:
         def detach_all() -> None:
-            for point in kernel.mounts_of_view(view_suffix(name)):
-                kernel.detach(Path(point))
+            for point in kernel.view_binds().get(entry_view_key(name), []):
+                syscalls.detach(point)  # not the daemon: no FUSE request of its own to wait for
 
         await trio.to_thread.run_sync(detach_all)
 
@@ -86,9 +99,13 @@ class HandOff:
         touch: Callable[[str], Awaitable[None]],
         completed: trio.MemoryReceiveChannel[Entry],
         touch_interval: float = TOUCH_INTERVAL,
+        check_interval: float = CHECK_INTERVAL,
     ) -> None:
         self.cache = cache
         self.mountpoint = mountpoint
+        # As mountinfo names the mount's directories (no FUSE lookup of the mount point itself).
+        self._mount_path = Path(os.path.realpath(mountpoint.parent)) / mountpoint.name
+        self.check_interval = check_interval
         self._record = state_dir / RECORD_FILE
         self._uid, self._gid = uid, gid
         self._touch = touch
@@ -99,8 +116,9 @@ class HandOff:
         self._held: set[str] = set()
         self._touched_at: dict[str, float] = {}
         self._queue_send, self._queue = trio.open_memory_channel[str](math.inf)
-        # One mount(2)/umount2(2) at a time: a bind and a detach of one directory never race.
-        self._kernel = trio.CapacityLimiter(1)
+        # One change at a time to the views and their binds: a bind and a detach of one directory
+        # never race, nor a view's build and its removal.
+        self._serial = trio.Lock()
         self._watch: OpenWatch | None = None
 
     # -- what the filesystem and the daemon tell it ----------------------------------------------
@@ -129,10 +147,15 @@ class HandOff:
     async def detach_entry(self, name: EntryName) -> None:
         """Eviction is about to delete ``name``: detach every directory showing it, hand none off."""
         self._held.add(name.key)
+        async with self._serial:
+            pass  # a hand-off in flight ends first: it sees the hold and takes its bind back
         for md in list(self._dirs.values()):
             if md.entry.registry_key == name.key:
                 await self._detach(md, "evicting")
-        await KernelRelease().detach_entry(name)
+        # Binds of the view that this run did not make (a daemon before a restart).
+        for point in await trio.to_thread.run_sync(lambda: kernel.view_binds().get(entry_view_key(name), [])):
+            async with self._serial:
+                await kernel.detach(Path(point))
 
     async def restore_entry(self, name: EntryName) -> None:
         """Eviction is done with ``name``: hand its directories off again where it is still whole."""
@@ -144,8 +167,13 @@ class HandOff:
     # -- the service -----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hand off and touch until cancelled; every bind is detached on the way out."""
-        await trio.to_thread.run_sync(kernel.make_shared, self.mountpoint, limiter=self._kernel)
+        """Hand off and touch until cancelled.
+
+        The binds are not detached on the way out: a stopping daemon detaches them while its
+        loop still answers (:meth:`detach_all`, from the signal handler), and the lazy unmount of
+        the FUSE mount detaches whatever is left with it.  Detaching after the loop stopped
+        would wait for FUSE answers that nobody gives.
+        """
         self._watch = OpenWatch()
         try:
             async with trio.open_nursery() as nursery:
@@ -154,41 +182,89 @@ class HandOff:
                 nursery.start_soon(self._touch_on_open)
                 nursery.start_soon(self._touch_held)
                 nursery.start_soon(self._hand_off_recorded)
+                nursery.start_soon(self._reconcile_every_interval)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
-            with trio.CancelScope(shield=True):
-                await self.detach_all()
-                self._watch.close()
+            self._watch.close()
+
+    async def share_mount(self) -> None:
+        """Give the FUSE mount shared propagation, once it answers and before the daemon says it is
+        ready: a pod (``HostToContainer``) or an ``unshare --propagation slave`` started after
+        that sees every later hand-off."""
+        try:
+            await kernel.make_shared(self.mountpoint)
+        except OSError as exc:
+            log.warning("hand-off: %s; mount namespaces made from now on will not see hand-offs", exc)
 
     async def detach_all(self) -> None:
         """Detach every bind under the mount (ours, and any a crashed daemon left)."""
 
-        def detach() -> int:
-            points = kernel.submounts(self.mountpoint)
+        async with self._serial:
+            for md in self._dirs.values():
+                md.view = None
+            points = kernel.submounts(self.mountpoint)  # reads mountinfo: no FUSE request
             for point in points:
-                kernel.detach(Path(point))
-            return len(points)
-
-        count = await trio.to_thread.run_sync(detach, limiter=self._kernel)
-        for md in self._dirs.values():
-            md.view = None
+                await kernel.detach(Path(point))
+        count = len(points)
         if count:
             log.info("hand-off: detached %d model director%s", count, "y" if count == 1 else "ies")
 
     async def _hand_off_recorded(self) -> None:
         """After a restart: look up the directories handed off before, which hands them off again."""
 
-        def look_up() -> None:
-            try:
-                rels = self._record.read_text().split("\n")
-            except FileNotFoundError:
-                return
-            for rel in filter(None, rels):
-                with contextlib.suppress(OSError):
-                    os.stat(self.mountpoint / rel)  # a FUSE lookup: resolves the directory
+        try:
+            rels = (await trio.to_thread.run_sync(self._record.read_text)).split("\n")
+        except FileNotFoundError:
+            return
+        # FUSE lookups, which resolve the directories: in a child, as every call into our mount.
+        await kernel.look_up([self.mountpoint / rel for rel in filter(None, rels)])
 
-        await trio.to_thread.run_sync(look_up, abandon_on_cancel=True)
+    async def _reconcile_every_interval(self) -> None:
+        while True:
+            await trio.sleep(self.check_interval)
+            await self.reconcile()
+
+    async def reconcile(self) -> None:
+        """Make what the kernel serves match what the daemon believes, after changes behind its back.
+
+        * A bind whose view is no longer whole (its revision deleted by hand, or evicted by
+          ``mxfs evict`` in another mount namespace or on another node sharing the cache) is
+          taken back to FUSE, and the stale view deleted: its links would keep the deleted blobs'
+          disk space.  Readers that opened or mapped a file keep it.  FUSE fetches what a reader
+          asks for again; the directory is handed off again once the entry is complete.
+        * A bind that is gone while its view is whole (unmounted outside the daemon, a refused
+          ``mxfs unmount``) is made again.
+        * A directory on FUSE whose entry became complete without this daemon (``mxfs prefetch``,
+          another node) is handed off.
+        """
+        binds = await trio.to_thread.run_sync(kernel.view_binds)
+        for md in list(self._dirs.values()):
+            if self._dirs.get(md.rel) is not md or md.entry.registry_key in self._held:
+                continue
+            view = md.view
+            if view is None:
+                self._queue_send.send_nowait(md.rel)  # handed off if complete now
+                continue
+            tree = md.entry.tree
+            async with self._serial:
+                whole = await trio.to_thread.run_sync(view_is_current, self.cache, tree, view)
+            if md.view is not view:
+                continue  # detached or replaced meanwhile
+            if not whole:
+                await self._detach(md, "its files left the cache")
+                async with self._serial:
+                    await trio.to_thread.run_sync(self._drop_stale_view, tree)
+                self._queue_send.send_nowait(md.rel)
+            elif str(self._mount_path / md.rel) not in binds.get(view_key(tree), []):
+                log.info("%s: its bind was unmounted outside the daemon; handing it off again", md.rel)
+                md.view = None
+                self._queue_send.send_nowait(md.rel)
+
+    def _drop_stale_view(self, tree: RepoTree) -> None:
+        view = self.cache.view_dir(tree.repo_id, tree.commit)
+        if view.exists() and not view_is_current(self.cache, tree, view):
+            self.cache.remove_view(tree.repo_id, tree.commit)
 
     async def _follow_completions(self) -> None:
         async for entry in self._completed:
@@ -203,29 +279,30 @@ class HandOff:
                 continue
             try:
                 await self._attach(md)
+            except FileNotFoundError as exc:
+                # The view or the directory went while the bind was made (an eviction or a
+                # refresh elsewhere): FUSE serves it, and the next check looks again.
+                log.debug("%s: not handed off, gone meanwhile: %s", rel, exc)
             except OSError as exc:
                 log.warning("%s: could not hand it to the kernel, FUSE serves it: %s", rel, exc)
 
     async def _attach(self, md: ModelDir) -> None:
         tree = md.entry.tree
-        try:
-            view = await trio.to_thread.run_sync(
-                lambda: build_view(self.cache, tree, uid=self._uid, gid=self._gid), limiter=self._kernel
-            )
-        except NotComplete as exc:
-            log.debug("%s: not handed off yet: %s", md.rel, exc)
-            return
         target = self.mountpoint / md.rel
-
-        def bind() -> None:
-            kernel.detach(target)  # never two binds on one directory
-            kernel.bind_read_only(view, target)
-
-        await trio.to_thread.run_sync(bind, limiter=self._kernel)
-        if self._dirs.get(md.rel) is not md or md.entry.registry_key in self._held:
-            # Refresh or eviction took the directory back while the bind was made.
-            await trio.to_thread.run_sync(kernel.detach, target, limiter=self._kernel)
-            return
+        async with self._serial:
+            try:
+                view = await trio.to_thread.run_sync(lambda: build_view(self.cache, tree, uid=self._uid, gid=self._gid))
+            except NotComplete as exc:
+                log.debug("%s: not handed off yet: %s", md.rel, exc)
+                return
+            # Recorded before it is bound: a kill -9 right after the bind still finds it recorded,
+            # and the restart hands it off again (a record of a directory not bound costs a lookup).
+            await trio.to_thread.run_sync(self._write_record, md.rel)
+            await kernel.bind_read_only(view, target)  # over whatever was bound there
+            if self._dirs.get(md.rel) is not md or md.entry.registry_key in self._held:
+                # Refresh or eviction took the directory back while the bind was made.
+                await kernel.detach(target)
+                return
         md.view = view
         log.info("%s: handed to the kernel (%s)", md.rel, md.entry)
         await trio.to_thread.run_sync(self._watch_view, md.entry, view)
@@ -239,8 +316,9 @@ class HandOff:
             with contextlib.suppress(OSError):
                 self._watch.watch(view / folder, entry.registry_key)
 
-    def _write_record(self) -> None:
-        text = "".join(f"{rel}\n" for rel in self.attached)
+    def _write_record(self, also: str | None = None) -> None:
+        """Record the directories handed off (and ``also``, about to be) for a restart."""
+        text = "".join(f"{rel}\n" for rel in sorted({*self.attached, *filter(None, [also])}))
         with contextlib.suppress(OSError):
             atomic_write_text(self._record, text)
 
@@ -249,7 +327,9 @@ class HandOff:
             return
         md.view = None
         target = self.mountpoint / md.rel
-        if await trio.to_thread.run_sync(kernel.detach, target, limiter=self._kernel):
+        async with self._serial:
+            detached = await kernel.detach(target)
+        if detached:
             log.info("%s: taken back from the kernel (%s); open files keep reading", md.rel, why)
         if self._watch is not None and not any(
             d.view is not None and d.entry.registry_key == md.entry.registry_key for d in self._dirs.values()
@@ -261,7 +341,7 @@ class HandOff:
 
     async def _touch_if_due(self, key: str) -> None:
         now = trio.current_time()
-        if now - self._touched_at.get(key, -math.inf) >= self.touch_interval:
+        if now - self._touched_at.get(key, -math.inf) >= OPEN_TOUCH_INTERVAL:
             self._touched_at[key] = now
             await self._touch(key)
 

@@ -21,6 +21,7 @@ IN_OPEN = 0x20
 IN_IGNORED = 0x8000
 IN_Q_OVERFLOW = 0x4000
 IN_ONLYDIR = 0x1000000
+IN_ISDIR = 0x40000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 _EVENT = struct.Struct("iIII")
@@ -68,6 +69,10 @@ class OpenWatch:
                 self.overflowed = True
             elif mask & IN_IGNORED:
                 self._labels.pop(wd, None)
+            elif mask & IN_ISDIR:
+                # A folder opened (a listing, a walk of the cache by `du` or a backup): no use of
+                # the model, as an opendir through FUSE is none.  Files opened are.
+                continue
             elif wd in self._labels:
                 found.add(self._labels[wd])
         return found

@@ -150,6 +150,8 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "chunk_size": ("16MiB", 16 * 2**20),
     "poll_interval": ("250ms", 0.25),
     "allow_other": ("on", True),
+    "handoff": ("off", False),
+    "handoff_check_interval": ("30s", 30.0),
     "uid": ("1000", 1000),
     "gid": ("nogroup", 65534),
     "metrics_address": ("[::1]:9500", "[::1]:9500"),

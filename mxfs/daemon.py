@@ -69,7 +69,7 @@ class Services:
         def handoff_state() -> HandOffState:
             if handoff is None:
                 return HANDOFF_OFF
-            return HandOffState(enabled=True, model_dirs=len(handoff.attached))
+            return HandOffState(enabled=not handoff.refused, model_dirs=len(handoff.attached))
 
         return ScrapeSources(
             entry_counts=self.registry.status_counts,

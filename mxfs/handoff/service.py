@@ -120,6 +120,9 @@ class HandOff:
         # never race, nor a view's build and its removal.
         self._serial = trio.Lock()
         self._watch: OpenWatch | None = None
+        # Set when the kernel refuses our binds (root without CAP_SYS_ADMIN, a seccomp profile):
+        # said once, and FUSE serves everything from then on.
+        self.refused = False
 
     # -- what the filesystem and the daemon tell it ----------------------------------------------
 
@@ -275,7 +278,7 @@ class HandOff:
     async def _attach_queued(self) -> None:
         async for rel in self._queue:
             md = self._dirs.get(rel)
-            if md is None or md.view is not None or md.entry.registry_key in self._held:
+            if self.refused or md is None or md.view is not None or md.entry.registry_key in self._held:
                 continue
             try:
                 await self._attach(md)
@@ -283,6 +286,9 @@ class HandOff:
                 # The view or the directory went while the bind was made (an eviction or a
                 # refresh elsewhere): FUSE serves it, and the next check looks again.
                 log.debug("%s: not handed off, gone meanwhile: %s", rel, exc)
+            except PermissionError as exc:
+                self.refused = True
+                log.warning("hand-off: the kernel refuses our mounts (%s); FUSE serves every file", exc)
             except OSError as exc:
                 log.warning("%s: could not hand it to the kernel, FUSE serves it: %s", rel, exc)
 

@@ -22,7 +22,9 @@ e. ``safe_open(framework="pt")`` + every tensor (cloned, so every byte is read),
    from the cache dir, warm and with the page cache dropped;
 f. 16 threads of 2 MiB preads on one file handle (cold page cache; and with O_DIRECT on the mounts,
    so that every read reaches the daemon, 1 vs 16 threads): mxfs vs passthrough vs a direct fd;
-g. peak RSS (VmHWM) of the mxfs daemons vs the passthrough daemon.
+g. peak RSS (VmHWM) of the mxfs daemons vs the passthrough daemon;
+h. the hand-off (``bench/handoff.py``): a complete model served by the kernel vs the cache dir:
+   warm and cold reads, safetensors ``load_file`` and ``safe_open``, a 5000-file listing.
 """
 
 from __future__ import annotations
@@ -380,6 +382,27 @@ class Suite:
         return Path(snaps[0])
 
     @staticmethod
+    def snapshot_of_repo(cache: Path, repo_id: str) -> Path:
+        snaps = glob.glob(str(cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "*"))
+        if len(snaps) != 1:
+            raise RuntimeError(f"expected one snapshot in {cache}, found {snaps}")
+        return Path(snaps[0])
+
+    def handoff(self, cache: Path) -> None:
+        """h. The hand-off (docs/handoff.md) vs the cache dir, and a 5000-file listing."""
+        from handoff import run_section  # bench/handoff.py, beside this script
+
+        repo_dir = self.work / "handoff-files-5000"
+        (repo_dir / "parts").mkdir(parents=True)
+        for i in range(5000):
+            (repo_dir / "parts" / f"{i:05d}.json").write_bytes(os.urandom(256))
+        hub = HubServer({"bench/files-5000": repo_dir}, self.work / "hub-handoff.log")
+        try:
+            run_section(self, sys.modules[__name__], cache, "bench/files-5000", hub.endpoint)
+        finally:
+            hub.stop()
+
+    @staticmethod
     def wait_cached(cache: Path, names: list[str], repo_id: str = REPO_ID) -> Path:
         """Wait until the mxfs download is complete in the cache (snapshot links, no .incomplete)."""
         deadline = time.monotonic() + CACHED_TIMEOUT
@@ -665,7 +688,7 @@ class Suite:
             if "paced" in sections:
                 log("c'. cold loads from a paced Hub")
                 self.paced_cold_loads()
-            if "cold" in sections or "cached" in sections:
+            if sections & {"cold", "cached", "handoff"}:
                 log("c. cold load")
                 cache = self.cold_load()
             if "ttfb" in sections:
@@ -674,6 +697,9 @@ class Suite:
             if "cached" in sections:
                 log("a, b, e, f on the cached entry")
                 self.cached(cache)
+            if "handoff" in sections:
+                log("h. the hand-off vs the cache dir")
+                self.handoff(cache)
         finally:
             hub.stop()
 
@@ -748,9 +774,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) afterwards")
     parser.add_argument("--pace", type=parse_size, default=parse_size("200MiB"),
                         help="per-connection rate of the paced Hub, bytes/s (default 200MiB: a CDN)")  # fmt: skip
-    sections = {"files", "paced", "cold", "ttfb", "cached"}
+    sections = {"files", "paced", "cold", "ttfb", "cached", "handoff"}
     parser.add_argument("--sections", type=lambda t: set(t.split(",")), default=sections,
-                        help="comma-separated: files,paced,cold,ttfb,cached (default all)")  # fmt: skip
+                        help="comma-separated: files,paced,cold,ttfb,cached,handoff (default all)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.size < MIB:
         parser.error("--repeat >= 1 and --size >= 1MiB")

@@ -35,6 +35,10 @@ from mxfs.names import COMMIT_RE, repo_folder, repo_id_of_folder
 from mxfs.tree import HubFile, RepoTree
 
 INCOMPLETE_SUFFIX = ".incomplete"
+# Inside a repo folder, beside blobs/ and snapshots/: the hand-off views (mxfs.handoff.view), hard
+# links to the blobs, one folder per commit.  huggingface_hub's scan looks only at snapshots/,
+# refs/ and blobs/ of a repo folder, so it stays clean; a new top-level folder would not.
+VIEWS_DIR = ".mxfs-views"
 # The most any folder or file of the cache (and of the state beside it) is ever created with:
 # readable by the users of the mount and by programs that use the HF cache directly, writable by
 # the daemon alone, whatever the umask it was started with (systemd's default is 0022, but a
@@ -55,6 +59,20 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_for_reading(path: Path | str) -> int:
+    """A read-only descriptor that never moves the file's atime (``O_NOATIME``, where allowed).
+
+    A blob handed to the kernel shares its inode with the hand-off's view (mxfs.handoff.view),
+    which shows the commit date as its atime, as the FUSE view does; the daemon's own reads of
+    the blob (FUSE handles opened before the hand-off) must not change it.  O_NOATIME needs the
+    file's owner or CAP_FOWNER: without them (EPERM), a plain descriptor.
+    """
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def make_dirs(path: Path) -> None:
@@ -131,6 +149,23 @@ class HubCache:
 
     def ref_path(self, repo_id: str, revision: str) -> Path:
         return self.repo_dir(repo_id) / "refs" / revision
+
+    def view_dir(self, repo_id: str, commit: str) -> Path:
+        """The hand-off view of one revision: its files as hard links to the blobs."""
+        return self.repo_dir(repo_id) / VIEWS_DIR / commit
+
+    def remove_view(self, repo_id: str, commit: str) -> None:
+        """Delete a revision's view (unmounted first: see mxfs.handoff); readers keep the inodes."""
+        view = self.view_dir(repo_id, commit)
+        for dirpath, dirnames, filenames in os.walk(view, topdown=False):
+            for filename in filenames:
+                (Path(dirpath) / filename).unlink(missing_ok=True)
+            for dirname in dirnames:
+                with contextlib.suppress(OSError):
+                    (Path(dirpath) / dirname).rmdir()
+        for folder in (view, view.parent):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def tree_path(self, repo_id: str, commit: str) -> Path:
         return self.repo_dir(repo_id) / "trees" / f"{commit}.json"
@@ -305,8 +340,11 @@ class HubCache:
 
         Order matters for concurrent readers of the cache: refs first (nobody resolves to the
         commit any more), then the snapshot links, then only the blobs no other snapshot uses.
+        The hand-off view's links go too (its mounts are detached before: mxfs.handoff), or the
+        blobs' inodes would outlive the eviction meant to free them.
         """
         repo = self.repo_dir(repo_id)
+        self.remove_view(repo_id, commit)
         refs = repo / "refs"
         for dirpath, _dirs, filenames in os.walk(refs):
             for filename in filenames:

@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from mxfs import __version__
-from mxfs.cache import HubCache
+from mxfs.cache import HubCache, repo_folder_name
 from mxfs.config import (
     DEFAULT_CONFIG_FILE,
     OPTIONS,
@@ -37,6 +37,7 @@ from mxfs.daemon import make_evictor, open_services, serve
 from mxfs.errors import MxfsError
 from mxfs.evict import EvictionReport
 from mxfs.fetch import Entry, Fetcher
+from mxfs.handoff.kernel import view_binds
 from mxfs.mounts import unmount
 from mxfs.names import EntryName, entry_label, parse_model_arg, short_commit
 from mxfs.pins import apply_pins, match_entries
@@ -60,6 +61,7 @@ FLAG_KEYS = {
     "refresh_within": "refresh_within",
     "ca_bundle": "ca_bundle",
     "allow_other": "allow_other",
+    "handoff": "handoff",
     "uid": "uid",
     "gid": "gid",
     "metrics_address": "metrics_address",
@@ -110,6 +112,13 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
         parser,
         "--allow-other",
         "let users other than the daemon's read the mount",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+    )
+    _add_setting(
+        parser,
+        "--handoff",
+        "serve complete models from the cache's own inodes (a read-only bind mount; root only)",
         action=argparse.BooleanOptionalAction,
         default=None,
     )
@@ -187,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _flag_spelling(dest: str, value: object) -> str:
     if dest == "eviction_enabled":
         return "--no-eviction"
-    if dest == "allow_other" and value is False:
-        return "--no-allow-other"
+    if dest in ("allow_other", "handoff") and value is False:
+        return "--no-" + dest.replace("_", "-")
     return "--" + dest.replace("_", "-")
 
 
@@ -296,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
 # -- status ------------------------------------------------------------------------------------
 
 
-def _status_row(record: Record, refs: dict[str, list[str]], progress: tuple[int, int] | None) -> dict[str, object]:
+def _status_row(
+    record: Record, refs: dict[str, list[str]], progress: tuple[int, int] | None, handed_off: list[str] | None = None
+) -> dict[str, object]:
+    """One entry; ``handed_off``: the directories (mount points) the kernel serves it at."""
     name = EntryName.parse(record.model_name)
     repo_id, commit = (name.repo_id, name.commit) if name is not None else (record.model_name, "")
     if record.status == Status.DOWNLOADED:
@@ -313,8 +325,18 @@ def _status_row(record: Record, refs: dict[str, list[str]], progress: tuple[int,
         "created_at": record.created_at.isoformat(),
         "last_used_at": record.last_used_at.isoformat(),
         "pinned": record.pinned,
+        "handed_off": handed_off or [],
         "message": record.message,
     }
+
+
+def _handed_off(record: Record, binds: dict[tuple[str, str], list[str]]) -> list[str]:
+    """Where this namespace's mount table shows the entry handed to the kernel: a bind of its view
+    over a model directory.  Read from the kernel, so right whether or not the daemon runs."""
+    name = EntryName.parse(record.model_name)
+    if name is None:
+        return []
+    return binds.get((repo_folder_name(name.repo_id), name.commit), [])
 
 
 def _download_progress(state: StateDir, cache: HubCache, record: Record) -> tuple[int, int] | None:
@@ -342,7 +364,7 @@ def _ago(when: datetime) -> str:
 
 
 def _status_table(rows: list[dict[str, object]], records: list[Record]) -> list[str]:
-    header = ("MODEL", "REVISION", "STATUS", "SIZE", "LAST USED", "PINNED")
+    header = ("MODEL", "REVISION", "STATUS", "SIZE", "LAST USED", "PINNED", "HANDED OFF")
     lines = [header]
     notes = []
     for row, record in zip(rows, records, strict=True):
@@ -356,7 +378,15 @@ def _status_table(rows: list[dict[str, object]], records: list[Record]) -> list[
         revision = str(row["revision"])
         revision = revision if len(revision) < 20 else short_commit(revision)
         lines.append(
-            (str(row["model"]), revision, status, size_text, _ago(record.last_used_at), "yes" if row["pinned"] else "")
+            (
+                str(row["model"]),
+                revision,
+                status,
+                size_text,
+                _ago(record.last_used_at),
+                "yes" if row["pinned"] else "",
+                "yes" if row["handed_off"] else "",
+            )
         )
         if record.status == Status.ERROR and record.message:
             notes.append(f"{row['model']}@{revision}: {record.message}")
@@ -381,7 +411,11 @@ async def _status(settings: Settings, as_json: bool) -> int:
         return state.refs_by_commit(name.repo_id) if name is not None else {}
 
     def rows() -> list[dict[str, object]]:
-        return [_status_row(record, refs(record), _download_progress(state, cache, record)) for record in records]
+        binds = view_binds()
+        return [
+            _status_row(record, refs(record), _download_progress(state, cache, record), _handed_off(record, binds))
+            for record in records
+        ]
 
     table = await trio.to_thread.run_sync(rows)
     if as_json:
@@ -395,12 +429,20 @@ async def _status(settings: Settings, as_json: bool) -> int:
     total = sum(r.size_bytes or 0 for r in records if r.status == Status.DOWNLOADED)
     pinned = sum(r.pinned for r in records)
     print(f"\n{len(records)} entries ({summary or 'none'}), {format_size(total)} cached, {pinned} pinned")
+    print(_handoff_line(settings, table))
     try:
         disk = await trio.to_thread.run_sync(os.statvfs, settings.cache_dir)
         print(f"cache {settings.cache_dir}: {format_size(disk.f_bavail * disk.f_frsize)} free")
     except OSError:
         pass
     return 0
+
+
+def _handoff_line(settings: Settings, rows: list[dict[str, object]]) -> str:
+    dirs = sum(len(row["handed_off"]) for row in rows if isinstance(row["handed_off"], list))
+    setting = "on" if settings.handoff else "off (handoff = false)"
+    served = f"{dirs} model director{'y' if dirs == 1 else 'ies'} served by the kernel"
+    return f"hand-off {setting}: {served}"
 
 
 # -- prefetch ----------------------------------------------------------------------------------

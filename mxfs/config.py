@@ -178,6 +178,12 @@ class Settings:
     # re-signs TLS.  None: SSL_CERT_FILE / SSL_CERT_DIR, else the system store.
     ca_bundle: Path | None = None
     allow_other: bool = False
+    # Hand complete, verified models to the kernel (a read-only bind mount of hard links to the
+    # blobs over the model directory): FUSE leaves the data path (docs/handoff.md).
+    handoff: bool = True
+    # How often the daemon checks its hand-offs against the mount table and the cache: a bind
+    # unmounted behind its back is made again, one whose files left the cache is taken back.
+    handoff_check_interval: float = 45.0
     # Owner shown for every file and folder of the mount; None: the daemon's own user and group.
     uid: int | None = None
     gid: int | None = None
@@ -434,6 +440,14 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("ca_bundle", "path", _optional(_path), "CA bundle (PEM) Hub connections trust (a proxy that re-signs TLS)"),
     Option("allow_other", "bool", _bool, "let users other than the daemon's read the mount (pods running as non-root)"),
+    Option("handoff", "bool", _bool, "serve complete models by the kernel (bind mount), FUSE off the data path"),
+    Option(
+        "handoff_check_interval",
+        "duration",
+        _duration,
+        "how often handed-off models are checked against the mount table and the cache",
+        _positive,
+    ),
     Option(
         "uid",
         "int",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,8 +33,11 @@ from mxfs.evict import Evictor
 from mxfs.exporter import ScrapeSources
 from mxfs.fetch import Catalog, Fetcher
 from mxfs.fs import MxfsOperations
+from mxfs.handoff import HandOff, KernelRelease
+from mxfs.handoff.kernel import can_mount
 from mxfs.hub import Hub, HubClient, trust_ca_bundle
 from mxfs.memory import bound_malloc_retention, return_memory_when_idle
+from mxfs.metrics import HANDOFF_OFF, HandOffState
 from mxfs.mounts import MountProbe, prepare_mountpoint, tune_fuse_connection
 from mxfs.pins import keep_pins
 from mxfs.rebuild import open_registry_recovering
@@ -59,20 +63,40 @@ class Services:
     fetcher: Fetcher
     evictor: Evictor
 
-    def scrape_sources(self) -> ScrapeSources:
-        """What the metrics exporter reads at each scrape."""
+    def scrape_sources(self, handoff: HandOff | None = None) -> ScrapeSources:
+        """What the metrics exporter reads at each scrape (``handoff``: the mount's, if it runs)."""
+
+        def handoff_state() -> HandOffState:
+            if handoff is None:
+                return HANDOFF_OFF
+            return HandOffState(enabled=not handoff.refused, model_dirs=len(handoff.attached))
+
         return ScrapeSources(
-            entry_counts=self.registry.status_counts, cache_usage=self.evictor.usage, activity=self.fetcher.activity
+            entry_counts=self.registry.status_counts,
+            cache_usage=self.evictor.usage,
+            activity=self.fetcher.activity,
+            handoff=handoff_state,
         )
 
 
-def make_evictor(settings: Settings, registry: Registry, cache: HubCache, fetcher: Fetcher | None = None) -> Evictor:
+def make_evictor(
+    settings: Settings,
+    registry: Registry,
+    cache: HubCache,
+    fetcher: Fetcher | None = None,
+    handoff: HandOff | KernelRelease | None = None,
+) -> Evictor:
+    """The evictor; ``handoff`` takes handed-off models back from the kernel before deleting them
+    (a command without a mount detaches what this mount namespace shows, if it may mount)."""
+    if handoff is None and can_mount():
+        handoff = KernelRelease()
     return Evictor(
         registry,
         cache,
         settings.eviction,
         check_interval=settings.eviction.check_interval,
         open_entries=fetcher.open_entries if fetcher is not None else set,
+        handoff=handoff,
     )
 
 
@@ -120,8 +144,11 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             await registry.aclose()
 
 
-async def _announce_ready(probe: MountProbe) -> None:
-    """Wait until the mount answers, then tell systemd; a mount that never answers fails the daemon."""
+async def _announce_ready(probe: MountProbe, handoff: HandOff | None) -> None:
+    """Wait until the mount answers, then tell systemd; a mount that never answers fails the daemon.
+
+    Before it is ready the mount is made shared for the hand-off: readers in mount namespaces
+    made after that (pods) see the models handed off later."""
     deadline = trio.current_time() + MOUNT_ANSWER_TIMEOUT
     while not await probe.answers(max(deadline - trio.current_time(), 0.001)):
         if trio.current_time() >= deadline:
@@ -129,17 +156,31 @@ async def _announce_ready(probe: MountProbe) -> None:
             raise OSError(errno.ETIMEDOUT, what)
         await trio.sleep(0.05)
     await trio.to_thread.run_sync(tune_fuse_connection, probe.mountpoint)
+    if handoff is not None:
+        await handoff.share_mount()
     log.info("mounted at %s", probe.mountpoint)
     sd_notify("READY=1\nSTATUS=serving")
 
 
+# How long a stopping daemon spends taking its hand-offs back before it unmounts anyway (the
+# lazy unmount of the FUSE mount detaches whatever is left).
+DETACH_TIMEOUT = 3.0
+
+
 async def _stop_on_signals(
-    ops: MxfsOperations, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ops: MxfsOperations,
+    handoff: HandOff | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
+            if handoff is not None:
+                # While the loop still answers: the detach looks the directories up through FUSE.
+                with trio.move_on_after(DETACH_TIMEOUT):
+                    await handoff.detach_all()
             pyfuse3.terminate()
             # pyfuse3.main() returns once the requests in flight are answered: end them now.
             ops.requests.cancel_all()
@@ -151,7 +192,11 @@ REF_POLL_INTERVAL = 2.0
 
 
 async def _follow_refreshes(
-    catalog: Catalog, ops: MxfsOperations, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    catalog: Catalog,
+    ops: MxfsOperations,
+    handoff: HandOff | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Move model directories to the commits recorded in the state dir (``mxfs refresh``).
 
@@ -162,6 +207,10 @@ async def _follow_refreshes(
     while True:
         await trio.sleep(REF_POLL_INTERVAL)
         if moved := await catalog.follow_recorded_refs():
+            if handoff is not None:
+                # Detached first: the old commit's bind would otherwise hide the new one, and
+                # its open files keep reading the old commit.
+                await handoff.detach_refs(moved)
             ops.forget_model_dirs(moved)
 
 
@@ -169,6 +218,7 @@ async def _follow_registry_refs(
     registry: Registry,
     catalog: Catalog,
     ops: MxfsOperations,
+    handoff: HandOff | None,
     within: float,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -207,11 +257,39 @@ async def _follow_registry_refs(
             moved, retry = await catalog.follow_registry_refs(sorted(pending.values(), key=lambda r: r.version))
             pending = {(r.repo_id, r.revision): r for r in retry}
             if moved:
+                if handoff is not None:
+                    await handoff.detach_refs(moved)  # as for a local refresh, see _follow_refreshes
                 ops.forget_model_dirs(moved)
         await trio.sleep(within / 2)
 
 
 # -- the mount ---------------------------------------------------------------------------------
+
+
+def _make_handoff(settings: Settings, services: Services, mountpoint: Path) -> HandOff | None:
+    """The hand-off of complete models to the kernel, if it is on and the daemon may mount."""
+    if not settings.handoff:
+        log.info("hand-off off: FUSE serves every file")
+        return None
+    if not can_mount():
+        log.info("hand-off needs root (mount(2)); FUSE serves every file")
+        return None
+    registry = services.registry
+
+    async def touch(key: str) -> None:
+        with contextlib.suppress(RegistryError):
+            await registry.touch(key)
+
+    return HandOff(
+        services.cache,
+        mountpoint,
+        settings.state_dir,
+        uid=os.getuid() if settings.uid is None else settings.uid,
+        gid=os.getgid() if settings.gid is None else settings.gid,
+        touch=touch,
+        completed=services.fetcher.completed_entries(),
+        check_interval=settings.handoff_check_interval,
+    )
 
 
 async def serve(settings: Settings, mountpoint: Path) -> None:
@@ -221,7 +299,16 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
     # Bound before mounting: a taken port is a clear startup error, not a half-started daemon.
     listeners = await exporter.listen(settings.metrics_address) if settings.metrics_address else []
     async with open_services(settings) as services:
-        ops = MxfsOperations(services.fetcher, settings.revision, uid=settings.uid, gid=settings.gid)
+        handoff = _make_handoff(settings, services, mountpoint)
+        if handoff is not None:
+            services.evictor.handoff = handoff
+        ops = MxfsOperations(
+            services.fetcher,
+            settings.revision,
+            uid=settings.uid,
+            gid=settings.gid,
+            on_model_dir=handoff.model_dir_resolved if handoff is not None else None,
+        )
         options = set(pyfuse3.default_options) | {"fsname=mxfs", "subtype=mxfs", "ro"}
         if settings.allow_other:
             # Root needs no user_allow_other in /etc/fuse.conf; other users do.
@@ -230,22 +317,24 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
         probe = MountProbe(mountpoint)
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(_stop_on_signals, ops)
+                await nursery.start(_stop_on_signals, ops, handoff)
                 await nursery.start(return_memory_when_idle, services.fetcher)
-                await nursery.start(_follow_refreshes, services.catalog, ops)
+                await nursery.start(_follow_refreshes, services.catalog, ops, handoff)
                 await nursery.start(
-                    _follow_registry_refs, services.registry, services.catalog, ops, settings.refresh_within
+                    _follow_registry_refs, services.registry, services.catalog, ops, handoff, settings.refresh_within
                 )
+                if handoff is not None:
+                    nursery.start_soon(handoff.run)
                 await nursery.start(ops.drop_discarded_pages)
                 if listeners:
-                    nursery.start_soon(exporter.serve, listeners, services.scrape_sources())
+                    nursery.start_soon(exporter.serve, listeners, services.scrape_sources(handoff))
                 if settings.eviction.pinned:
                     await nursery.start(keep_pins, settings, services.registry)
                 if settings.eviction.enabled:
                     await nursery.start(services.evictor.run)
                 if (period := watchdog_period()) is not None:
                     await nursery.start(feed_watchdog, probe, period)
-                nursery.start_soon(_announce_ready, probe)
+                nursery.start_soon(_announce_ready, probe, handoff)
                 # The HTTP session and headers are ready before the first reader's lookup needs them.
                 nursery.start_soon(services.catalog.hub.warm_up)
                 await pyfuse3.main(max_tasks=MAX_FUSE_TASKS)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -31,6 +32,7 @@ from mxfs import metrics
 from mxfs.cache import HubCache, repo_folder_name
 from mxfs.config import Rules, format_size
 from mxfs.names import EntryName, entry_label
+from mxfs.openfiles import FileKey, file_key, in_use
 from mxfs.registry import Record, Registry, RegistryError, Status
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,15 @@ class Victim:
     @property
     def name(self) -> str:
         return self.record.model_name
+
+
+class HandOffRelease(Protocol):
+    """What eviction asks of the hand-off (mxfs.handoff): take a model off the kernel before its
+    files go, and hand it back if it stays."""
+
+    async def detach_entry(self, name: EntryName) -> None: ...
+
+    async def restore_entry(self, name: EntryName) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -173,11 +184,10 @@ def mxfs_records(records: Iterable[Record]) -> list[Record]:
 
 
 def open_blob_etags(cache_root: Path) -> set[tuple[str, str]]:
-    """(repo folder, etag) of every blob some process on this node holds open.
+    """(repo folder, etag) of every blob or partial download some process opened under the cache.
 
-    The daemon keeps a descriptor on a blob while any handle on its file is open, and programs
-    that read the HF cache directly hold theirs: scanning ``/proc/*/fd`` finds both, so a
-    separate ``mxfs evict`` process respects the mount's open files without asking the daemon.
+    By path: a partial file (``<etag>.<writer>.incomplete``) has no inode a record could name
+    yet, but its name says which blob it becomes.
     """
     root = str(cache_root.resolve()) + os.sep
     found: set[tuple[str, str]] = set()
@@ -202,8 +212,7 @@ def open_blob_etags(cache_root: Path) -> set[tuple[str, str]]:
     return found
 
 
-def entries_with_open_blobs(cache: HubCache, records: Sequence[Record]) -> set[str]:
-    """Names of the entries (among ``records``) that have a blob open on this node."""
+def _entries_with_open_partials(cache: HubCache, records: Sequence[Record]) -> set[str]:
     open_blobs = open_blob_etags(cache.root)
     if not open_blobs:
         return set()
@@ -219,6 +228,34 @@ def entries_with_open_blobs(cache: HubCache, records: Sequence[Record]) -> set[s
                     result.add(record.model_name)
                     break
     return result
+
+
+def blob_keys(cache: HubCache, records: Sequence[Record]) -> dict[FileKey, set[str]]:
+    """(st_dev, st_ino) of every blob of ``records``, with the names of the entries that use it."""
+    keys: dict[FileKey, set[str]] = {}
+    for record in records:
+        name = EntryName.parse(record.model_name)
+        if name is None:
+            continue
+        for link in cache.snapshot_links(name.repo_id, name.commit):
+            with contextlib.suppress(OSError):
+                keys.setdefault(file_key(os.stat(link)), set()).add(record.model_name)
+    return keys
+
+
+def entries_with_open_blobs(cache: HubCache, records: Sequence[Record]) -> set[str]:
+    """Names of the entries (among ``records``) with a blob open or mapped by a process on this node.
+
+    Matched by inode, not path: the daemon's own descriptors, programs reading the HF cache
+    directly, and readers of a model handed to the kernel (which open it through the mount, in
+    a pod under yet another path) all hold the blob's inode; so do mappings (``safe_open``) whose
+    descriptor is closed.  A separate ``mxfs evict`` process sees them all without the daemon.
+    """
+    keys = blob_keys(cache, records)
+    found = _entries_with_open_partials(cache, records)
+    for key in in_use(keys):
+        found |= keys[key]
+    return found
 
 
 def measure_cache_usage(cache: HubCache) -> CacheUsage:
@@ -245,6 +282,7 @@ class Evictor:
         check_interval: float = 300.0,
         open_entries: Callable[[], set[str]] = set,
         usage: Callable[[HubCache], CacheUsage] = measure_cache_usage,
+        handoff: HandOffRelease | None = None,
     ) -> None:
         self.registry = registry
         self.cache = cache
@@ -252,6 +290,7 @@ class Evictor:
         self.check_interval = check_interval
         self._open_entries = open_entries
         self._usage = usage
+        self.handoff = handoff
         self._owner = uuid.uuid4().hex
         self._wakeup = trio.Event()
         self._lock = trio.Lock()
@@ -327,8 +366,8 @@ class Evictor:
                 report.bytes_freed += victim.size
                 continue
             freed = await self._evict(victim.record)
-            if freed is None:
-                report.skipped.append((victim.name, "changed since it was chosen"))
+            if isinstance(freed, str):
+                report.skipped.append((victim.name, freed))
                 continue
             report.evicted.append(Victim(victim.record, victim.reason, freed))
             report.bytes_freed += freed
@@ -344,15 +383,31 @@ class Evictor:
                     sizes[record.model_name] = self.cache.snapshot_size(name.repo_id, name.commit)
         return sizes
 
-    async def _evict(self, record: Record) -> int | None:
-        """Remove the record (if unchanged), then the revision; None if the record changed."""
+    async def _evict(self, record: Record) -> int | str:
+        """Remove the record (if unchanged), then the revision; the bytes freed, or why it stays.
+
+        A model handed to the kernel is detached first (lazily: open and mapped files keep
+        reading), then looked at again: a reader that opened it between the choice and the
+        detach keeps it, and it is handed back.
+        """
         name = EntryName.parse(record.model_name)
         assert name is not None, "only mxfs_records() are ever evicted"
+        if self.handoff is not None:
+            await self.handoff.detach_entry(name)
+            if await trio.to_thread.run_sync(entries_with_open_blobs, self.cache, [record], limiter=self.limiter):
+                await self.handoff.restore_entry(name)
+                return "open on this node"
         if not await self.registry.delete_if_unchanged(record.model_name, record.status, record.last_used_at):
-            return None
-        return await trio.to_thread.run_sync(
-            self.cache.delete_revision, name.repo_id, name.commit, limiter=self.limiter
-        )
+            if self.handoff is not None:
+                await self.handoff.restore_entry(name)
+            return "changed since it was chosen"
+        try:
+            return await trio.to_thread.run_sync(
+                self.cache.delete_revision, name.repo_id, name.commit, limiter=self.limiter
+            )
+        finally:
+            if self.handoff is not None:
+                await self.handoff.restore_entry(name)
 
     async def evict(self, names: Iterable[str], *, force: bool = False) -> EvictionReport:
         """``mxfs evict``: remove these entries now (reason ``manual``), within the safety rules."""
@@ -367,8 +422,8 @@ class Evictor:
                 report.skipped.append((record.model_name, why))
                 continue
             freed = await self._evict(record)
-            if freed is None:
-                report.skipped.append((record.model_name, "changed while evicting"))
+            if isinstance(freed, str):
+                report.skipped.append((record.model_name, freed))
                 continue
             report.evicted.append(Victim(record, Reason.MANUAL, freed))
             report.bytes_freed += freed

@@ -4,9 +4,10 @@ Two kinds of values:
 
 * **Events** (downloads, Hub requests, evictions, registry errors) are counted where they
   happen, in :data:`mxfs.metrics.EVENTS`.
-* **State** (entries by status, cache and free bytes, bytes read, open handles) already lives
-  in the daemon's objects; :class:`StateCollector` reads it when Prometheus scrapes, so the hot
-  paths carry no bookkeeping for it.  It reads only what the daemon hands it
+* **State** (entries by status, cache and free bytes, bytes read, open handles, model
+  directories handed to the kernel) already lives in the daemon's objects;
+  :class:`StateCollector` reads it when Prometheus scrapes, so the hot paths carry no
+  bookkeeping for it.  It reads only what the daemon hands it
   (:class:`ScrapeSources`), never the objects' insides, and knows nothing of the daemon.
 
 :func:`listen` binds before the mount is made; :func:`serve` then answers ``GET /metrics`` from
@@ -31,7 +32,7 @@ from mxfs.config import split_address
 from mxfs.errors import MxfsError
 from mxfs.evict import CacheUsage
 from mxfs.fetch import Activity
-from mxfs.metrics import EVENTS
+from mxfs.metrics import EVENTS, HANDOFF_OFF, HandOffState, handoff_families
 from mxfs.registry import RegistryError, StatusCounts
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ScrapeSources:
     entry_counts: Callable[[], Awaitable[StatusCounts]]  # the registry's entries by status
     cache_usage: Callable[[], Awaitable[CacheUsage]]  # the cache's bytes and its disk's free bytes
     activity: Callable[[], Activity]  # reads and downloads on this node now
+    handoff: Callable[[], HandOffState] = lambda: HANDOFF_OFF  # complete models handed to the kernel
 
 
 # -- state read at scrape time -------------------------------------------------------------------
@@ -101,6 +103,7 @@ class StateCollector:
             "Entry downloads this node runs as the claim owner now.",
             value=activity.downloads_running,
         )
+        yield from handoff_families(self._sources.handoff())
         if self._entries is not None:
             family = GaugeMetricFamily(
                 "mxfs_entries", "Registry entries (models at one commit) by status.", labels=["status"]

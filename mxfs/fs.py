@@ -34,7 +34,18 @@ import trio
 from mxfs import metrics
 from mxfs.errors import AccessDenied, InvalidName, MxfsError, NameTooLong, NotFound, ReadOnly, errno_for
 from mxfs.fetch import Entry, Fetcher, FileSource
-from mxfs.names import ModelRef, check_component_length, model_dir_name, parse_model_dir, validate_repo_part
+from mxfs.names import (
+    XATTR_ETAG,
+    XATTR_MODEL,
+    XATTR_REVISION,
+    XATTR_SIZE,
+    XATTR_STATUS,
+    ModelRef,
+    check_component_length,
+    model_dir_name,
+    parse_model_dir,
+    validate_repo_part,
+)
 from mxfs.tree import HubFile
 
 log = logging.getLogger(__name__)
@@ -48,12 +59,6 @@ IMMUTABLE_TIMEOUT = 3600.0
 MODEL_TIMEOUT = 60.0
 # Root and org listings change as models are used.
 LISTING_TIMEOUT = 1.0
-
-XATTR_REVISION = b"user.mxfs.revision"
-XATTR_STATUS = b"user.mxfs.status"
-XATTR_ETAG = b"user.mxfs.etag"
-XATTR_MODEL = b"user.mxfs.model"
-XATTR_SIZE = b"user.mxfs.size"
 
 
 def fuse_handler(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -155,10 +160,19 @@ class MxfsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(
-        self, fetcher: Fetcher, default_revision: str = "main", *, uid: int | None = None, gid: int | None = None
+        self,
+        fetcher: Fetcher,
+        default_revision: str = "main",
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+        on_model_dir: Callable[[str, ModelRef, Entry], None] | None = None,
     ) -> None:
         super().__init__()
         self.fetcher = fetcher
+        # Told each model directory (``org/name[@rev]``) as it resolves: the hand-off binds the
+        # complete ones over it (mxfs.handoff, wired by the daemon).
+        self._on_model_dir = on_model_dir
         self.default_revision = default_revision
         self._inodes = itertools.count(pyfuse3.ROOT_INODE + 1)
         root = Node(pyfuse3.ROOT_INODE, "root", pyfuse3.ROOT_INODE)
@@ -291,6 +305,9 @@ class MxfsOperations(pyfuse3.Operations):
         if node.entry is None:
             assert node.ref is not None
             node.entry = await self.fetcher.lookup(node.ref)
+            if self._on_model_dir is not None and node.kind == "model":
+                org = self._nodes[node.parent].org if node.parent in self._nodes else node.ref.repo_id.split("/")[0]
+                self._on_model_dir(f"{org}/{node.name}", node.ref, node.entry)
         return node.entry
 
     def _reply_entry(self, node: Node) -> pyfuse3.EntryAttributes:

@@ -5,16 +5,19 @@ module, in :data:`EVENTS`: a registry of our own, not ``prometheus_client``'s gl
 nothing else in the process can collide with it.  This module imports nothing of mxfs, so every
 part may record into it without an import reaching back up; what the daemon's state says at
 scrape time (entries by status, cache bytes, open handles) and the ``/metrics`` server are
-:mod:`mxfs.exporter`'s.  Label values are fixed words (request kind, eviction reason): no model
-name, URL or token can end up in a scrape.
+:mod:`mxfs.exporter`'s; the hand-off's gauges are defined here (:func:`handoff_families`) and
+filled by the exporter from what the daemon hands it.  Label values are fixed words (request
+kind, eviction reason): no model name, URL or token can end up in a scrape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.context_managers import Timer
+from prometheus_client.metrics_core import GaugeMetricFamily
 
 EVENTS = CollectorRegistry()
 
@@ -56,6 +59,32 @@ REGISTRY_ERRORS = Counter(
 INODES = Gauge("mxfs_inodes", "Inodes the mount keeps: those the kernel holds, plus the root.", registry=EVENTS)
 
 
+@dataclass(frozen=True)
+class HandOffState:
+    """The hand-off of complete models to the kernel (mxfs.handoff) as a scrape shows it: state,
+    not events, so the exporter reads it from the daemon at scrape time (``ScrapeSources``)."""
+
+    enabled: bool  # handoff = true, and the daemon may mount: complete models leave FUSE
+    model_dirs: int  # model directories (``org/name``, ``org/name@rev``) the kernel serves now
+
+
+HANDOFF_OFF = HandOffState(enabled=False, model_dirs=0)
+
+
+def handoff_families(state: HandOffState) -> Iterator[GaugeMetricFamily]:
+    """The hand-off's gauges for one scrape."""
+    yield GaugeMetricFamily(
+        "mxfs_handoff_enabled",
+        "1 if complete models are handed to the kernel (handoff = true and the daemon may mount), else 0.",
+        value=int(state.enabled),
+    )
+    yield GaugeMetricFamily(
+        "mxfs_handoff_model_dirs",
+        "Model directories the kernel serves now (a read-only bind of hard links to the blobs), not FUSE.",
+        value=state.model_dirs,
+    )
+
+
 def start_series(metric: Counter | Histogram, label: str, values: Iterable[str]) -> None:
     """Create ``metric``'s series for every label value now, at zero.
 
@@ -82,9 +111,12 @@ __all__ = [
     "EVICTED_BYTES",
     "EVICTIONS",
     "EVICTION_CYCLES",
+    "HANDOFF_OFF",
     "HUB_KINDS",
     "INODES",
     "REGISTRY_ERRORS",
+    "HandOffState",
+    "handoff_families",
     "hub_request",
     "start_series",
 ]

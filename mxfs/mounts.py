@@ -59,6 +59,19 @@ def current_mounts() -> list[Mount]:
         return parse_mountinfo(f.read())
 
 
+def parse_mountinfo_roots(text: str) -> list[tuple[str, str]]:
+    """(root, mount point) of every mount in a mountinfo text: ``root`` is the path inside its
+    filesystem that a bind mount shows, so it names where a bind came from."""
+    rows = (line.split() for line in text.splitlines())
+    return [(_unescape(fields[3]), _unescape(fields[4])) for fields in rows if len(fields) > 4]
+
+
+def mountinfo_roots() -> list[tuple[str, str]]:
+    """:func:`parse_mountinfo_roots` of this mount namespace."""
+    with open("/proc/self/mountinfo") as f:
+        return parse_mountinfo_roots(f.read())
+
+
 def mount_type(mountpoint: Path) -> str | None:
     """The filesystem type mounted at ``mountpoint`` (``fuse.mxfs``), or None if nothing is."""
     target = os.path.abspath(mountpoint)
@@ -115,6 +128,28 @@ def prepare_mountpoint(mountpoint: Path) -> Path:
     return mountpoint
 
 
+BUSY_HINT = "; close the files using it, or use --lazy"
+
+
+def _unmount_submounts(path: Path) -> None:
+    """Unmount the models handed to the kernel (mxfs.handoff: binds under the mount), deepest first.
+
+    The mount itself would be "busy" while they are there.  Not lazily: a file open through a
+    bind is a file open under the mount, and a plain unmount refuses it with the same hint as a
+    file open through FUSE (a lazy unmount of the mount detaches them with it).  A bind that
+    stays is handed back by its daemon's reconcile.
+    """
+    base = str(path).rstrip("/") + "/"
+    points = {m.mount_point for m in current_mounts() if m.mount_point.startswith(base)}
+    busy = []
+    for point in sorted(points, key=lambda p: -p.count("/")):
+        done = subprocess.run(["umount", point], capture_output=True, text=True, check=False)
+        if done.returncode != 0 and point in {m.mount_point for m in current_mounts()}:
+            busy.append(done.stderr.strip() or f"umount {point} exited with {done.returncode}")
+    if busy:
+        raise OSError(errno.EBUSY, f"could not unmount {path}: {'; '.join(busy)}{BUSY_HINT}")
+
+
 def unmount(mountpoint: Path, *, lazy: bool = False) -> str:
     """``mxfs unmount``: unmount an mxfs mount, lazily if its daemon is gone; returns what was done.
 
@@ -133,6 +168,8 @@ def unmount(mountpoint: Path, *, lazy: bool = False) -> str:
     except OSError:
         stale = False  # EACCES (another user's mount without allow_other), say: let umount judge
     lazy = lazy or stale
+    if not lazy:
+        _unmount_submounts(path)
     commands = (
         ["fusermount3", "-u", *(["-z"] if lazy else []), str(path)],
         ["umount", *(["-l"] if lazy else []), str(path)],
@@ -148,7 +185,7 @@ def unmount(mountpoint: Path, *, lazy: bool = False) -> str:
                 return f"detached the stale mount at {path} (its daemon had died)"
             return f"unmounted {path}" + (" (lazily: open files keep it alive until closed)" if lazy else "")
         errors.append(done.stderr.strip() or f"{cmd[0]} exited with {done.returncode}")
-    hint = "; close the files using it, or use --lazy" if any("busy" in e for e in errors) else ""
+    hint = BUSY_HINT if any("busy" in e for e in errors) else ""
     raise OSError(errno.EBUSY, f"could not unmount {path}: {'; '.join(errors)}{hint}")
 
 

@@ -35,6 +35,15 @@ _ENTRY_KEY = re.compile(r"^mx1:(?P<commit>[0-9a-f]{40}):-:(?P<repo_id>[^/]+/[^/]
 # How many hex digits of a commit people are shown, as git and the Hub abbreviate it.
 SHORT_COMMIT = 12
 
+# The extended attributes a model directory, its folders and its files show: through FUSE
+# (mxfs.fs) and, on a model handed to the kernel, set on the view's folders and the blobs
+# (mxfs.handoff.view).
+XATTR_REVISION = b"user.mxfs.revision"
+XATTR_STATUS = b"user.mxfs.status"
+XATTR_ETAG = b"user.mxfs.etag"
+XATTR_MODEL = b"user.mxfs.model"
+XATTR_SIZE = b"user.mxfs.size"
+
 # Revisions such as ``refs/pr/1`` contain ``/``, which a path component cannot: spell it ``%2F``.
 _SLASH_ESCAPE = "%2F"
 

@@ -152,6 +152,8 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "refresh_within": ("30s", 30.0),
     "ca_bundle": ("/etc/ssl/proxy-ca.pem", Path("/etc/ssl/proxy-ca.pem")),
     "allow_other": ("on", True),
+    "handoff": ("off", False),
+    "handoff_check_interval": ("30s", 30.0),
     "uid": ("1000", 1000),
     "gid": ("nogroup", 65534),
     "metrics_address": ("[::1]:9500", "[::1]:9500"),

@@ -68,6 +68,9 @@ def test_lru_order_with_max_models_and_re_download(hub: FakeHub, new_repo_id, mx
     assert "reason count" in mount.log()
     # Using the second makes the third the oldest; loading a fourth evicts the third.
     assert read(mount / names[1] / "config.json") == b'{"i": 1}'
+    # Through FUSE the open touches the entry before it returns; a model handed to the kernel is
+    # touched when the daemon hears of the open (inotify), a moment later: wait for it.
+    wait_until(lambda: registry_models(mount)[0] == names[1], 20, "the use of the second is recorded")
     time.sleep(0.05)
     assert read(mount / names[3] / "model.safetensors") == models[names[3]]
     wait_until(lambda: cached_repos(mount) == {names[1], names[3]})

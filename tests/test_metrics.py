@@ -98,12 +98,17 @@ async def test_every_metric_is_named_documented_and_present(services: Services) 
         "mxfs_evicted_bytes",
         "mxfs_eviction_cycles",
         "mxfs_registry_errors",
+        "mxfs_handoff_enabled",
+        "mxfs_handoff_model_dirs",
     } <= names
     # A fresh daemon: nothing read, nothing open, no entries, an empty cache on a real disk.
     assert value(samples, "mxfs_build_info", version=__version__, python=platform.python_version()) == 1
     assert value(samples, "mxfs_read_bytes_total") == 0
     assert value(samples, "mxfs_open_handles") == 0
     assert value(samples, "mxfs_downloads_in_progress") == 0
+    # No mount, so no hand-off (a mount's is tested in tests/test_handoff.py).
+    assert value(samples, "mxfs_handoff_enabled") == 0
+    assert value(samples, "mxfs_handoff_model_dirs") == 0
     for status in ("downloading", "downloaded", "error"):
         assert value(samples, "mxfs_entries", status=status) == 0
     assert value(samples, "mxfs_cache_bytes") == 0

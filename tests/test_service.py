@@ -529,9 +529,14 @@ def test_status_shows_download_progress_and_errors(tmp_path: Path) -> None:
         _record("org/done", "b" * 40, Status.DOWNLOADED, 2**30, pinned=True),
         _record("org/bad", "c" * 40, Status.ERROR, None, message="checksum mismatch"),
     ]
+    # org/done is handed to the kernel (a bind of its view over its model directory).
+    handed_off = {"org/done": ["/models/org/done"]}
     rows = [
         cli._status_row(
-            r, state.refs_by_commit(EntryName.parse(r.model_name).repo_id), cli._download_progress(state, cache, r)
+            r,
+            state.refs_by_commit(EntryName.parse(r.model_name).repo_id),
+            cli._download_progress(state, cache, r),
+            handed_off.get(EntryName.parse(r.model_name).repo_id, []),
         )
         for r in records
     ]
@@ -544,7 +549,8 @@ def test_status_shows_download_progress_and_errors(tmp_path: Path) -> None:
     table = "\n".join(cli._status_table(rows, records))
     assert "DOWNLOADING 75%" in table
     assert "3.0 MiB / 4.0 MiB" in table
-    assert re.search(r"org/done +b{12} +DOWNLOADED +1\.0 GiB +\S+ ago +yes", table), table
+    assert re.search(r"org/done +b{12} +DOWNLOADED +1\.0 GiB +\S+ ago +yes +yes$", table, re.MULTILINE), table
+    assert re.search(r"org/big +main +DOWNLOADING 75% +.* ago$", table, re.MULTILINE), table  # neither
     assert "org/bad@" in table and "checksum mismatch" in table
 
 

@@ -98,6 +98,9 @@ class Fetcher:
         # filesystem drops the kernel's cached pages of those files.  Rare, so unbounded.
         self._discards_send, self._discards_receive = trio.open_memory_channel[tuple[str, str]](math.inf)
         self._starts_send, self._starts_receive = trio.open_memory_channel[EntryFetch](math.inf)
+        # Entries that became complete and verified on this node, for the hand-off (mxfs.handoff);
+        # made when first asked for, so a daemon without one queues nothing.
+        self._completed_send: trio.MemorySendChannel[Entry] | None = None
         self._reads = ReadCount()
         self._registry_warned_at = -math.inf
         # Set by the daemon: frees space (an eviction cycle) when a download finds the disk full;
@@ -144,6 +147,16 @@ class Fetcher:
     def discarded_copies(self) -> trio.MemoryReceiveChannel[tuple[str, str]]:
         """(entry key, path) of each copy discarded after readers were served some of its bytes."""
         return self._discards_receive
+
+    def completed_entries(self) -> trio.MemoryReceiveChannel[Entry]:
+        """Each entry once all its files are in the cache and verified (as ``mark_done`` says)."""
+        self._completed_send, receive = trio.open_memory_channel[Entry](math.inf)
+        return receive
+
+    def _completed(self, ef: EntryFetch) -> None:
+        ef.mark_done()
+        if self._completed_send is not None:
+            self._completed_send.send_nowait(ef.entry)
 
     # -- names --------------------------------------------------------------------------------
 
@@ -406,7 +419,7 @@ class Fetcher:
         finally:
             ef.download = None
         ef.failures = 0
-        ef.mark_done()
+        self._completed(ef)
 
     async def _publish_complete(self, ef: EntryFetch) -> None:
         """Everything is on disk: refs, HF tree listing, and a DOWNLOADED record if there is none."""
@@ -422,7 +435,7 @@ class Fetcher:
             # The bytes are here and verified: serve them, the registry can catch up later.
             log.warning("%s: cached, but the registry is unavailable (%s)", ef.entry, exc)
         ef.failures = 0
-        ef.mark_done()
+        self._completed(ef)
 
     async def _write_refs(self, ef: EntryFetch) -> None:
         entry = ef.entry

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import trio
 
+from mxfs.cache import open_for_reading
 from mxfs.errors import IntegrityError, MxfsError
 from mxfs.fetch.planner import Stream
 from mxfs.ranges import RangeSet
@@ -221,7 +222,7 @@ class FileState:
             path = self.blob or self.partial
             if path is None:
                 raise MxfsError(f"{self.file.path}: no local copy to read")
-            self._fd = SharedFd(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            self._fd = SharedFd(open_for_reading(path))
         self._fd.users += 1
         return self._fd
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from mxfs.cache import HubCache, make_dirs
+from mxfs.cache import HubCache, make_dirs, open_for_reading
 from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import FileState
 from mxfs.fetch.partials import PartialMap, PartialMaps
@@ -114,7 +114,7 @@ class PartialFiles:
             try:
                 if resume is None:
                     reserve(fd, file.size)
-                read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                read_fd = open_for_reading(path)
             except BaseException:
                 os.close(fd)
                 os.unlink(path)

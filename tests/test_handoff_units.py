@@ -354,3 +354,16 @@ async def test_open_watch_reports_file_opens_not_folder_walks(tmp_path: Path) ->
             assert await watch.opened() == {"model"}
     finally:
         watch.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_a_view_made_for_another_owner_takes_this_daemons(tmp_path: Path) -> None:
+    # A daemon run with --uid nobody after one that ran as root, on the same cache: the kept view
+    # must show the files as this daemon's mount does (nobody), not as the first daemon's.
+    cache, tree = cached(tmp_path, {"config.json": b"{}", "sub/model.bin": b"x" * 100})
+    view = build_view(cache, tree, uid=0, gid=0)
+    nobody = 65534
+    assert build_view(cache, tree, uid=nobody, gid=nobody) == view
+    for path in (view, view / "sub", view / "config.json", view / "sub" / "model.bin"):
+        st = os.lstat(path)
+        assert (st.st_uid, st.st_gid) == (nobody, nobody), path

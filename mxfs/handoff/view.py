@@ -125,6 +125,12 @@ def build_view(cache: HubCache, tree: RepoTree, *, uid: int, gid: int) -> Path:
     if final.is_dir() and view_is_current(cache, tree, final):
         if not _is_labelled(final, tree):
             label_view(cache, tree, final)  # a view made before the labels were
+        # A view made by a daemon that showed files as another owner (``uid``/``gid``): the
+        # mount's owner is this daemon's, whoever made the links.
+        for f in tree.files:
+            _owner(cache.blob_path(tree.repo_id, f.etag), uid, gid)
+        for d in _dirs_of(tree):
+            _owner(final / d, uid, gid)
         return final
     mtime = _mtime_ns(tree)
     for f in tree.files:

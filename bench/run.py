@@ -9,6 +9,9 @@ into a temp dir and served by the Hub look-alike (``tests/hubserver.py``) in a s
 
 Comparisons (each measured ``--repeat`` times, medians reported):
 
+a, b, e, f measure the FUSE path (``--no-handoff``: what a model still downloading, or a daemon
+with ``handoff = false``, serves); h measures a complete model handed to the kernel (the default).
+
 a. warm re-read of the large file (1 MiB reads): mxfs mount vs direct read of the cache blob vs a
    bare pyfuse3 passthrough (``bench/passthrough.py``) over the same cache;
 b. the same read with the page cache dropped first (cold);
@@ -353,10 +356,12 @@ class Suite:
         p.mkdir(parents=True)
         return p
 
-    def mxfs(self, cache: Path, state: Path, tag: str, endpoint: str | None = None) -> Daemon:
+    def mxfs(
+        self, cache: Path, state: Path, tag: str, endpoint: str | None = None, extra: tuple[str, ...] = ()
+    ) -> Daemon:
         mnt = self.fresh(f"mnt-{tag}")
         argv = [PY, "-m", "mxfs", "mount", str(mnt), "--cache-dir", str(cache), "--state-dir", str(state),
-                "--no-eviction", "--log-level", os.environ.get("BENCH_MXFS_LOG", "warning"),
+                "--no-eviction", "--log-level", os.environ.get("BENCH_MXFS_LOG", "warning"), *extra,
                 *os.environ.get("BENCH_MXFS_ARGS", "").split()]  # fmt: skip
         env = {**self.env, "HF_ENDPOINT": endpoint} if endpoint else self.env
         return Daemon(argv, mnt, self.work / f"mxfs-{tag}.log", env=env)
@@ -572,7 +577,9 @@ class Suite:
         snap = self.snapshot_of(cache)
         blob = (snap / BIG).resolve()
         state = self.fresh("state")
-        with self.mxfs(cache, state, "cached") as mx, self.passthrough(snap) as pt:
+        # The FUSE path itself (a model still downloading, or handoff = false): the hand-off's
+        # rows (h) measure complete models as users get them by default.
+        with self.mxfs(cache, state, "cached", extra=("--no-handoff",)) as mx, self.passthrough(snap) as pt:
             paths = {"mxfs": mx.mnt / REPO_ID / BIG, "direct": blob, "passthrough": pt.mnt / BIG}
             # a. warm re-read
             for p in paths.values():
@@ -584,7 +591,6 @@ class Suite:
                     vals[k].append(gbps(n, dt))
             self.add("a. warm re-read, 1 MiB reads", "GB/s", vals["mxfs"],
                      {"direct blob": vals["direct"], "passthrough": vals["passthrough"]}, True)  # fmt: skip
-            self.handoff_prototype(blob, vals["mxfs"], vals["direct"])
 
             # b. cold page cache
             vals = {k: [] for k in paths}
@@ -644,29 +650,6 @@ class Suite:
                 if (h := d.hwm_kib()) is not None:
                     self.hwm[name].append(h)
         shutil.rmtree(state)
-
-    def handoff_prototype(self, blob: Path, mxfs_vals: list[float], direct_vals: list[float]) -> None:
-        """What handing a complete file to the kernel would buy: a read-only bind mount of a view of
-        hard links to the blobs (what mxfs would mount over a complete model's directory), read like
-        the mount. Not a feature of mxfs today: a measurement for the README's design discussion."""
-        view = self.fresh("handoff-view")
-        mnt = self.fresh("mnt-handoff")
-        os.link(blob, view / BIG)
-        try:
-            subprocess.run(["mount", "--bind", "-o", "ro", str(view), str(mnt)], check=True, capture_output=True)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            self.notes.append(f"hand-off prototype skipped: {exc}")
-            return
-        try:
-            read_file(mnt / BIG)
-            vals = []
-            for _ in range(self.repeat):
-                dt, n = timed(read_file, mnt / BIG)
-                vals.append(gbps(n, dt))
-        finally:
-            subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
-        self.add("a'. warm re-read through a ro bind mount of hard links to the blobs (hand-off prototype)",
-                 "GB/s", vals, {"direct blob": direct_vals, "mxfs FUSE": mxfs_vals}, True)  # fmt: skip
 
     # ---- driver ------------------------------------------------------------------------------------
 

@@ -110,3 +110,30 @@ def run_section(suite, tools, cache: Path, many_repo: str | None, many_endpoint:
             vals["handoff, second listing"].append(timed(list_and_stat, model)[0])
             vals["direct (cache dir)"].append(timed(list_and_stat, snap)[0])
         suite.add(f"h7. find -type f + stat of a {n}-file model", "s", first, vals, False)
+
+
+def from_pretrained_row(suite, tools, endpoint: str, repo_id: str) -> None:
+    """Row h8: ``transformers.AutoModel.from_pretrained`` of a real model through the hand-off vs
+    from the cache's snapshot dir (the same blobs), warm."""
+    from transformers import AutoModel
+
+    def load(path: Path) -> int:
+        model = AutoModel.from_pretrained(str(path))
+        return sum(p.numel() for p in model.parameters())
+
+    cache, state = suite.fresh("cache"), suite.fresh("state")
+    with suite.mxfs(cache, state, "handoff-model", endpoint) as mx:
+        model = mx.mnt / repo_id
+        for dirpath, _dirs, files in os.walk(model):
+            for name in files:
+                tools.read_file(Path(dirpath) / name)
+        wait_handed_off(model)
+        paths = {"handoff": model, "direct": suite.snapshot_of_repo(cache, repo_id)}
+        for p in paths.values():
+            load(p)  # warm up (imports, page cache)
+        vals: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(suite.repeat):
+            for k, p in paths.items():
+                vals[k].append(tools.timed(load, p)[0])
+        suite.add(f"h8. AutoModel.from_pretrained({repo_id}), warm", "s", vals["handoff"],
+                  {"direct (cache dir)": vals["direct"]}, False)  # fmt: skip

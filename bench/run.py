@@ -121,6 +121,15 @@ def vm_hwm_kib(pid: int) -> int | None:
     return proc_status_kib(pid, "VmHWM")
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far (``/proc/<pid>/stat``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_status_kib(pid: int, field: str) -> int | None:
     """A ``/proc/<pid>/status`` memory figure (VmHWM, VmRSS) in KiB."""
     try:
@@ -349,6 +358,7 @@ class Suite:
         self.rows: list[dict] = []
         self.notes: list[str] = []
         self.hwm: dict[str, list[int]] = {"mxfs (cold load)": [], "mxfs (cached)": [], "passthrough": []}
+        self.cpu: dict[str, list[float]] = {}
         self._n = 0
 
     def fresh(self, name: str) -> Path:
@@ -464,6 +474,10 @@ class Suite:
                 self.wait_cached(cache, names, repo_id)
                 if (h := d.hwm_kib()) is not None:
                     self.hwm["mxfs (cold load)"].append(h)
+                # What the daemon's download, verification and FUSE serving cost in CPU: on a
+                # machine of few cores this, not the network, bounds a paced cold load.
+                if (cpu := cpu_seconds(d.pid)) is not None:
+                    self.cpu.setdefault(tag, []).append(cpu / (total / (1 << 30)))
             if r == self.repeat - 1:
                 kept_cache = cache
             else:
@@ -752,6 +766,9 @@ def report(suite: Suite, args: argparse.Namespace, command: str, elapsed: float)
                 ratio = f"vs passthrough: {hwm[name] / pt:.2f}" if pt else "n/a"
                 out.append(f"| g. daemon peak RSS (VmHWM), {name} | MiB | {hwm[name] / 1024:.0f} | "
                            f"passthrough: {pt / 1024 if pt else float('nan'):.0f} | {ratio} |")  # fmt: skip
+    for tag, per_gib in suite.cpu.items():
+        out.append(f"| g'. daemon CPU per GiB of cold load ({tag}: download, sha256, FUSE reads) | CPU-s | "
+                   f"{statistics.median(per_gib):.2f} | | |")  # fmt: skip
     out.append("")
     for note in suite.notes:
         out.append(f"- Note: {note}")

@@ -276,12 +276,16 @@ class EntryDownload:
                 failures,
                 VERIFY_ATTEMPTS,
             )
+            if failures >= VERIFY_ATTEMPTS:
+                state.discard_copy()
+                raise IntegrityError(f"{self.entry}/{file.path}: checksum mismatch after {failures} downloads")
+            # A new partial file, never the same one rewritten (see PartialFiles.replace); from
+            # here no request starts on the old one, and those running count nothing (the copy's
+            # generation moved on).
+            old_fd = self.partials.detach(state)
             state.discard_copy()
             await trio.to_thread.run_sync(self.partial_maps.remove, self.entry.repo_id, file.etag)
-            if failures >= VERIFY_ATTEMPTS:
-                raise IntegrityError(f"{self.entry}/{file.path}: checksum mismatch after {failures} downloads")
-            # A new partial file, never the same one rewritten: see PartialFiles.replace.
-            await self.partials.replace(state)
+            await self.partials.replace(state, old_fd)
             self._add(state)
             self.hashes.start(state, self._transfers)
             state.notify()

@@ -405,18 +405,10 @@ class Fetcher:
         for path, same_copy in await trio.to_thread.run_sync(scan, limiter=self.io_limiter):
             state = ef.states[path]
             state.set_blob(self.cache.blob_path(entry.repo_id, state.file.etag), same_inode=same_copy)
-            if state.remote is not None:
-                state.remote = None
-                state.retire_fd()  # pages of the other node's file may predate its writes: reopen
         return ef.complete
 
     async def _download(self, ef: EntryFetch, claim: Claim) -> None:
         entry = ef.entry
-        if self.follower is not None:
-            # This node takes the download over: the other node's copies will not be verified here.
-            for state in ef.states.values():
-                if state.remote is not None:
-                    self.follower.drop(state)
         log.info("%s: downloading %d files, %d bytes", entry, len(entry.files), entry.size)
         metrics.DOWNLOADS_STARTED.inc()
         started = trio.current_time()

@@ -121,16 +121,20 @@ class FileState:
         await self._changed.wait()
 
     def set_blob(self, blob: Path, *, same_inode: bool = False) -> None:
-        """The verified blob is in the cache. ``same_inode``: it is our own partial file, renamed."""
+        """The verified blob is in the cache. ``same_inode``: it is the partial file readers read
+        from (ours, or the one another node wrote that readers here followed), renamed."""
         if not same_inode:
             if self.exposed:
                 # Another copy (published by another node, or found in the cache) replaces ours
                 # before ours was checked: what readers got from ours is unverified for ever.
                 self.discard_copy()
             self.retire_fd()
+        elif self.remote is not None:
+            self.retire_fd()  # pages of another node's file may predate its writes: reopen
         self.exposed = False
         self.blob = blob
         self.partial = None
+        self.remote = None
         self.error = None
         self.present = RangeSet([(0, self.file.size)])
         self.notify()

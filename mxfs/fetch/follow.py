@@ -113,8 +113,6 @@ class Follower:
             if remote is not None and look.blob_copy.same_file(remote):
                 # The very file readers were served from, verified and renamed by its owner.
                 state.set_blob(self.cache.blob_path(ef.entry.repo_id, state.file.etag), same_inode=True)
-                state.retire_fd()  # its pages may predate writes (see the module doc): reopen
-                state.remote = None
             # Else leave it to the fetcher's scan (it discards an exposed copy first).
             return
         if look.partial is None or look.ranges is None:

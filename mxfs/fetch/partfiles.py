@@ -88,6 +88,7 @@ class PartialFiles:
             partial_map = self.partial_maps.load(repo, file.etag)
             if partial_map is None:
                 continue
+            partial_map = self._with_published(partial_map, file.etag)
             path = None
             if partial_map.size == file.size:
                 path = self.cache.adopt_incomplete(repo, partial_map.filename, file.etag, self.claim_id)
@@ -101,6 +102,18 @@ class PartialFiles:
                 self.partial_maps.remove(repo, file.etag)
         self.remove_dead()
         self._resumed = resumed
+
+    def _with_published(self, partial_map: PartialMap, etag: str) -> PartialMap:
+        """The ranges of the map and those published to other nodes for the same file: both were
+        durable when written, and readers here or elsewhere may have been served the published
+        ones, which must then be part of the copy that is verified, never written over."""
+        published = self.shared.load(self.entry.repo_id, etag) if self.shared is not None else None
+        if published is None or (published.filename, published.size) != (partial_map.filename, partial_map.size):
+            return partial_map
+        ranges = RangeSet(partial_map.ranges)
+        for start, end in published.ranges:
+            ranges.add(start, end)
+        return PartialMap(partial_map.filename, partial_map.size, ranges.as_list())
 
     def remove_dead(self) -> None:
         """Remove partial files of this entry's files that nobody writes (blocking)."""
@@ -119,7 +132,7 @@ class PartialFiles:
         resume = self._resumed.pop(file.etag, None) if writer_id is None else None
         writer_id = writer_id or self.claim_id
 
-        def create() -> tuple[Path, int, int]:
+        def create() -> tuple[Path, int, int, bool]:
             if resume is not None:
                 path = resume[0]
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -129,22 +142,25 @@ class PartialFiles:
                 if resume is None:
                     reserve(fd, file.size)
                 read_fd = open_for_reading(path)
+                st = os.fstat(read_fd)
             except BaseException:
                 os.close(fd)
                 os.unlink(path)
                 raise
-            return path, fd, read_fd
+            # The file readers here followed as another process's (mxfs.fetch.follow), resumed?
+            remote = state.remote
+            return path, fd, read_fd, remote is not None and (remote.dev, remote.ino) == (st.st_dev, st.st_ino)
 
         try:
-            path, fd, read_fd = await trio.to_thread.run_sync(create, limiter=self.io_limiter)
+            path, fd, read_fd, same_copy = await trio.to_thread.run_sync(create, limiter=self.io_limiter)
         except FileNotFoundError:
             if resume is None:
                 raise
             resume = None  # swept away meanwhile: start afresh
-            path, fd, read_fd = await trio.to_thread.run_sync(create, limiter=self.io_limiter)
+            path, fd, read_fd, same_copy = await trio.to_thread.run_sync(create, limiter=self.io_limiter)
         except OSError as exc:
             raise disk_error(exc, f"{self.entry}/{file.path}") from exc
-        if resume is None and state.exposed:
+        if state.exposed and (resume is None or state.remote is not None) and not same_copy:
             state.discard_copy()  # readers had bytes of a copy that is not resumed
         state.adopt_fd(read_fd)
         state.partial = path
@@ -163,13 +179,19 @@ class PartialFiles:
             state.notify()
         self.fds[state] = fd
 
-    async def replace(self, state: FileState) -> None:
-        """Start the file over in a new partial file (its copy failed its checksum).
+    def detach(self, state: FileState) -> int:
+        """Take the file's writer descriptor out of the download: no request starts on it from
+        now on (they find no descriptor). Returns it, for :meth:`replace`."""
+        return self.fds.pop(state)
+
+    async def replace(self, state: FileState, fd: int) -> None:
+        """Start the file over in a new partial file (its copy failed its checksum; ``fd``: the
+        old file's writer descriptor, from :meth:`detach`).
 
         Never rewritten in place: other nodes' readers know a copy by its file's inode, and the
         blob that appears with the inode they read from must be the copy they read.
         """
-        old, fd = state.partial, self.fds.pop(state)
+        old = state.partial
         repo, etag = self.entry.repo_id, state.file.etag
         self._published.pop(state, None)
 

@@ -65,8 +65,8 @@ def test_reader_on_another_node_reads_the_owners_partial_file(
     repo = new_repo_id()
     data = random.Random(160).randbytes(64 * MiB)
     hub.add_repo(repo, {"config.json": b"{}", NAME: data})
-    # About 8 s for the whole file: the reads below land long before it ends.
-    slow = hub.inject("slow", repo_id=repo, filename=NAME, bytes_per_second=8 * MiB)
+    # Ranges on 8 connections, about 4 s for the whole file: the reads below land long before it ends.
+    slow = hub.inject("slow", repo_id=repo, filename=NAME, bytes_per_second=2 * MiB)
     owner, other = start_nodes(mxfs_mount, tmp_path, redis_server.url(), 2)
     cache = tmp_path / "shared-cache"
     start_download(hub, [owner, other], repo)
@@ -102,7 +102,7 @@ def test_killed_owner_never_gives_the_other_node_wrong_bytes(
     repo = new_repo_id()
     data = random.Random(161).randbytes(64 * MiB)
     hub.add_repo(repo, {"config.json": b"{}", NAME: data})
-    slow = hub.inject("slow", repo_id=repo, filename=NAME, bytes_per_second=8 * MiB)
+    slow = hub.inject("slow", repo_id=repo, filename=NAME, bytes_per_second=2 * MiB)
     owner, other = start_nodes(mxfs_mount, tmp_path, redis_server.url(), 2, "--lease", "2s")
     other.allowed_log.extend([re.escape(TAINT_WARNING)])
     start_download(hub, [owner, other], repo)
@@ -140,7 +140,7 @@ def test_corrupt_bytes_on_the_owner_never_complete_a_read_on_the_other_node(
     data = random.Random(162).randbytes(32 * MiB)
     hub.add_repo(repo, {"config.json": b"{}", NAME: data})
     corrupt = hub.inject("corrupt", offset=3 * MiB + 77, length=8, covering=True, times=1, repo_id=repo, filename=NAME)
-    hub.inject("slow", repo_id=repo, filename=NAME, bytes_per_second=6 * MiB)
+    hub.inject("slow", repo_id=repo, filename=NAME, bytes_per_second=MiB)
     owner, other = start_nodes(mxfs_mount, tmp_path, redis_server.url(), 2, "--verify", verify)
     owner.allowed_log.extend([re.escape(CHECKSUM_WARNING), re.escape(TAINT_WARNING)])
     other.allowed_log.extend([re.escape(TAINT_WARNING)])

@@ -159,7 +159,10 @@ class Fetcher:
                     following = await self.follower.follow(ef)
                 except OSError as exc:
                     log.debug("%s: could not follow the owner's partial files: %s", ef.entry, exc)
-            with trio.move_on_after(min(FOLLOW_INTERVAL, deadline - now) if following else deadline - now):
+            # Open handles may start waiting any moment: look again soon (a round with nothing
+            # to follow does no I/O).
+            soon = following or (self.follower is not None and ef.handles > 0)
+            with trio.move_on_after(min(FOLLOW_INTERVAL, deadline - now) if soon else deadline - now):
                 if event is not None:
                     await event.wait()
                     return

@@ -66,6 +66,11 @@ class Follower:
         await self._update_wants(ef, states)
         if not states:
             return False
+        await self.follow_files(ef, states)
+        return True
+
+    async def follow_files(self, ef: EntryFetch, states: list[FileState]) -> None:
+        """One round for these files of ``ef``: what the owner published, or the blob."""
         repo = ef.entry.repo_id
         held = [state.acquire_fd() if state.remote is not None else None for state in states]
         try:
@@ -76,7 +81,6 @@ class Follower:
                     fd.release()
         for state, look in zip(states, looks, strict=True):
             self._apply(ef, state, look)
-        return True
 
     def _look_all(self, repo: str, states: list[FileState], held: list[SharedFd | None]) -> list[_Look]:
         return [self._look(repo, state, fd) for state, fd in zip(states, held, strict=True)]

@@ -113,6 +113,11 @@ class Follower:
 
     def _apply(self, ef: EntryFetch, state: FileState, look: _Look) -> None:
         remote = state.remote
+        if state.complete or (state.partial is not None and remote is None):
+            # Settled meanwhile: the blob was found, or this node writes the file now.
+            if look.fd is not None:
+                os.close(look.fd)
+            return
         if look.blob_copy is not None:
             if remote is not None and look.blob_copy.same_file(remote):
                 # The very file readers were served from, verified and renamed by its owner.

@@ -87,8 +87,10 @@ def test_reader_on_another_node_reads_the_owners_partial_file(
         assert f.read() == data
     slow.remove()
     assert "downloading" not in other.log()
-    # One download: the other node's readers got their bytes through the owner's transfer.
-    assert hub.bytes_served(repo, NAME) == len(data)
+    # One download: the other node's readers got their bytes through the owner's transfer (a
+    # background range stopped where an on-demand one took over may have pushed a little more
+    # into its socket).
+    assert hub.bytes_served(repo, NAME) <= len(data) * 1.05
     assert read(other / repo / NAME) == data
     assert_blob_settled(cache, repo, data, timeout=10)
     assert not list((cache / f"models--{repo.replace('/', '--')}" / ".mxfs-partials").glob("*.json"))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -35,6 +36,8 @@ from mxfs.names import COMMIT_RE, repo_folder, repo_id_of_folder
 from mxfs.tree import HubFile, RepoTree
 
 INCOMPLETE_SUFFIX = ".incomplete"
+# The published range maps of partial files, for the other nodes sharing the cache (mxfs.fetch.shared).
+SHARED_PARTIALS = ".mxfs-partials"
 # Inside a repo folder, beside blobs/ and snapshots/: the hand-off views (mxfs.handoff.view), hard
 # links to the blobs, one folder per commit.  huggingface_hub's scan looks only at snapshots/,
 # refs/ and blobs/ of a repo folder, so it stays clean; a new top-level folder would not.
@@ -384,6 +387,8 @@ class HubCache:
         blobs = repo / "blobs"
         if blobs.exists() and any(blobs.iterdir()):
             return
+        # Published maps and readers' wants describe partial files, and there are none left.
+        shutil.rmtree(repo / SHARED_PARTIALS, ignore_errors=True)
         for sub in ("snapshots", "trees", "blobs"):
             with contextlib.suppress(OSError):
                 (repo / sub).rmdir()

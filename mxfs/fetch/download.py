@@ -34,6 +34,7 @@ from mxfs.fetch.partfiles import PartialFiles
 from mxfs.fetch.partials import PartialMaps
 from mxfs.fetch.plan import Chunk
 from mxfs.fetch.planner import EntryPlan, Stream
+from mxfs.fetch.shared import SharedPartials
 from mxfs.fetch.transfer import Transfer
 from mxfs.fetch.verify import Hashes
 from mxfs.hub import HubClient
@@ -63,6 +64,7 @@ class EntryDownload:
         net_limiter: trio.CapacityLimiter,
         io_limiter: trio.CapacityLimiter,
         retry: RetryPolicy,
+        shared: SharedPartials | None = None,
     ) -> None:
         self.entry = entry
         self.states = states
@@ -89,7 +91,9 @@ class EntryDownload:
         self._starting: dict[FileState, trio.Event] = {}
         # Per etag, the files with that content: the first is downloaded, the others linked.
         self._twins: dict[str, list[FileState]] = {}
-        self.partials = PartialFiles(entry, states, claim_id, cache, partial_maps, lease=lease, io_limiter=io_limiter)
+        self.partials = PartialFiles(
+            entry, states, claim_id, cache, partial_maps, lease=lease, io_limiter=io_limiter, shared=shared
+        )
         self._fds = self.partials.fds
         self.transfer = Transfer(entry, client, self.plan, self._fds, net_limiter=net_limiter, retry=retry)
         self._verify_failures: dict[FileState, int] = {}
@@ -212,6 +216,10 @@ class EntryDownload:
     def _next_chunk(self) -> Chunk[FileState] | None:
         # A reader of a file whose twin (same content) is downloaded waits on the twin's ranges.
         waited = {self._twins.get(s.file.etag, [s])[0]: s.wanted_offsets for s in self._waits.files}
+        # Readers on other nodes sharing the cache (their want files: mxfs.fetch.shared).
+        for state in self._fds:
+            if state.remote_waits:
+                waited[state] = set(waited.get(state, ())) | {start for start, _ in state.remote_waits}
         return self.plan.next_chunk(waited)
 
     async def _worker(self) -> None:
@@ -232,6 +240,10 @@ class EntryDownload:
             for state in list(self._waits.files):
                 for start, end in list(state.on_demand_waits):
                     self._on_demand(state, start, end)
+            for state in list(self._fds):
+                for start, end in list(state.remote_waits):
+                    if not state.present.covers(start, end):
+                        self._on_demand(state, start, end)
             await self._waits.wait_changed()
 
     def _on_demand(self, state: FileState, start: int, end: int) -> None:
@@ -264,11 +276,16 @@ class EntryDownload:
                 failures,
                 VERIFY_ATTEMPTS,
             )
+            if failures >= VERIFY_ATTEMPTS:
+                state.discard_copy()
+                raise IntegrityError(f"{self.entry}/{file.path}: checksum mismatch after {failures} downloads")
+            # A new partial file, never the same one rewritten (see PartialFiles.replace); from
+            # here no request starts on the old one, and those running count nothing (the copy's
+            # generation moved on).
+            old_fd = self.partials.detach(state)
             state.discard_copy()
             await trio.to_thread.run_sync(self.partial_maps.remove, self.entry.repo_id, file.etag)
-            if failures >= VERIFY_ATTEMPTS:
-                raise IntegrityError(f"{self.entry}/{file.path}: checksum mismatch after {failures} downloads")
-            # Rewrite the same partial file in place: readers' descriptors stay valid.
+            await self.partials.replace(state, old_fd)
             self._add(state)
             self.hashes.start(state, self._transfers)
             state.notify()

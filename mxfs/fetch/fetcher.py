@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import os
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -44,7 +45,9 @@ from mxfs.fetch.download import EntryDownload
 from mxfs.fetch.entry import Entry
 from mxfs.fetch.entrystate import EntryFetch
 from mxfs.fetch.files import FileState
+from mxfs.fetch.follow import Follower, identity
 from mxfs.fetch.partials import PartialMaps
+from mxfs.fetch.shared import SharedPartials
 from mxfs.fetch.source import FileSource, ReadCount
 from mxfs.hub import Hub
 from mxfs.names import EntryName, ModelRef
@@ -65,6 +68,8 @@ ENTRY_RETRY = RetryPolicy(attempts=3, initial_delay=2.0, max_delay=60.0)
 REGISTRY_WARNING_INTERVAL = 30.0
 # Every node touches the entries it has open this often, so eviction elsewhere sees them in use.
 TOUCH_INTERVAL = 60.0
+# How often a node whose readers wait on another node's download looks at what it published.
+FOLLOW_INTERVAL = 0.25
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,12 @@ class Fetcher:
         self.hub: Hub = catalog.hub
         self.partial_maps = PartialMaps(settings.state_dir)
         self.io_limiter = trio.CapacityLimiter(64)
+        # Partial files shared with the other nodes of a shared cache: the owner publishes their
+        # durable ranges; readers here follow them, unless they must get verified blobs only.
+        self.shared = SharedPartials(cache)
+        self.follower: Follower | None = None
+        if settings.verify != "strict":
+            self.follower = Follower(cache, self.shared, uuid.uuid4().hex[:12], self.io_limiter)
         self.net_limiter = trio.CapacityLimiter(max(settings.connections * 4, 16))
         self._entries: dict[str, EntryFetch] = {}
         self._nursery: trio.Nursery | None = None
@@ -130,19 +141,32 @@ class Fetcher:
         if (event := self._finished.pop(name, None)) is not None:
             event.set()
 
-    async def _wait_for_news(self, name: str) -> None:
-        """Wait until the entry finishes somewhere (where the registry can tell) or a poll interval passes.
+    async def _wait_for_news(self, ef: EntryFetch) -> None:
+        """Wait until the entry finishes somewhere (where the registry can tell) or a poll interval
+        passes; meanwhile serve readers from the owner's partial files (:mod:`.follow`).
 
         The poll interval still paces a waiter: files the owner completes one by one appear in
         the shared cache without any message.
         """
-        if self._finish_notifier is None:
-            # Nothing would ever set an event: keep none (they would pile up per entry).
-            await trio.sleep(self.settings.poll_interval)
-            return
-        event = self._finished.setdefault(name, trio.Event())
-        with trio.move_on_after(self.settings.poll_interval):
-            await event.wait()
+        name = ef.entry.registry_key
+        deadline = trio.current_time() + self.settings.poll_interval
+        # Nothing would ever set an event without a notifier: keep none (they would pile up).
+        event = self._finished.setdefault(name, trio.Event()) if self._finish_notifier is not None else None
+        while (now := trio.current_time()) < deadline:
+            following = False
+            if self.follower is not None:
+                try:
+                    following = await self.follower.follow(ef)
+                except OSError as exc:
+                    log.debug("%s: could not follow the owner's partial files: %s", ef.entry, exc)
+            # Open handles may start waiting any moment: look again soon (a round with nothing
+            # to follow does no I/O).
+            soon = following or (self.follower is not None and ef.handles > 0)
+            with trio.move_on_after(min(FOLLOW_INTERVAL, deadline - now) if soon else deadline - now):
+                if event is not None:
+                    await event.wait()
+                    return
+                await trio.sleep_forever()
 
     def discarded_copies(self) -> trio.MemoryReceiveChannel[tuple[str, str]]:
         """(entry key, path) of each copy discarded after readers were served some of its bytes."""
@@ -317,7 +341,7 @@ class Fetcher:
                     if await claim.acquire():
                         await self._download(ef, claim)
                         return
-                    await self._wait_for_news(entry.registry_key)
+                    await self._wait_for_news(ef)
                 except LeaseLost as exc:
                     metrics.DOWNLOADS_FAILED.inc()
                     log.warning("%s", exc)
@@ -348,6 +372,9 @@ class Fetcher:
             self._fail(ef, MxfsError(f"{entry}: internal error (see the daemon log)"), permanent=True)
         finally:
             ef.running = False
+            if self.follower is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                    await self.follower.forget(ef)
             if ef.error is None and not ef.complete and any(s.waiting for s in ef.states.values()):
                 # Files vanished while this task was finishing (see ``open``): readers wait for them.
                 self.ensure_started(ef)
@@ -366,19 +393,21 @@ class Fetcher:
         """Adopt blobs that are in the cache already; True if that makes the entry complete."""
         entry = ef.entry
 
-        def scan() -> list[str]:
+        def scan() -> list[tuple[str, bool]]:
             found = []
             for path, state in ef.states.items():
                 if state.complete:
                     continue
                 if self.cache.has_blob(entry.repo_id, state.file):
                     self.cache.link_snapshot(entry.repo_id, entry.commit, path, state.file.etag)
-                    found.append(path)
+                    # The blob is the other node's partial file readers here were served from?
+                    remote, blob = state.remote, identity(self.cache.blob_path(entry.repo_id, state.file.etag))
+                    found.append((path, remote is not None and blob is not None and blob.same_file(remote)))
             return found
 
-        for path in await trio.to_thread.run_sync(scan, limiter=self.io_limiter):
+        for path, same_copy in await trio.to_thread.run_sync(scan, limiter=self.io_limiter):
             state = ef.states[path]
-            state.set_blob(self.cache.blob_path(entry.repo_id, state.file.etag))
+            state.set_blob(self.cache.blob_path(entry.repo_id, state.file.etag), same_inode=same_copy)
         return ef.complete
 
     async def _download(self, ef: EntryFetch, claim: Claim) -> None:
@@ -399,6 +428,7 @@ class Fetcher:
             net_limiter=self.net_limiter,
             io_limiter=self.io_limiter,
             retry=self.hub.retry,
+            shared=self.shared,
         )
         try:
             async with claim.held(on_lost=download.withdraw_copies) as lease:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -56,7 +57,15 @@ class FileState:
     def __init__(self, file: HubFile) -> None:
         self.file = file
         self.blob: Path | None = None  # set once the verified blob is in the cache
-        self.partial: Path | None = None  # the partial file while this node downloads it
+        self.partial: Path | None = None  # the partial file while this node (or, see remote, another) downloads it
+        # Set while reads are served from another node's partial file in the shared cache
+        # (mxfs.fetch.follow): its name and its (st_dev, st_ino), the copy's identity.  A partial
+        # file holds one copy only (a copy that fails its checksum gets a new file), so the blob
+        # that appears with this very inode is the copy readers were served, verified.
+        self.remote: RemoteCopy | None = None
+        # On the owner: the ranges readers on other nodes wait for (their want files), fetched
+        # on demand like this node's own readers' waits.
+        self.remote_waits: list[tuple[int, int]] = []
         # The partial file passed its checksum and is about to become the blob.  Reads that must
         # see verified bytes (strict mode, and every read that reaches the end of the file) go
         # ahead now: waiting for the blob would make them wait for its fsync too, seconds for a
@@ -112,16 +121,20 @@ class FileState:
         await self._changed.wait()
 
     def set_blob(self, blob: Path, *, same_inode: bool = False) -> None:
-        """The verified blob is in the cache. ``same_inode``: it is our own partial file, renamed."""
+        """The verified blob is in the cache. ``same_inode``: it is the partial file readers read
+        from (ours, or the one another node wrote that readers here followed), renamed."""
         if not same_inode:
             if self.exposed:
                 # Another copy (published by another node, or found in the cache) replaces ours
                 # before ours was checked: what readers got from ours is unverified for ever.
                 self.discard_copy()
             self.retire_fd()
+        elif self.remote is not None:
+            self.retire_fd()  # pages of another node's file may predate its writes: reopen
         self.exposed = False
         self.blob = blob
         self.partial = None
+        self.remote = None
         self.error = None
         self.present = RangeSet([(0, self.file.size)])
         self.notify()
@@ -240,6 +253,18 @@ class FileState:
         if self._fd is not None:
             self._fd.retire()
             self._fd = None
+
+
+@dataclass(frozen=True)
+class RemoteCopy:
+    """Another node's partial file that reads are served from: its name and its inode."""
+
+    name: str
+    dev: int
+    ino: int
+
+    def same_file(self, other: RemoteCopy) -> bool:
+        return (self.dev, self.ino) == (other.dev, other.ino)
 
 
 class CopyDiscarded(IntegrityError):

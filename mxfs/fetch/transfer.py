@@ -133,7 +133,9 @@ class Transfer:
         # block after the download closed its descriptors, and must never write through a
         # number the process has reused for another file. That block lands in the partial file
         # beyond what its map records, or in an unlinked one: nobody reads it unverified.
-        fd = os.dup(self.fds[state])
+        # And the copy it writes for: a file started over (a failed checksum gives the copy a new
+        # partial file) must not count bytes landed in the old one as its own.
+        fd, generation = trio.from_thread.run_sync(self._descriptor, state)
         path = state.file.path
         try:
             limit = trio.from_thread.run_sync(self.write_limit, state, stream)
@@ -143,7 +145,7 @@ class Transfer:
                 if body.whole_file and (stream.pos > 0 or stream.end < state.file.size):
                     plan = trio.from_thread.run_sync(self._become_whole, state, stream)
                     if plan == "whole":
-                        self._stream_whole(fd, state, stream, body)
+                        self._stream_whole(fd, state, stream, body, generation)
                         return
                     if plan == "leave":
                         return  # the file's whole stream brings these bytes: drop this body
@@ -158,7 +160,7 @@ class Transfer:
                         os.pwrite(fd, data[:length] if length < len(data) else data, stream.pos)
                     except OSError as exc:
                         raise disk_error(exc, f"{self.entry}/{path}") from exc
-                    limit = trio.from_thread.run_sync(self._landed, state, stream, length)
+                    limit = trio.from_thread.run_sync(self._landed, state, stream, length, generation)
                     if length < len(data):
                         return
                     # Stop promptly when the download is cancelled (lease lost, daemon stopping).
@@ -166,7 +168,7 @@ class Transfer:
         finally:
             os.close(fd)
 
-    def _stream_whole(self, fd: int, state: FileState, stream: Stream, body: RangeBody) -> None:
+    def _stream_whole(self, fd: int, state: FileState, stream: Stream, body: RangeBody, generation: int) -> None:
         """Runs in a worker thread: write a whole-file body, skipping bytes that are present or
         that another stream brings (they must never be written twice: see write_limit)."""
         try:
@@ -178,7 +180,7 @@ class Transfer:
                         os.pwrite(fd, view[start - stream.pos : end - stream.pos], start)
                     except OSError as exc:
                         raise disk_error(exc, f"{self.entry}/{state.file.path}") from exc
-                if not trio.from_thread.run_sync(self._whole_landed, state, stream, pieces, len(data)):
+                if not trio.from_thread.run_sync(self._whole_landed, state, stream, pieces, len(data), generation):
                     return
                 trio.from_thread.check_cancelled()
         finally:
@@ -224,8 +226,13 @@ class Transfer:
             return []
         return unclaimed(state.present, state.streams, stream, length)
 
-    def _whole_landed(self, state: FileState, stream: Stream, pieces: list[tuple[int, int]], length: int) -> bool:
-        if self.closed:
+    def _descriptor(self, state: FileState) -> tuple[int, int]:
+        return os.dup(self.fds[state]), state.generation
+
+    def _whole_landed(
+        self, state: FileState, stream: Stream, pieces: list[tuple[int, int]], length: int, generation: int
+    ) -> bool:
+        if self.closed or state.generation != generation:
             return False
         for start, end in pieces:
             self._record(state, start, end)
@@ -233,9 +240,9 @@ class Transfer:
         state.notify()
         return stream.pos < stream.end
 
-    def _landed(self, state: FileState, stream: Stream, length: int) -> int:
+    def _landed(self, state: FileState, stream: Stream, length: int, generation: int) -> int:
         """Record bytes written by ``stream``; returns how far it may write next (see write_limit)."""
-        if self.closed:
+        if self.closed or state.generation != generation:
             return 0  # an abandoned stream: its bytes belong to no present map any more
         start = stream.pos
         stream.pos += length

@@ -430,10 +430,10 @@ class Fetcher:
             retry=self.hub.retry,
             shared=self.shared,
         )
+        finished = False
         try:
             async with claim.held(on_lost=download.withdraw_copies) as lease:
                 await download.run(lease)
-                metrics.DOWNLOADS_FINISHED.inc()
                 await self._write_refs(ef)
                 elapsed = max(trio.current_time() - started, 1e-6)
                 log.info(
@@ -443,11 +443,16 @@ class Fetcher:
                     elapsed,
                     download.bytes_downloaded / elapsed / 1e6,
                 )
+            finished = True
         except MxfsError:
             metrics.DOWNLOADS_FAILED.inc()
             raise
         finally:
             ef.download = None
+            # Counted with the download no longer running (and its claim finished): a scrape
+            # never sees a download both finished and in progress.
+            if finished:
+                metrics.DOWNLOADS_FINISHED.inc()
         ef.failures = 0
         self._completed(ef)
 

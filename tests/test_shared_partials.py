@@ -139,10 +139,10 @@ def test_corrupt_bytes_on_the_owner_never_complete_a_read_on_the_other_node(
 ) -> None:
     redis_server.client().flushdb()
     repo = new_repo_id()
-    data = random.Random(162).randbytes(32 * MiB)
+    data = random.Random(162).randbytes(16 * MiB)
     hub.add_repo(repo, {"config.json": b"{}", NAME: data})
     corrupt = hub.inject("corrupt", offset=3 * MiB + 77, length=8, covering=True, times=1, repo_id=repo, filename=NAME)
-    hub.inject("slow", repo_id=repo, filename=NAME, bytes_per_second=MiB)
+    hub.inject("slow", repo_id=repo, filename=NAME, bytes_per_second=2 * MiB)
     owner, other = start_nodes(mxfs_mount, tmp_path, redis_server.url(), 2, "--verify", verify)
     owner.allowed_log.extend([re.escape(CHECKSUM_WARNING), re.escape(TAINT_WARNING)])
     other.allowed_log.extend([re.escape(TAINT_WARNING)])

@@ -158,6 +158,10 @@ def test_evict_command_and_gc_dry_run(hub: FakeHub, new_repo_id, mxfs_mount) -> 
         assert refused.returncode == 1 and "open on this node" in refused.stdout
     assert cached_repos(mount) == {b}
     assert read(mount / a / "model.safetensors") == models[a]
+    # Eviction is the everyday way a model goes: the next open says so, without a warning (a
+    # file deleted behind mxfs's back is what "vanished" warns of: test_mount).
+    assert "model.safetensors was evicted from the cache; fetching it again" in mount.log()
+    assert "vanished" not in mount.log()
     assert_scan_clean(mount)
 
 

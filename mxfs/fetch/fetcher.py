@@ -226,7 +226,12 @@ class Fetcher:
             with contextlib.suppress(FileNotFoundError):
                 held_fd = state.acquire_fd()
         if state.complete and held_fd is None:
-            log.warning("%s: %s vanished from the cache; fetching it again", entry, path)
+            if await self._evicted(ef):
+                # Eviction (this node's, `mxfs evict`, or another node's on a shared cache) took
+                # the model: the everyday way a cached model goes, not a fault.
+                log.info("%s: %s was evicted from the cache; fetching it again", entry, path)
+            else:
+                log.warning("%s: %s vanished from the cache; fetching it again", entry, path)
             for s in ef.states.values():
                 s.blob = None
                 s.retire_fd()
@@ -244,6 +249,13 @@ class Fetcher:
         if not state.complete:
             self.ensure_started(ef)
         return handle
+
+    async def _evicted(self, ef: EntryFetch) -> bool:
+        """The entry's record is gone from the registry: eviction deletes it before the files."""
+        try:
+            return await self.registry.get_record(ef.entry.registry_key) is None
+        except (RegistryError, RegistryUnavailable):
+            return False
 
     async def _blob_still_there(self, ef: EntryFetch, state: FileState) -> bool:
         blob = state.blob

@@ -24,7 +24,7 @@ from tests.mounting import MountedFs, partial_files, requires_fuse, wait_until
 pytestmark = requires_fuse
 
 READERS = 32
-SOAK_SECONDS = 16.0  # the reading phase
+SOAK_SECONDS = 10.0  # the reading phase
 # Each window uses two of the three models, so the third is idle, evicted (room for two) and
 # downloaded again when its turn comes: eviction and re-download run under the faults.
 WINDOW_SECONDS = 4.0
@@ -50,7 +50,7 @@ FD_SLACK = 16
 # returns freed heap after a second idle (memory.return_memory_when_idle). Both measurements of
 # RSS and descriptors are taken after this long idle (a few trim ticks), so they compare like
 # with like.
-IDLE_SECONDS = 5.0
+IDLE_SECONDS = 3.0
 # Measured on a 2-core VM with the daemon's own malloc bounds: 50 MiB idle after the warm-up,
 # 66-90 MiB idle after the soak (not yet explained in full: a plateau across runs, not a growth
 # proportional to what was read; with every connection of a download busy from the start it

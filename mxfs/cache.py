@@ -78,6 +78,16 @@ def open_for_reading(path: Path | str) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
+def _remove_contents(folder: Path) -> None:
+    """Unlink every file under ``folder`` and remove its emptied subfolders (not ``folder``)."""
+    for dirpath, dirnames, filenames in os.walk(folder, topdown=False):
+        for filename in filenames:
+            (Path(dirpath) / filename).unlink(missing_ok=True)
+        for dirname in dirnames:
+            with contextlib.suppress(OSError):
+                (Path(dirpath) / dirname).rmdir()
+
+
 def make_dirs(path: Path) -> None:
     """``mkdir -p`` that creates every missing level with :data:`DIR_MODE`.
 
@@ -160,12 +170,7 @@ class HubCache:
     def remove_view(self, repo_id: str, commit: str) -> None:
         """Delete a revision's view (unmounted first: see mxfs.handoff); readers keep the inodes."""
         view = self.view_dir(repo_id, commit)
-        for dirpath, dirnames, filenames in os.walk(view, topdown=False):
-            for filename in filenames:
-                (Path(dirpath) / filename).unlink(missing_ok=True)
-            for dirname in dirnames:
-                with contextlib.suppress(OSError):
-                    (Path(dirpath) / dirname).rmdir()
+        _remove_contents(view)
         for folder in (view, view.parent):
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -357,12 +362,7 @@ class HubCache:
                         ref.unlink()
         ours = {os.path.basename(os.readlink(p)) for p in self.snapshot_links(repo_id, commit) if p.is_symlink()}
         snapshot = self.snapshot_dir(repo_id, commit)
-        for dirpath, dirnames, filenames in os.walk(snapshot, topdown=False):
-            for filename in filenames:
-                (Path(dirpath) / filename).unlink(missing_ok=True)
-            for dirname in dirnames:
-                with contextlib.suppress(OSError):
-                    (Path(dirpath) / dirname).rmdir()
+        _remove_contents(snapshot)
         with contextlib.suppress(FileNotFoundError):
             snapshot.rmdir()
         self.tree_path(repo_id, commit).unlink(missing_ok=True)

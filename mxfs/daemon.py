@@ -39,6 +39,7 @@ from mxfs.hub import Hub, HubClient, trust_ca_bundle
 from mxfs.memory import bound_malloc_retention, return_memory_when_idle
 from mxfs.metrics import HANDOFF_OFF, HandOffState
 from mxfs.mounts import MountProbe, prepare_mountpoint, tune_fuse_connection
+from mxfs.names import ModelRef
 from mxfs.pins import keep_pins
 from mxfs.rebuild import open_registry_recovering
 from mxfs.registry import RefRecord, Registry, RegistryError, redact_url
@@ -191,6 +192,17 @@ async def _stop_on_signals(
 REF_POLL_INTERVAL = 2.0
 
 
+async def _move_model_dirs(ops: MxfsOperations, handoff: HandOff | None, moved: list[ModelRef]) -> None:
+    """Point moved model directory names (a refresh) at their new commits.
+
+    The hand-off's bind is detached first: the old commit's bind would otherwise hide the new
+    one, and its open files keep reading the old commit.
+    """
+    if handoff is not None:
+        await handoff.detach_refs(moved)
+    ops.forget_model_dirs(moved)
+
+
 async def _follow_refreshes(
     catalog: Catalog,
     ops: MxfsOperations,
@@ -207,11 +219,7 @@ async def _follow_refreshes(
     while True:
         await trio.sleep(REF_POLL_INTERVAL)
         if moved := await catalog.follow_recorded_refs():
-            if handoff is not None:
-                # Detached first: the old commit's bind would otherwise hide the new one, and
-                # its open files keep reading the old commit.
-                await handoff.detach_refs(moved)
-            ops.forget_model_dirs(moved)
+            await _move_model_dirs(ops, handoff, moved)
 
 
 async def _follow_registry_refs(
@@ -257,9 +265,7 @@ async def _follow_registry_refs(
             moved, retry = await catalog.follow_registry_refs(sorted(pending.values(), key=lambda r: r.version))
             pending = {(r.repo_id, r.revision): r for r in retry}
             if moved:
-                if handoff is not None:
-                    await handoff.detach_refs(moved)  # as for a local refresh, see _follow_refreshes
-                ops.forget_model_dirs(moved)
+                await _move_model_dirs(ops, handoff, moved)
         await trio.sleep(within / 2)
 
 

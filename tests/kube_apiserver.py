@@ -19,7 +19,7 @@ Kubernetes semantics the backend relies on, as a real server behaves:
   server would silently prune them: a field the code writes but the CRD lacks would be lost in
   a real cluster, so here it fails the test;
 - the core group's ConfigMap at ``/api/v1/namespaces/<ns>/configmaps`` (string data under
-  ``[-._a-zA-Z0-9]`` keys), where the backend keeps its ref records;
+  ``[-._a-zA-Z0-9]`` keys), where the backend keeps its ref records and peer holders;
 - bearer-token auth (401 Unauthorized without a known token) or, over TLS, a client certificate
   signed by the stand-in's CA; ``forbid()`` makes a verb answer 403 Forbidden like missing RBAC;
 - errors are ``Status`` objects (``kind: Status``, ``reason``, ``code``, ``message``, ``details``);

@@ -17,11 +17,14 @@ as measured by the node's own monotonic clock, from the first time that node rea
 takeover tests below hold for it as they are because the taking client always reads the record
 (or lock) after the owner's last write and before sleeping: ``new.try_claim`` before the sleep in
 the takeover test, ``b.unlock`` after ``a``'s renewal in the lock test.  Keep that order when
-changing them: a client that first looks after the sleep must wait one more lease.
+changing them: a client that first looks after the sleep must wait one more lease.  Peer holders
+expire the same way there (a holder's value unchanged for its ttl), so the expiry test reads
+them on the other client before sleeping too.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,12 +42,14 @@ from mxfs.registry import (
     PROVIDER,
     AlreadyExists,
     Claimed,
+    Holder,
     Record,
     Registry,
     Status,
     StatusCounts,
     open_registry,
 )
+from mxfs.registry import sqlite as sqlite_backend
 from tests.kube_apiserver import KubeTarget, kube_apiserver_fixture, kube_target_fixture  # noqa: F401
 from tests.redis_server import RedisServer
 
@@ -626,3 +631,190 @@ async def test_concurrent_ref_records_get_distinct_versions(make_registry: OpenC
         rivals = [r for r in records if r.revision == record.revision]
         assert record == max(rivals, key=lambda r: r.version)
     assert await clients[0].refs_version() == max(r.version for r in records)
+
+
+# -- peer holders (issue 16: peers) --------------------------------------------------------------
+
+ADDRESS_A, ADDRESS_B = "http://10.0.0.5:7170", "http://10.0.0.6:7170"
+
+
+def _nodes(holders: list[Holder]) -> list[str]:
+    return [h.node for h in holders]
+
+
+async def test_holder_put_refresh_and_drop(make_registry: OpenClient) -> None:
+    registry = await make_registry()
+    name = _name()
+    assert await registry.holders(name) == []
+
+    await registry.put_holder(name, "node-a", ADDRESS_A, False, LONG_LEASE)
+    [first] = await registry.holders(name)
+    assert (first.node, first.address, first.complete) == ("node-a", ADDRESS_A, False)
+    assert first.expires_at.tzinfo is not None and first.expires_at.utcoffset() == timedelta(0)
+
+    # Re-putting refreshes the expiry, and may flip complete and move the address.
+    await trio.sleep(TICK)
+    await registry.put_holder(name, "node-a", ADDRESS_B, True, LONG_LEASE)
+    [again] = await registry.holders(name)
+    assert (again.node, again.address, again.complete) == ("node-a", ADDRESS_B, True)
+    assert again.expires_at > first.expires_at
+    await registry.put_holder(name, "node-a", ADDRESS_B, False, LONG_LEASE)
+    assert [h.complete for h in await registry.holders(name)] == [False]
+
+    await registry.drop_holder(name, "node-a")
+    assert await registry.holders(name) == []
+    # Dropping what is not there changes nothing and raises nothing.
+    await registry.drop_holder(name, "node-a")
+    await registry.drop_holder(_name(1), "node-a")
+    assert await registry.holders(_name(1)) == []
+
+
+async def test_holder_ttl_must_be_a_positive_number_of_seconds(make_registry: OpenClient) -> None:
+    registry = await make_registry()
+    for ttl in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="ttl"):
+            await registry.put_holder(_name(), "node-a", ADDRESS_A, True, ttl)
+    assert await registry.holders(_name()) == []
+
+
+async def test_expired_holders_are_never_listed(make_registry: OpenClient) -> None:
+    writer, reader = await make_registry(), await make_registry()
+    name = _name()
+    await writer.put_holder(name, "short", ADDRESS_A, True, SHORT_LEASE)
+    await writer.put_holder(name, "long", ADDRESS_B, True, LONG_LEASE)
+    await writer.put_holder(name, "refreshed", ADDRESS_B, False, SHORT_LEASE)
+    # Whenever it lands, this put leaves "refreshed" a long ttl: it must outlive the short one.
+    await writer.put_holder(name, "refreshed", ADDRESS_B, False, LONG_LEASE)
+    assert _nodes(await reader.holders(name)) == ["long", "short", "refreshed"]
+
+    await trio.sleep(SHORT_LEASE + 0.1)
+    # Bounded: expiry is judged at the read, so the first read after the ttl must not list it.
+    for client in (reader, writer):
+        assert _nodes(await client.holders(name)) == ["long", "refreshed"]
+    # Expired holders may come back by being put again.
+    await writer.put_holder(name, "short", ADDRESS_A, False, LONG_LEASE)
+    assert _nodes(await reader.holders(name)) == ["long", "refreshed", "short"]
+
+
+async def test_holders_are_ordered_complete_first_then_by_node(make_registry: OpenClient) -> None:
+    registry = await make_registry()
+    name = _name()
+    for node, complete in [("n-c", False), ("n-d", True), ("n-a", False), ("n-b", True), ("n-e", False)]:
+        await registry.put_holder(name, node, f"http://{node}:7170", complete, LONG_LEASE)
+    holders = await registry.holders(name)
+    assert [(h.node, h.complete) for h in holders] == [
+        ("n-b", True),
+        ("n-d", True),
+        ("n-a", False),
+        ("n-c", False),
+        ("n-e", False),
+    ]
+    assert [h.address for h in holders] == [f"http://{h.node}:7170" for h in holders]
+
+
+async def test_every_client_sees_every_nodes_holders(make_registry: OpenClient) -> None:
+    a, b = await make_registry(), await make_registry()
+    one, two = _name(1), _name(2)
+    await a.put_holder(one, "node-a", ADDRESS_A, True, LONG_LEASE)
+    await b.put_holder(one, "node-b", ADDRESS_B, False, LONG_LEASE)
+    await b.put_holder(two, "node-b", ADDRESS_B, True, LONG_LEASE)
+    for client in (a, b):
+        assert [(h.node, h.address, h.complete) for h in await client.holders(one)] == [
+            ("node-a", ADDRESS_A, True),
+            ("node-b", ADDRESS_B, False),
+        ]
+        assert [(h.node, h.complete) for h in await client.holders(two)] == [("node-b", True)]
+
+    # One node's drop leaves the other node's holder, and the same node's holder of another entry.
+    await b.drop_holder(one, "node-b")
+    assert _nodes(await a.holders(one)) == ["node-a"]
+    assert _nodes(await a.holders(two)) == ["node-b"]
+    await b.put_holder(one, "node-b", ADDRESS_B, True, LONG_LEASE)
+    assert _nodes(await a.holders(one)) == ["node-a", "node-b"]
+
+
+async def test_holders_are_independent_of_records(make_registry: OpenClient) -> None:
+    registry, other = await make_registry(), await make_registry()
+    held, unrecorded = _name(1), _name(2)
+    await _make_entry(registry, held, Status.DOWNLOADED)
+    await registry.put_holder(held, "node-a", ADDRESS_A, True, LONG_LEASE)
+    await registry.put_holder(unrecorded, "node-b", ADDRESS_B, False, LONG_LEASE)
+
+    # Holders do not appear as entries, or change the ones there are.
+    [record] = await registry.list_by_last_used()
+    assert record.model_name == held
+    assert await registry.status_counts() == StatusCounts(downloaded=1)
+    assert await registry.get_record(unrecorded) is None
+    assert await registry.get_status(unrecorded) is None
+    assert await _record(registry, held) == record
+    assert await registry.try_claim(unrecorded, _claim_id(), LONG_LEASE) == Claimed()
+
+    # Deleting the records (either way) leaves the holders.
+    assert await registry.delete_if_unchanged(held, record.status, record.last_used_at)
+    await registry.delete(unrecorded)
+    assert await registry.list_by_last_used() == []
+    assert _nodes(await other.holders(held)) == ["node-a"]
+    assert _nodes(await other.holders(unrecorded)) == ["node-b"]
+
+    # Locks and refs neither.
+    assert await registry.try_lock(held, "node-a", LONG_LEASE)
+    assert await registry.unlock(held, "node-a")
+    await registry.record_ref("org/model-1", "main", COMMIT_A)
+    assert _nodes(await other.holders(held)) == ["node-a"]
+
+    # And dropping the holders leaves a record alone.
+    await _make_entry(registry, held, Status.DOWNLOADED)
+    await registry.drop_holder(held, "node-a")
+    assert (await _record(other, held)).status is Status.DOWNLOADED
+    assert await other.holders(held) == []
+
+
+async def test_concurrent_holder_puts_all_land(make_registry: OpenClient) -> None:
+    clients = [await make_registry() for _ in range(4)]
+    name = _name()
+    nodes = [f"node-{i:02d}" for i in range(16)]
+    await _race(
+        [
+            lambda i=i, node=node: clients[i % len(clients)].put_holder(
+                name, node, f"http://{node}:7170", i % 2 == 0, LONG_LEASE
+            )
+            for i, node in enumerate(nodes)
+        ]
+    )
+    holders = await clients[0].holders(name)
+    assert sorted(_nodes(holders)) == nodes
+    assert _nodes(holders) == nodes[0::2] + nodes[1::2]  # complete (even) ones first
+
+    # Drops race too, and with puts of other nodes.
+    await _race(
+        [lambda i=i, node=node: clients[i % len(clients)].drop_holder(name, node) for i, node in enumerate(nodes[:8])]
+        + [lambda: clients[1].put_holder(name, "node-late", ADDRESS_A, True, LONG_LEASE)]
+    )
+    assert sorted(_nodes(await clients[2].holders(name))) == sorted([*nodes[8:], "node-late"])
+
+
+async def test_sqlite_registry_of_an_older_schema_gains_the_holders_table(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    url = "sqlite://" + quote(str(path))
+    registry = await open_registry(url)
+    await _make_entry(registry, _name(), Status.DOWNLOADED)
+    await registry.aclose()
+    # Make it what mxfs wrote before holders: schema version 3, no holders table.
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE holders")
+    conn.execute("PRAGMA user_version = 3")
+    conn.commit()
+    conn.close()
+
+    registry = await open_registry(url)
+    try:
+        await registry.put_holder(_name(), "node-a", ADDRESS_A, True, LONG_LEASE)
+        assert _nodes(await registry.holders(_name())) == ["node-a"]
+        assert (await _record(registry, _name())).status is Status.DOWNLOADED
+    finally:
+        await registry.aclose()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (sqlite_backend.SCHEMA_VERSION,)
+    finally:
+        conn.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import random
 import re
@@ -38,7 +39,11 @@ from mxfs.registry.kubernetes import api as kube_api
 from mxfs.registry.kubernetes import config as kube_config
 from mxfs.registry.kubernetes.config import load_config, load_kubeconfig
 from mxfs.registry.kubernetes.registry import (
+    COMPONENT_LABEL,
+    CONFIG_MAPS,
     ENTRIES,
+    HOLDERS_COMPONENT,
+    HOLDERS_ENTRY_ANNOTATION,
     LEASES,
     LOCK_TTL_ANNOTATION,
     MANAGED_BY,
@@ -47,6 +52,8 @@ from mxfs.registry.kubernetes.registry import (
     SHORT_NAME,
     LeaseObserver,
     entry_object_name,
+    holder_key,
+    holders_object_name,
     lock_object_name,
     object_name,
     parse_url,
@@ -308,6 +315,11 @@ async def test_rbac_grants_exactly_the_verbs_the_backend_uses(kube_target: KubeT
     await a.record_ref("org/model", "main", "a" * 40)
     await a.record_ref("org/model", "main", "b" * 40)
     await b.refs_since(await b.refs_version())
+    await a.put_holder(name, "node-a", "http://a:7170", False, LONG_LEASE)
+    await b.put_holder(name, "node-b", "http://b:7170", True, LONG_LEASE)
+    assert len(await b.holders(name)) == 2
+    await a.drop_holder(name, "node-a")
+    await b.drop_holder(name, "node-b")  # the last one: the ConfigMap goes
     async with trio.open_nursery() as nursery:
         await nursery.start(b.listen_finished, lambda name: None)
         await _until(lambda: kube_target.server.open_watches() > 0)
@@ -884,6 +896,91 @@ async def test_locks_are_leases_taken_over_after_their_ttl_on_our_clock(
     assert not await a.unlock("evict", "node-a")
     assert await b.unlock("evict", "node-b")
     assert not kube_target.server.objects(LEASES.plural, kube_target.namespace)
+
+
+# -- peer holders --------------------------------------------------------------------------------
+
+
+def _holders_maps(target: KubeTarget) -> dict[str, dict[str, Any]]:
+    maps = target.server.objects(CONFIG_MAPS.plural, target.namespace)
+    return {name: obj for name, obj in maps.items() if name.startswith("mxfs-holders-")}
+
+
+async def test_holders_live_in_a_labelled_config_map_per_entry_that_goes_with_the_last_holder(
+    kube_target: KubeTarget, open_kube: OpenKube
+) -> None:
+    a, b = await open_kube(), await open_kube()
+    name = _name()
+    await a.put_holder(name, "http://10.0.0.5:7170", "http://10.0.0.5:7170", True, 60.5)
+    await b.put_holder(name, "node-b", "http://10.0.0.6:7170", False, LONG_LEASE)
+    [(cm_name, cm)] = _holders_maps(kube_target).items()
+    assert cm_name == holders_object_name(name)
+    assert DNS1123_SUBDOMAIN.fullmatch(cm_name) and len(cm_name) <= 253
+    assert cm["metadata"]["labels"] == {MANAGED_BY_LABEL: MANAGED_BY, COMPONENT_LABEL: HOLDERS_COMPONENT}
+    assert cm["metadata"]["annotations"] == {HOLDERS_ENTRY_ANNOTATION: name}
+    assert set(cm["data"]) == {holder_key("http://10.0.0.5:7170"), holder_key("node-b")}
+    stored = json.loads(cm["data"][holder_key("http://10.0.0.5:7170")])
+    assert RFC3339_MS_Z.fullmatch(stored.pop("expiresAt"))
+    assert stored == {
+        "node": "http://10.0.0.5:7170",
+        "address": "http://10.0.0.5:7170",
+        "complete": True,
+        "ttlSeconds": 60.5,
+    }
+    # Not entries: no ModelCacheEntry was written.
+    assert not kube_target.server.objects(ENTRIES.plural, kube_target.namespace)
+
+    await a.drop_holder(name, "http://10.0.0.5:7170")
+    assert set(_holders_maps(kube_target)[cm_name]["data"]) == {holder_key("node-b")}
+    await a.drop_holder(name, "node-b")
+    assert _holders_maps(kube_target) == {}
+    assert await b.holders(name) == []
+
+
+async def test_holders_expire_after_their_ttl_of_silence_on_our_clock(
+    mock_clock: MockClock, kube_target: KubeTarget, open_kube: OpenKube
+) -> None:
+    node, watcher, latecomer = await open_kube(), await open_kube(), await open_kube()
+    name = _name()
+    await node.put_holder(name, "node", "http://10.0.0.5:7170", True, 60)
+    [seen] = await watcher.holders(name)
+    assert seen.expires_at - datetime.now(UTC) > timedelta(seconds=58)
+    mock_clock.jump(59)
+    [still] = await watcher.holders(name)
+    # What is left of the ttl in the watcher's eyes, on its wall clock.
+    assert still.expires_at - datetime.now(UTC) < timedelta(seconds=2)
+    await node.put_holder(name, "node", "http://10.0.0.5:7170", True, 60)  # a refresh: the watcher starts again
+    assert len(await watcher.holders(name)) == 1
+    mock_clock.jump(59)
+    assert len(await watcher.holders(name)) == 1
+    mock_clock.jump(2)
+    # The latecomer sees the holder for the first time: for it the silence has only begun.
+    assert len(await latecomer.holders(name)) == 1
+    assert await watcher.holders(name) == []
+    # The watcher removed it, and with it the ConfigMap.
+    assert _holders_maps(kube_target) == {}
+    assert await latecomer.holders(name) == []
+
+
+async def test_a_holders_map_of_another_entry_under_our_name_is_an_error(
+    kube_target: KubeTarget, open_kube: OpenKube
+) -> None:
+    registry = await open_kube()
+    name = _name()
+    await registry.put_holder(name, "node", "http://10.0.0.5:7170", True, LONG_LEASE)
+    kube_target.server.interfere(
+        CONFIG_MAPS.plural,
+        kube_target.namespace,
+        holders_object_name(name),
+        lambda obj: obj["metadata"]["annotations"].update({HOLDERS_ENTRY_ANNOTATION: "someone else"}),
+    )
+    # The refresh meets the change (409), reads again, and overwrites nothing it cannot vouch for.
+    with pytest.raises(RegistryError, match="belongs to 'someone else'"):
+        await registry.put_holder(name, "node", "http://10.0.0.5:7170", True, LONG_LEASE)
+    with pytest.raises(RegistryError, match="belongs to 'someone else'"):
+        await registry.holders(name)
+    with pytest.raises(RegistryError, match="belongs to 'someone else'"):
+        await registry.drop_holder(name, "node")
 
 
 # -- a real mount --------------------------------------------------------------------------------

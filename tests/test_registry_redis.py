@@ -8,6 +8,7 @@ plain redis-py client.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -31,7 +32,7 @@ from mxfs.registry import (
     open_registry,
 )
 from mxfs.registry import redis as redis_backend
-from mxfs.registry.redis import FINISHED_CHANNEL, KEY_PREFIX, LRU_KEY, RedisRegistry
+from mxfs.registry.redis import FINISHED_CHANNEL, HOLDERS_PREFIX, KEY_PREFIX, LRU_KEY, RedisRegistry
 from tests.redis_server import RedisServer
 
 LONG_LEASE = 30.0
@@ -96,6 +97,53 @@ def _assert_schema(db: redis.Redis) -> None:
         stamp = db.hget(KEY_PREFIX + name, "last_used_at")
         assert stamp is not None, f"index member {name} has no entry"
         assert score == _ms(datetime.fromisoformat(stamp)), name
+
+
+# -- peer holders --------------------------------------------------------------------------------
+
+
+async def test_holders_are_a_hash_per_entry_under_mxfs_that_expires_with_its_last_holder(
+    db: redis.Redis, open_redis: OpenRegistry
+) -> None:
+    registry = await open_redis()
+    name = _name()
+    key = HOLDERS_PREFIX + name
+    before = _redis_time_ms(db)
+    await registry.put_holder(name, "http://10.0.0.5:7170", "http://10.0.0.5:7170", True, LONG_LEASE)
+    await registry.put_holder(name, "node-b", "http://10.0.0.6:7170", False, 0.5)
+    after = _redis_time_ms(db)
+    assert _keys(db) == [key]
+    fields = {node: json.loads(value) for node, value in db.hgetall(key).items()}
+    assert set(fields) == {"http://10.0.0.5:7170", "node-b"}
+    long_ms = fields["http://10.0.0.5:7170"].pop("expires_ms")
+    assert before + LONG_LEASE * 1000 <= long_ms <= after + LONG_LEASE * 1000
+    assert fields["http://10.0.0.5:7170"] == {"address": "http://10.0.0.5:7170", "complete": True}
+    assert fields["node-b"]["complete"] is False
+    # The key lives as long as its latest holder, by Redis's clock.
+    assert db.pexpiretime(key) == long_ms
+    [first, second] = await registry.holders(name)
+    assert _ms(first.expires_at) == long_ms
+    assert _ms(second.expires_at) == fields["node-b"]["expires_ms"]
+
+    # Dropping the latest holder shortens the key's life to the next one's...
+    await registry.drop_holder(name, "http://10.0.0.5:7170")
+    assert db.pexpiretime(key) == fields["node-b"]["expires_ms"]
+    # ...and once that expires the key is gone without anybody reading it.
+    await trio.sleep(0.6)
+    assert _keys(db) == []
+    assert await registry.holders(name) == []
+    _assert_schema(db)
+
+
+async def test_expired_and_unreadable_holder_fields_are_pruned(db: redis.Redis, open_redis: OpenRegistry) -> None:
+    registry = await open_redis()
+    name = _name()
+    key = HOLDERS_PREFIX + name
+    await registry.put_holder(name, "live", "http://10.0.0.5:7170", True, LONG_LEASE)
+    stale = json.dumps({"address": "http://10.0.0.6:7170", "complete": True, "expires_ms": _redis_time_ms(db) - 1})
+    db.hset(key, mapping={"stale": stale, "garbage": "not json"})
+    assert [h.node for h in await registry.holders(name)] == ["live"]
+    assert set(db.hkeys(key)) == {"live"}
 
 
 # -- the schema ----------------------------------------------------------------------------------

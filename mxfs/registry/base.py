@@ -62,6 +62,31 @@ class RefRecord:
 
 
 @dataclass(frozen=True)
+class Holder:
+    """A node that serves an entry's files to its peers (issue 16: peers).
+
+    Holders are not records: they live beside them, and nothing that lists, counts, evicts or
+    deletes records sees or touches them.  A holder that stops refreshing itself expires
+    (``expires_at``, by the backend's clock) and is no longer listed.
+    """
+
+    node: str
+    """The node's id (mxfs uses its advertised base URL); opaque to the registry."""
+    address: str
+    """The base URL it serves at, e.g. ``http://10.0.0.5:7170``."""
+    complete: bool
+    """True: it holds every file of the entry, verified.  False: it is downloading the entry from
+    the Hub now and serves the ranges it has."""
+    expires_at: datetime
+    """Timezone-aware UTC, from the backend's clock."""
+
+
+def holder_order(holder: Holder) -> tuple[bool, str]:
+    """The order ``holders`` lists in: complete holders first, then by node id."""
+    return (not holder.complete, holder.node)
+
+
+@dataclass(frozen=True)
 class Claimed:
     """This caller now owns the download of the entry."""
 
@@ -253,6 +278,25 @@ class Registry(Protocol):
 
     async def refs_since(self, version: int) -> list[RefRecord]:
         """The ref records whose version is above ``version``, lowest version first."""
+        ...
+
+    async def put_holder(self, name: str, node: str, address: str, complete: bool, ttl: float) -> None:
+        """Record that ``node`` serves entry ``name`` at ``address`` until now + ``ttl`` seconds.
+
+        An upsert: putting again refreshes the expiry and may change ``address`` and
+        ``complete``.  ``ttl`` is a positive, finite number of seconds (ValueError otherwise).
+        """
+        ...
+
+    async def drop_holder(self, name: str, node: str) -> None:
+        """Forget that ``node`` holds ``name``. No-op when it is not listed."""
+        ...
+
+    async def holders(self, name: str) -> list[Holder]:
+        """The unexpired holders of ``name``: complete ones first, then by node id; [] for none.
+
+        Expired holders are never returned; the backend prunes them as it meets them.
+        """
         ...
 
     async def aclose(self) -> None: ...

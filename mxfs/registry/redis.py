@@ -15,6 +15,11 @@ Schema (DESIGN section 3), compatible with ModelExpress's Redis registry:
 - ``mxfs:refs``: a hash of where each branch or tag points as ``mxfs refresh`` recorded it, field
   ``<repo id>\n<revision>``, value JSON ``{"commit", "version", "recorded_at_ms"}``; and
   ``mxfs:refs:version``, the counter that numbers them, which followers poll (one ``GET``).
+- ``mxfs:holders:<entry>``: a hash of the nodes that serve the entry to their peers, field the
+  node's id, value JSON ``{"address", "complete", "expires_ms"}`` (milliseconds since the epoch,
+  by Redis ``TIME``).  The key's own expiry (``PEXPIREAT``) is its latest holder's, so the hash
+  of an entry whose holders all went away vanishes by itself; expired fields are pruned by the
+  scripts that read and write it.
 
 Every mutation is one Lua script (registered once with ``register_script``; redis-py reloads it
 after a server restart answers NOSCRIPT), so each read-modify-write is atomic, and every script
@@ -63,6 +68,7 @@ from mxfs.registry.base import (
     AlreadyExists,
     Claimed,
     ClaimOutcome,
+    Holder,
     Record,
     RefRecord,
     RegistryBackend,
@@ -70,6 +76,8 @@ from mxfs.registry.base import (
     Status,
     StatusCounts,
     check_final,
+    check_seconds,
+    holder_order,
     lease_ms,
     redact_url,
 )
@@ -87,6 +95,7 @@ MAX_RESUBSCRIBE_DELAY = 30.0
 LOCK_PREFIX = "mxfs:lock:"
 REFS_KEY = "mxfs:refs"
 REFS_VERSION_KEY = "mxfs:refs:version"
+HOLDERS_PREFIX = "mxfs:holders:"
 
 # Worker threads and pooled connections per registry: one connection per thread, so no call ever
 # waits for a connection while holding a thread.
@@ -421,6 +430,70 @@ return record
 """,
 )
 
+# Shared by the holder scripts: drop the expired fields of a holders hash, and set the key's
+# expiry to its latest holder's (an empty hash is no key at all in Redis).  The work is one pass
+# over the entry's holders, a handful of nodes.
+_PRUNE_HOLDERS = """
+local function prune_holders(key, now)
+    local fields = redis.call('HGETALL', key)
+    local latest = nil
+    local live = {}
+    for i = 1, #fields, 2 do
+        local ok, holder = pcall(cjson.decode, fields[i + 1])
+        local expires = ok and type(holder) == 'table' and tonumber(holder['expires_ms'])
+        if expires and expires > now then
+            live[#live + 1] = fields[i]
+            live[#live + 1] = fields[i + 1]
+            if not latest or expires > latest then latest = expires end
+        else
+            redis.call('HDEL', key, fields[i])
+        end
+    end
+    if latest then redis.call('PEXPIREAT', key, int(latest)) end
+    return live
+end
+"""
+
+_PUT_HOLDER = _lua(
+    """
+-- KEYS[1] - the entry's holders hash
+-- ARGV[1] - the node id, ARGV[2] - its address, ARGV[3] - '1' if complete, ARGV[4] - ttl in milliseconds
+""",
+    _PRUNE_HOLDERS
+    + """
+local now = now_ms()
+local holder = {address = ARGV[2], complete = ARGV[3] == '1', expires_ms = now + tonumber(ARGV[4])}
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(holder))
+prune_holders(KEYS[1], now)
+return 1
+""",
+)
+
+_DROP_HOLDER = _lua(
+    """
+-- KEYS[1] - the entry's holders hash
+-- ARGV[1] - the node id
+""",
+    _PRUNE_HOLDERS
+    + """
+redis.call('HDEL', KEYS[1], ARGV[1])
+prune_holders(KEYS[1], now_ms())  -- the key's expiry follows the holders that are left
+return 1
+""",
+)
+
+# A read that writes: expired holders are removed as they are met, by Redis's clock.
+_HOLDERS = _lua(
+    """
+-- KEYS[1] - the entry's holders hash
+-- Returns the unexpired holders as a flat list: node id, JSON, node id, JSON, ...
+""",
+    _PRUNE_HOLDERS
+    + """
+return prune_holders(KEYS[1], now_ms())
+""",
+)
+
 _REINDEX = _lua(
     """
 -- KEYS[1] - the entry's hash, KEYS[2] - the LRU index
@@ -444,6 +517,18 @@ return 1
 
 def _key(name: str) -> str:
     return KEY_PREFIX + name
+
+
+def _holders_key(name: str) -> str:
+    return HOLDERS_PREFIX + name
+
+
+def _holder(node: str, value: str) -> Holder:
+    """The holder stored for ``node``; ValueError if it is malformed."""
+    data = json.loads(value)
+    if not isinstance(data, dict) or not isinstance(data.get("address"), str):
+        raise ValueError(f"malformed holder {node!r}: {value!r}")
+    return Holder(node, data["address"], data.get("complete") is True, _EPOCH + int(data["expires_ms"]) * _MS)
 
 
 def _ref_field(repo_id: str, revision: str) -> str:
@@ -548,6 +633,9 @@ class RedisRegistry(RegistryBackend):
         self._try_lock = register(_TRY_LOCK)
         self._unlock = register(_UNLOCK)
         self._record_ref = register(_RECORD_REF)
+        self._put_holder = register(_PUT_HOLDER)
+        self._drop_holder = register(_DROP_HOLDER)
+        self._holders = register(_HOLDERS)
 
     def __repr__(self) -> str:
         return f"<RedisRegistry {self.url_for_logs}>"
@@ -753,6 +841,24 @@ class RedisRegistry(RegistryBackend):
                 # One bad field (another tool's) must not stop every other ref from moving.
                 log.warning("registry %s: %s: skipping %s", self.url_for_logs, REFS_KEY, exc)
         return sorted((r for r in records if r.version > version), key=lambda r: r.version)
+
+    async def put_holder(self, name: str, node: str, address: str, complete: bool, ttl: float) -> None:
+        args = [node, address, "1" if complete else "0", lease_ms(check_seconds("ttl", ttl))]
+        await self._script(self._put_holder, [_holders_key(name)], args)
+
+    async def drop_holder(self, name: str, node: str) -> None:
+        await self._script(self._drop_holder, [_holders_key(name)], [node])
+
+    async def holders(self, name: str) -> list[Holder]:
+        flat = await self._script(self._holders, [_holders_key(name)], [])
+        holders = []
+        for node, value in zip(flat[::2], flat[1::2], strict=True):
+            try:
+                holders.append(_holder(node, value))
+            except (ValueError, KeyError, TypeError) as exc:
+                # Another tool's field: the other holders still serve.
+                log.warning("registry %s: %s: skipping %s", self.url_for_logs, _holders_key(name), exc)
+        return sorted(holders, key=holder_order)
 
     def _parse_ref(self, field: str, value: str) -> RefRecord:
         try:

@@ -47,6 +47,7 @@ from mxfs.registry.base import (
     AlreadyExists,
     Claimed,
     ClaimOutcome,
+    Holder,
     Record,
     RefRecord,
     RegistryBackend,
@@ -54,12 +55,14 @@ from mxfs.registry.base import (
     Status,
     StatusCounts,
     check_final,
+    check_seconds,
+    holder_order,
     lease_ms,
 )
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3  # 2: the locks table; 3: the refs table
+SCHEMA_VERSION = 4  # 2: the locks table; 3: the refs table; 4: the holders table
 # Another process may hold the write lock (a claim, or another process creating the schema):
 # wait this long for it before reporting the registry as unavailable.
 BUSY_TIMEOUT_MS = 10_000
@@ -115,6 +118,20 @@ _CREATE_SCHEMA = (
     ) WITHOUT ROWID
     """,
     "CREATE INDEX IF NOT EXISTS refs_by_version ON refs (version)",
+    # Which nodes serve each entry to their peers, until when.  Not entries either: no record
+    # operation reads or writes this table.
+    """
+    CREATE TABLE IF NOT EXISTS holders (
+        name           TEXT NOT NULL,
+        node           TEXT NOT NULL,
+        address        TEXT NOT NULL,
+        complete       INTEGER NOT NULL,
+        expires_at_ms  INTEGER NOT NULL,
+        PRIMARY KEY (name, node)
+    ) WITHOUT ROWID
+    """,
+    # Serves the bounded sweep of expired holders that every put_holder runs.
+    "CREATE INDEX IF NOT EXISTS holders_by_expiry ON holders (expires_at_ms)",
 )
 
 _COLUMNS = (
@@ -210,6 +227,29 @@ _RECORD_REF = f"""
 """
 _REFS_VERSION = "SELECT COALESCE(MAX(version), 0) FROM refs"
 _REFS_SINCE = f"SELECT {_REF_COLUMNS} FROM refs WHERE version > :version ORDER BY version"
+
+# Upsert: a refresh moves the expiry and may change the address and completeness.
+_PUT_HOLDER = f"""
+    INSERT INTO holders (name, node, address, complete, expires_at_ms)
+    VALUES (:name, :node, :address, :complete, {_NOW_MS} + :ttl_ms)
+    ON CONFLICT (name, node) DO UPDATE SET
+        address = excluded.address, complete = excluded.complete, expires_at_ms = excluded.expires_at_ms
+"""
+# Holders of entries that nobody asks about again would stay forever: each put removes up to
+# this many expired holders of any entry, oldest first (through holders_by_expiry), so the table
+# shrinks at least as fast as puts fill it, at bounded cost per put.
+_SWEEP_HOLDERS = f"""
+    DELETE FROM holders WHERE (name, node) IN (
+        SELECT name, node FROM holders WHERE expires_at_ms <= {_NOW_MS} ORDER BY expires_at_ms LIMIT :limit
+    )
+"""
+_DROP_HOLDER = "DELETE FROM holders WHERE name = :name AND node = :node"
+# All of one entry's holders with whether each has expired, judged by the statement's own now.
+_SELECT_HOLDERS = f"""
+    SELECT node, address, complete, expires_at_ms, expires_at_ms <= {_NOW_MS} FROM holders WHERE name = :name
+"""
+_PRUNE_HOLDERS = f"DELETE FROM holders WHERE name = :name AND expires_at_ms <= {_NOW_MS}"
+HOLDER_SWEEP_LIMIT = 16
 
 _TRY_RETAKE = f"""
     UPDATE entries SET
@@ -569,6 +609,32 @@ class SqliteRegistry(RegistryBackend):
     async def refs_since(self, version: int) -> list[RefRecord]:
         rows = await self._run(lambda conn: conn.execute(_REFS_SINCE, {"version": version}).fetchall())
         return [_ref_record(row) for row in rows]
+
+    async def put_holder(self, name: str, node: str, address: str, complete: bool, ttl: float) -> None:
+        params = {"name": name, "node": node, "address": address, "complete": int(complete)}
+        params["ttl_ms"] = lease_ms(check_seconds("ttl", ttl))
+
+        def put(conn: sqlite3.Connection) -> None:
+            with _immediate(conn):
+                conn.execute(_SWEEP_HOLDERS, {"limit": HOLDER_SWEEP_LIMIT})
+                conn.execute(_PUT_HOLDER, params)
+
+        await self._run(put)
+
+    async def drop_holder(self, name: str, node: str) -> None:
+        await self._write(_DROP_HOLDER, {"name": name, "node": node})
+
+    async def holders(self, name: str) -> list[Holder]:
+        rows = await self._run(lambda conn: conn.execute(_SELECT_HOLDERS, {"name": name}).fetchall())
+        if any(expired for *_, expired in rows):
+            # Only this entry's rows: a read never pays for the whole table.
+            await self._write(_PRUNE_HOLDERS, {"name": name})
+        live = [
+            Holder(node, address, bool(complete), _from_ms(ms))
+            for node, address, complete, ms, expired in rows
+            if not expired
+        ]
+        return sorted(live, key=holder_order)
 
     async def restore_downloaded(self, records: Iterable[RestoredRecord]) -> list[str]:
         """Record entries found complete in the cache as DOWNLOADED, all in one transaction.

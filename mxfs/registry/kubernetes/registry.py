@@ -54,9 +54,21 @@ is a resourceVersion-fenced replace like any other, and followers poll it with o
 ConfigMap rather than a custom resource: refs are not entries, and a ModelExpress server listing
 ModelCacheEntry objects must not meet them.
 
+Peer holders (the nodes that serve an entry to their peers) live in a ConfigMap per entry,
+``mxfs-holders-<sanitized provider/entry>-<hash>``, labelled ``app.kubernetes.io/component:
+peer-holders`` and annotated with the entry's name: a data key per node
+(``node-<sanitized node id>-<hash>``, value JSON ``{"node", "address", "complete", "expiresAt",
+"ttlSeconds"}``).  Like a claim's lease, a holder's expiry is judged on the local clock: it has
+expired once its value has stood unchanged for ``ttlSeconds`` since this process first saw it
+(the writer changes ``expiresAt`` with every put), so the ``expires_at`` a node reports is its own
+wall clock plus what is left of the ttl in its own eyes.  A node that first looks at a dead
+holder lists it for one more ttl.  Expired holders are removed by the node that finds them
+(one fenced replace, not retried: the next read tries again), and a ConfigMap left without
+holders is deleted (fenced too), so an entry nobody holds leaves nothing behind.
+
 Verbs used, and so granted by ``deploy/rbac.yaml``: get, list, watch, create, update and delete
-on ``modelcacheentries``; get, create, update and delete on ``leases``; get, create and update on
-``configmaps``.
+on ``modelcacheentries``; get, create, update and delete on ``leases``; get, create, update and
+delete on ``configmaps``.
 """
 
 from __future__ import annotations
@@ -82,6 +94,7 @@ from mxfs.registry.base import (
     AlreadyExists,
     Claimed,
     ClaimOutcome,
+    Holder,
     Record,
     RefRecord,
     RegistryBackend,
@@ -90,6 +103,7 @@ from mxfs.registry.base import (
     StatusCounts,
     check_final,
     check_seconds,
+    holder_order,
     redact_url,
 )
 from mxfs.registry.kubernetes.api import ApiError, KubeApi, Resource
@@ -108,6 +122,12 @@ CONFIG_MAPS = Resource("", "v1", "configmaps", "ConfigMap")
 REFS_OBJECT = "mxfs-refs"
 REFS_VERSION_KEY = "version"
 REF_KEY_PREFIX = "ref-"
+# A ConfigMap per entry of the nodes that serve it to their peers: one data key per node.
+HOLDERS_PREFIX = "mxfs-holders-"
+HOLDER_KEY_PREFIX = "node-"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+HOLDERS_COMPONENT = "peer-holders"
+HOLDERS_ENTRY_ANNOTATION = f"{GROUP}/model-name"
 SHORT_NAME = "mxcache"
 ENTRY_PREFIX = "mx-cache-"
 LOCK_PREFIX = "mxfs-lock-"
@@ -167,6 +187,16 @@ def lock_object_name(name: str) -> str:
 def ref_key(repo_id: str, revision: str) -> str:
     """The data key of a ref record in the ``mxfs-refs`` ConfigMap (keys allow ``[-._a-zA-Z0-9]``)."""
     return object_name(REF_KEY_PREFIX, f"{repo_id}\n{revision}")
+
+
+def holders_object_name(name: str, provider: str = PROVIDER) -> str:
+    """The ConfigMap name of entry ``name``'s holders."""
+    return object_name(HOLDERS_PREFIX, f"{provider}/{name}")
+
+
+def holder_key(node: str) -> str:
+    """The data key of a node in a holders ConfigMap."""
+    return object_name(HOLDER_KEY_PREFIX, node)
 
 
 # -- time ----------------------------------------------------------------------------------------
@@ -737,6 +767,134 @@ class KubernetesRegistry(RegistryBackend):
         records = [_ref_record(value) for key, value in data.items() if key.startswith(REF_KEY_PREFIX)]
         return sorted((r for r in records if r is not None and r.version > version), key=lambda r: r.version)
 
+    # -- peer holders ------------------------------------------------------------------------------
+
+    async def put_holder(self, name: str, node: str, address: str, complete: bool, ttl: float) -> None:
+        ttl = check_seconds("ttl", ttl)
+        cm_name = holders_object_name(name)
+        key = holder_key(node)
+        for attempt in range(MAX_ATTEMPTS):
+            obj = await self._read_holders(name, cm_name)
+            data = dict((obj or {}).get("data") or {})
+            expires_at = format_time(_now() + timedelta(seconds=ttl))
+            previous = _holder_value(data.get(key))
+            if previous is not None and previous.get("expiresAt") == expires_at:
+                # Observers watch the value change: a put within the same millisecond must still change it.
+                expires_at = format_time(parse_time(expires_at) + _MS)
+            value = json.dumps(
+                {
+                    "node": node,
+                    "address": address,
+                    "complete": bool(complete),
+                    "expiresAt": expires_at,
+                    "ttlSeconds": ttl,
+                },
+                sort_keys=True,
+            )
+            data[key] = value
+            if obj is None:
+                written = await self._api.create(CONFIG_MAPS, self._new_holders(name, cm_name, data))
+            else:
+                written = await self._api.replace(CONFIG_MAPS, {**obj, "data": data})
+            if written is not None:
+                # Our own write is a sighting: the ttl runs from now in this process's eyes.
+                self._observer.forget(_holder_seen_key(cm_name, key))
+                self._observer.unchanged_for(_holder_seen_key(cm_name, key), value)
+                return
+            if attempt:
+                await trio.sleep(random.uniform(0, 0.005 * min(attempt, 20)))
+        raise RegistryError(f"registry {self.url_for_logs}: holders of {name}: gave up after {MAX_ATTEMPTS} conflicts")
+
+    async def drop_holder(self, name: str, node: str) -> None:
+        cm_name = holders_object_name(name)
+        key = holder_key(node)
+        for attempt in range(MAX_ATTEMPTS):
+            obj = await self._read_holders(name, cm_name)
+            data = dict((obj or {}).get("data") or {})
+            if obj is None or key not in data:
+                self._observer.forget(_holder_seen_key(cm_name, key))
+                return
+            del data[key]
+            if await self._write_holders(obj, data):
+                self._observer.forget(_holder_seen_key(cm_name, key))
+                return
+            if attempt:
+                await trio.sleep(random.uniform(0, 0.005 * min(attempt, 20)))
+        raise RegistryError(f"registry {self.url_for_logs}: holders of {name}: gave up after {MAX_ATTEMPTS} conflicts")
+
+    async def holders(self, name: str) -> list[Holder]:
+        cm_name = holders_object_name(name)
+        obj = await self._read_holders(name, cm_name)
+        if obj is None:
+            return []
+        data: dict[str, Any] = obj.get("data") or {}
+        now = _now()
+        live: list[Holder] = []
+        expired: list[str] = []
+        for key, value in data.items():
+            if not key.startswith(HOLDER_KEY_PREFIX):
+                continue
+            holder = _holder_value(value)
+            ttl = _holder_ttl(holder)
+            if holder is None or ttl is None or not isinstance(holder.get("address"), str):
+                if f"{cm_name}/{key}" not in self._warned:
+                    self._warned.add(f"{cm_name}/{key}")
+                    log.warning("registry %s: configmaps/%s: skipping malformed %s", self.url_for_logs, cm_name, key)
+                continue
+            quiet_for = self._observer.unchanged_for(_holder_seen_key(cm_name, key), value)
+            if quiet_for >= ttl:
+                expired.append(key)
+                continue
+            node = holder.get("node")
+            live.append(
+                Holder(
+                    node=node if isinstance(node, str) else key,
+                    address=holder["address"],
+                    complete=holder.get("complete") is True,
+                    expires_at=now + timedelta(seconds=ttl - quiet_for),
+                )
+            )
+        if expired:
+            # One try: a lost race means another writer was here, and the next read prunes again.
+            remaining = {k: v for k, v in data.items() if k not in expired}
+            if await self._write_holders(obj, remaining):
+                for key in expired:
+                    self._observer.forget(_holder_seen_key(cm_name, key))
+        return sorted(live, key=holder_order)
+
+    async def _read_holders(self, name: str, cm_name: str) -> dict[str, Any] | None:
+        """The entry's holders ConfigMap (None if absent), after checking it is this entry's."""
+        self._check_open()
+        obj = await self._api.get(CONFIG_MAPS, cm_name)
+        if obj is None:
+            return None
+        owner = ((obj.get("metadata") or {}).get("annotations") or {}).get(HOLDERS_ENTRY_ANNOTATION)
+        if owner != name:
+            raise RegistryError(
+                f"registry {self.url_for_logs}: configmaps/{cm_name} belongs to {owner!r}, not {name!r}"
+            )
+        return obj
+
+    async def _write_holders(self, obj: dict[str, Any], data: dict[str, Any]) -> bool:
+        """Replace the holders ConfigMap's data, or delete it once no holder is left; False if it changed meanwhile."""
+        metadata = obj["metadata"]
+        if not any(key.startswith(HOLDER_KEY_PREFIX) for key in data):
+            return await self._api.delete(CONFIG_MAPS, metadata["name"], metadata.get("resourceVersion"))
+        return await self._api.replace(CONFIG_MAPS, {**obj, "data": data}) is not None
+
+    def _new_holders(self, name: str, cm_name: str, data: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "apiVersion": CONFIG_MAPS.api_version,
+            "kind": CONFIG_MAPS.kind,
+            "metadata": {
+                "name": cm_name,
+                "namespace": self.namespace,
+                "labels": {MANAGED_BY_LABEL: MANAGED_BY, COMPONENT_LABEL: HOLDERS_COMPONENT},
+                "annotations": {HOLDERS_ENTRY_ANNOTATION: name},
+            },
+            "data": data,
+        }
+
     # -- locks -------------------------------------------------------------------------------------
 
     async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
@@ -866,6 +1024,28 @@ class KubernetesRegistry(RegistryBackend):
         # The shield makes sure the connections go even when the caller is cancelled.
         with trio.CancelScope(shield=True):
             await self._api.aclose()
+
+
+def _holder_seen_key(cm_name: str, key: str) -> str:
+    """The lease observer's key for one holder (apart from entries' and locks')."""
+    return f"holder:{cm_name}/{key}"
+
+
+def _holder_value(value: Any) -> dict[str, Any] | None:
+    """A holder's JSON value; None if absent or not an object."""
+    try:
+        data = json.loads(value)
+    except (TypeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _holder_ttl(holder: dict[str, Any] | None) -> float | None:
+    """The holder's ttl in seconds; None if it has none that could be judged."""
+    ttl = (holder or {}).get("ttlSeconds")
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
+        return None
+    return float(ttl)
 
 
 def _refs_version(obj: dict[str, Any] | None) -> int:

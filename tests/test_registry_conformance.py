@@ -24,6 +24,7 @@ them on the other client before sleeping too.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import sys
 import uuid
@@ -818,3 +819,29 @@ async def test_sqlite_registry_of_an_older_schema_gains_the_holders_table(tmp_pa
         assert conn.execute("PRAGMA user_version").fetchone() == (sqlite_backend.SCHEMA_VERSION,)
     finally:
         conn.close()
+
+
+async def test_sqlite_puts_sweep_expired_holders_of_any_entry_a_few_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    registry = await open_registry("sqlite://" + quote(str(path)))
+    stack = contextlib.ExitStack()
+    try:
+        await registry.put_holder(_name(1), "node-a", ADDRESS_A, True, LONG_LEASE)  # creates the schema
+        # Holders of entries nobody asks about again, long expired.
+        conn = stack.enter_context(contextlib.closing(sqlite3.connect(path)))
+        with conn:
+            conn.executemany(
+                "INSERT INTO holders (name, node, address, complete, expires_at_ms) VALUES (?, ?, ?, 1, ?)",
+                [(_name(100 + i), "gone", ADDRESS_B, i) for i in range(sqlite_backend.HOLDER_SWEEP_LIMIT + 4)],
+            )
+        expired = "SELECT COUNT(*) FROM holders WHERE node = 'gone'"
+        await registry.put_holder(_name(2), "node-a", ADDRESS_A, True, LONG_LEASE)
+        assert conn.execute(expired).fetchone() == (4,)  # bounded work per put
+        await registry.put_holder(_name(2), "node-a", ADDRESS_A, True, LONG_LEASE)
+        assert conn.execute(expired).fetchone() == (0,)
+        # The live ones stay.
+        assert _nodes(await registry.holders(_name(1))) == ["node-a"]
+        assert _nodes(await registry.holders(_name(2))) == ["node-a"]
+    finally:
+        stack.close()
+        await registry.aclose()

@@ -37,6 +37,7 @@ from mxfs.registry import AlreadyExists, Claimed, RegistryError, Status, open_re
 from mxfs.registry.kubernetes import KubernetesRegistry
 from mxfs.registry.kubernetes import api as kube_api
 from mxfs.registry.kubernetes import config as kube_config
+from mxfs.registry.kubernetes import registry as kube_registry
 from mxfs.registry.kubernetes.config import load_config, load_kubeconfig
 from mxfs.registry.kubernetes.registry import (
     COMPONENT_LABEL,
@@ -960,6 +961,26 @@ async def test_holders_expire_after_their_ttl_of_silence_on_our_clock(
     # The watcher removed it, and with it the ConfigMap.
     assert _holders_maps(kube_target) == {}
     assert await latecomer.holders(name) == []
+
+    # The writer's own put is its first sighting: its ttl runs from the put.
+    await node.put_holder(name, "node", "http://10.0.0.5:7170", True, 60)
+    mock_clock.jump(61)
+    assert await node.holders(name) == []
+
+
+async def test_a_holder_refresh_within_the_same_millisecond_still_counts(
+    mock_clock: MockClock, monkeypatch: pytest.MonkeyPatch, open_kube: OpenKube
+) -> None:
+    node, watcher = await open_kube(), await open_kube()
+    name = _name()
+    frozen = datetime(2026, 4, 22, 10, 0, 0, 123000, tzinfo=UTC)
+    monkeypatch.setattr(kube_registry, "_now", lambda: frozen)  # both puts read one wall-clock millisecond
+    await node.put_holder(name, "node", "http://10.0.0.5:7170", True, 60)
+    assert len(await watcher.holders(name)) == 1
+    mock_clock.jump(59)
+    await node.put_holder(name, "node", "http://10.0.0.5:7170", True, 60)
+    mock_clock.jump(2)
+    assert len(await watcher.holders(name)) == 1
 
 
 async def test_a_holders_map_of_another_entry_under_our_name_is_an_error(

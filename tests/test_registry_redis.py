@@ -107,12 +107,14 @@ async def test_holders_are_a_hash_per_entry_under_mxfs_that_expires_with_its_las
 ) -> None:
     registry = await open_redis()
     name = _name()
-    key = HOLDERS_PREFIX + name
+    key = f"mxfs:holders:{name}"  # the documented key, outside ModelExpress's mx:model:*
+    assert key == HOLDERS_PREFIX + name
     before = _redis_time_ms(db)
     await registry.put_holder(name, "http://10.0.0.5:7170", "http://10.0.0.5:7170", True, LONG_LEASE)
     await registry.put_holder(name, "node-b", "http://10.0.0.6:7170", False, 0.5)
     after = _redis_time_ms(db)
     assert _keys(db) == [key]
+    _assert_schema(db)
     fields = {node: json.loads(value) for node, value in db.hgetall(key).items()}
     assert set(fields) == {"http://10.0.0.5:7170", "node-b"}
     long_ms = fields["http://10.0.0.5:7170"].pop("expires_ms")

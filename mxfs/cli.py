@@ -9,11 +9,12 @@ Flags are plain strings here and go through the same parsers as the file and the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from mxfs.fetch import Entry, Fetcher
 from mxfs.handoff.kernel import view_binds
 from mxfs.mounts import unmount
 from mxfs.names import EntryName, entry_label, parse_model_arg, short_commit
+from mxfs.peers.fleet import HolderListings
 from mxfs.pins import apply_pins, match_entries
 from mxfs.registry import Record, Registry, RegistryError, Status, open_registry, redact_url
 from mxfs.statedir import StateDir
@@ -67,6 +69,9 @@ FLAG_KEYS = {
     "metrics_address": "metrics_address",
     "log_level": "log_level",
     "token_file": "token_file",
+    "peer_address": "peer_address",
+    "peer_allow": "peer_allow",
+    "peer_token_file": "peer_token_file",
     "eviction_enabled": "eviction.enabled",
     "check_interval": "eviction.check_interval",
     "unused_threshold": "eviction.unused_threshold",
@@ -104,6 +109,13 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
     _add_setting(parser, "--poll-interval", "how often a waiter checks another's download")
     parser.add_argument("--token-file", help="file holding the Hub token (like HF_TOKEN); keep it mode 0600")
     parser.add_argument("--ca-bundle", help="CA bundle (PEM) that Hub connections trust, for a proxy that re-signs TLS")
+    group = parser.add_argument_group("peers: nodes with their own caches fetch from each other (docs/peers.md)")
+    group.add_argument(
+        "--peer-address",
+        help="HOST:PORT this node serves its files to peers at (then --registry is the fleet's; default off)",
+    )
+    _add_setting(group, "--peer-allow", "networks (CIDR, comma-separated) whose nodes may fetch from this one")
+    group.add_argument("--peer-token-file", help="file holding the token every node of the fleet shares")
     _add_setting(parser, "--log-level", "debug, info, warning, error")
 
 
@@ -231,7 +243,7 @@ def render_config(settings: Settings, env: Mapping[str, str] | None = None) -> s
             section = table
         value = get_value(settings, option.key)
         if option.key == "registry":
-            value = redact_url(settings.registry_url)
+            value = redact_url(settings.shared_registry_url if settings.peers else settings.registry_url)
         text = toml_value(option, value)
         origin = settings.sources.get(option.key)
         if text is None:
@@ -530,12 +542,27 @@ def _print_report(report: EvictionReport) -> None:
     )
 
 
+@contextlib.asynccontextmanager
+async def _peer_listings(settings: Settings) -> AsyncIterator[HolderListings | None]:
+    """With peers on, this node's listings in the fleet's registry (eviction withdraws them)."""
+    if not settings.peers:
+        yield None
+        return
+    shared = await open_registry(settings.shared_registry_url)
+    try:
+        yield HolderListings(shared, settings.peer_url)
+    finally:
+        await shared.aclose()
+
+
 async def _gc(settings: Settings, dry_run: bool) -> int:
     registry = await open_registry(settings.registry_url)
     try:
         # The config's pins hold wherever the config is read, not only while a daemon runs.
         await apply_pins(settings, registry)
-        report = await make_evictor(settings, registry, HubCache(settings.cache_dir)).cycle(dry_run=dry_run)
+        async with _peer_listings(settings) as peers:
+            evictor = make_evictor(settings, registry, HubCache(settings.cache_dir), peers=peers)
+            report = await evictor.cycle(dry_run=dry_run)
     finally:
         await registry.aclose()
     _print_report(report)
@@ -552,7 +579,9 @@ async def _evict(settings: Settings, models: list[str], force: bool) -> int:
     try:
         await apply_pins(settings, registry)
         names, unmatched = await _entry_names(settings, registry, models)
-        report = await make_evictor(settings, registry, HubCache(settings.cache_dir)).evict(names, force=force)
+        async with _peer_listings(settings) as peers:
+            evictor = make_evictor(settings, registry, HubCache(settings.cache_dir), peers=peers)
+            report = await evictor.evict(names, force=force)
     finally:
         await registry.aclose()
     for text in unmatched:
@@ -598,7 +627,7 @@ async def _refresh(settings: Settings, models: list[str]) -> int:
                 log.error("%s: %s", text, exc)
                 continue
             try:
-                await services.registry.record_ref(ref.repo_id, ref.revision, entry.commit)
+                await services.shared_registry.record_ref(ref.repo_id, ref.revision, entry.commit)
             except RegistryError as exc:
                 # This node's daemons follow the state dir; the other nodes would not follow.
                 failed += 1

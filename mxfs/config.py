@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import grp
+import ipaddress
 import json
 import logging
 import math
@@ -37,6 +38,9 @@ DEFAULT_CACHE_DIR = Path("/var/cache/mxfs")
 DEFAULT_STATE_DIR = Path("/var/cache/mxfs-state")
 DEFAULT_CONFIG_FILE = Path("/etc/mxfs/mxfs.toml")
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:9400"
+# Who may fetch from a node's peer server by default: loopback and the private networks a fleet's
+# nodes sit on.  Narrow it to the fleet's own subnet.
+DEFAULT_PEER_ALLOW = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 # Names a config file when no --config is given (handy where flags are awkward: containers).
 CONFIG_ENV = "MXFS_CONFIG"
 ENV_PREFIX = "MXFS_"
@@ -189,6 +193,15 @@ class Settings:
     gid: int | None = None
     # Where /metrics listens (HOST:PORT, [IPv6]:PORT or :PORT); empty: no metrics server.
     metrics_address: str = DEFAULT_METRICS_ADDRESS
+    # Peers (docs/peers.md): where this node serves its files to other nodes (HOST:PORT, the
+    # address they reach it at; it listens there too).  Empty: off.  With peers on, this node's
+    # cache is its own (claims, last-used times and eviction in the state dir's registry) and
+    # `registry` is the fleet's shared registry of who holds what.
+    peer_address: str = ""
+    # Networks whose nodes may fetch from this one.
+    peer_allow: list[str] = field(default_factory=lambda: list(DEFAULT_PEER_ALLOW))
+    # A file holding a token every node of the fleet shares; peers must present it.
+    peer_token_file: Path | None = None
     log_level: str = "info"
     # A file holding the Hub token (instead of HF_TOKEN in the environment, which leaks into
     # `systemctl show` and /proc/<pid>/environ); read when the daemon starts, never logged.
@@ -205,8 +218,37 @@ class Settings:
     warnings: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @property
+    def peers(self) -> bool:
+        """Peers are on: the cache is this node's own, ``registry`` is the fleet's."""
+        return bool(self.peer_address)
+
+    @property
     def registry_url(self) -> str:
-        return self.registry or f"sqlite://{(self.state_dir / 'registry.db').absolute()}"
+        """The registry of this node's cache: claims, last-used times, pins, eviction.
+
+        The one named by ``registry``, unless peers are on: then each node's cache is its own
+        and so is its registry (in the state dir); ``registry`` is the fleet's (shared_registry_url).
+        """
+        if self.registry and not self.peers:
+            return self.registry
+        return f"sqlite://{(self.state_dir / 'registry.db').absolute()}"
+
+    @property
+    def peer_url(self) -> str:
+        """The base URL peers fetch from this node at, and its id in the fleet's holder listings."""
+        return f"http://{self.peer_address}"
+
+    @property
+    def shared_registry_url(self) -> str:
+        """The registry every node shares: ref records (``mxfs refresh``) and, with peers, the
+        fleet's claims and holders.  Without peers it is the cache's registry."""
+        return self.registry if self.peers else self.registry_url
+
+    def read_peer_token(self) -> str | None:
+        """The peers' shared token from ``peer_token_file`` (None when unset)."""
+        if self.peer_token_file is None:
+            return None
+        return self._read_secret("peer_token_file", self.peer_token_file)
 
     def validate(self) -> None:
         """Hold every value to its option's limit, as the parsers do: settings made in code (tests,
@@ -218,6 +260,16 @@ class Settings:
                 if option.key in self.sources:
                     raise ConfigError(f"{exc} (from {self.sources[option.key]})") from None
                 raise
+        if self.peers and split_address(self.peer_address, "peer_address")[0] in (None, "0.0.0.0", "::"):
+            raise ConfigError(
+                f"peer_address: the address other nodes reach this one at, with its host, got {self.peer_address!r}"
+            )
+        if self.peers and not self.registry:
+            where = self.sources.get("peer_address")
+            raise ConfigError(
+                "peer_address: peers need the fleet's shared registry (registry = redis://... or kubernetes://...)"
+                + (f" (from {where})" if where else "")
+            )
 
     def read_token(self) -> str | None:
         """The Hub token from ``token_file`` (None when unset); warns if others may read the file.
@@ -227,22 +279,26 @@ class Settings:
         """
         if self.token_file is None:
             return None
-        where = self.sources.get("token_file", "config")
+        return self._read_secret("token_file", self.token_file)
+
+    def _read_secret(self, key: str, path: Path) -> str:
+        where = self.sources.get(key, "config")
         try:
-            with open(self.token_file, "rb") as f:
+            with open(path, "rb") as f:
                 mode = os.fstat(f.fileno()).st_mode
                 token = f.read().decode("utf-8", "replace").strip()
         except OSError as exc:
-            reason = f"cannot read {str(self.token_file)!r}: {exc.strerror}"
-            raise ConfigError(f"token_file: {reason} (from {where})") from None
+            reason = f"cannot read {str(path)!r}: {exc.strerror}"
+            raise ConfigError(f"{key}: {reason} (from {where})") from None
         if mode & (stat.S_IRGRP | stat.S_IROTH):
             log.warning(
-                "token_file %s is readable by its group or by everyone (mode %04o); chmod 600 it",
-                self.token_file,
+                "%s %s is readable by its group or by everyone (mode %04o); chmod 600 it",
+                key,
+                path,
                 stat.S_IMODE(mode),
             )
         if not token:
-            raise ConfigError(f"token_file: {str(self.token_file)!r} is empty (from {where})")
+            raise ConfigError(f"{key}: {str(path)!r} is empty (from {where})")
         return token
 
 
@@ -351,6 +407,24 @@ def _models(raw: object, key: str) -> list[str]:
             raise ConfigError(f"{key}: expected a model name such as org/name or org/name@v1, got {item!r}") from None
         models.append(item.strip())
     return models
+
+
+def _networks(raw: object, key: str) -> list[str]:
+    """A TOML array of networks (``10.0.0.0/8``, ``fd00::/8``, or one address), or one
+    comma-separated string (environment, flags)."""
+    if isinstance(raw, str):
+        items: list[object] = [part.strip() for part in raw.split(",") if part.strip()]
+    elif isinstance(raw, list):
+        items = raw
+    else:
+        raise ConfigError(f'{key}: expected a list of networks such as ["10.0.0.0/8", "fd00::/8"], got {raw!r}')
+    networks = []
+    for item in items:
+        try:
+            networks.append(str(ipaddress.ip_network(str(item).strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(f"{key}: not a network such as 10.0.0.0/8 or fd00::/8: {item!r}") from None
+    return networks
 
 
 def split_address(text: str, key: str = "metrics_address") -> tuple[str | None, int]:
@@ -463,6 +537,9 @@ OPTIONS: tuple[Option, ...] = (
         _at_least(0),
     ),
     Option("metrics_address", "text", _address, "where Prometheus /metrics listens; empty: off"),
+    Option("peer_address", "text", _address, "HOST:PORT this node serves its files to peers at; empty: peers off"),
+    Option("peer_allow", "networks", _networks, "networks (CIDR) whose nodes may fetch from this one"),
+    Option("peer_token_file", "path", _optional(_path), "a file holding the token every node of the fleet shares"),
     Option("log_level", "text", _lowercase, "debug, info, warning, error", _one_of(*LOG_LEVELS)),
     Option("token_file", "path", _optional(_path), "a file holding the Hub token (like HF_TOKEN); keep it mode 0600"),
     Option("eviction.enabled", "bool", _bool, "run the background eviction task"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ import trio
 from mxfs import exporter
 from mxfs.cache import HubCache
 from mxfs.config import Settings
-from mxfs.evict import Evictor
+from mxfs.evict import Evictor, PeerRelease
 from mxfs.exporter import ScrapeSources
 from mxfs.fetch import Catalog, Fetcher
 from mxfs.fs import MxfsOperations
@@ -40,9 +41,12 @@ from mxfs.memory import bound_malloc_retention, return_memory_when_idle
 from mxfs.metrics import HANDOFF_OFF, HandOffState
 from mxfs.mounts import MountProbe, prepare_mountpoint, tune_fuse_connection
 from mxfs.names import ModelRef
+from mxfs.peers.client import open_peer_http
+from mxfs.peers.fleet import Fleet
+from mxfs.peers.server import PeerAccess, PeerServer, listen_for_peers
 from mxfs.pins import keep_pins
 from mxfs.rebuild import open_registry_recovering
-from mxfs.registry import RefRecord, Registry, RegistryError, redact_url
+from mxfs.registry import RefRecord, Registry, RegistryError, open_registry, redact_url
 from mxfs.statedir import StateDir
 from mxfs.systemd import feed_watchdog, sd_notify, watchdog_period
 
@@ -59,10 +63,14 @@ class Services:
     settings: Settings
     cache: HubCache
     state: StateDir
-    registry: Registry
+    registry: Registry  # this cache's: claims, last-used times, pins, eviction
     catalog: Catalog
     fetcher: Fetcher
     evictor: Evictor
+    # The registry every node shares (ref records; with peers, the fleet's claims and holders):
+    # the cache's own unless peers are on.
+    shared_registry: Registry
+    fleet: Fleet | None = None
 
     def scrape_sources(self, handoff: HandOff | None = None) -> ScrapeSources:
         """What the metrics exporter reads at each scrape (``handoff``: the mount's, if it runs)."""
@@ -86,6 +94,7 @@ def make_evictor(
     cache: HubCache,
     fetcher: Fetcher | None = None,
     handoff: HandOff | KernelRelease | None = None,
+    peers: PeerRelease | None = None,
 ) -> Evictor:
     """The evictor; ``handoff`` takes handed-off models back from the kernel before deleting them
     (a command without a mount detaches what this mount namespace shows, if it may mount)."""
@@ -98,12 +107,16 @@ def make_evictor(
         check_interval=settings.eviction.check_interval,
         open_entries=fetcher.open_entries if fetcher is not None else set,
         handoff=handoff,
+        peers=peers,
     )
 
 
 @contextlib.asynccontextmanager
-async def open_services(settings: Settings) -> AsyncIterator[Services]:
-    """Cache, state dir, registry, Hub client and a running fetcher; torn down on exit."""
+async def open_services(settings: Settings, *, serve_peers: bool = False) -> AsyncIterator[Services]:
+    """Cache, state dir, registry, Hub client and a running fetcher; torn down on exit.
+
+    With peers on, also the fleet; ``serve_peers`` (the daemon, which runs the peer server)
+    lists this node's holdings and lets it claim the fleet's Hub downloads."""
     settings.validate()
     cache = HubCache(settings.cache_dir)
     state = StateDir(settings.state_dir)
@@ -115,34 +128,59 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
 
     await trio.to_thread.run_sync(prepare_dirs)
     log.info(
-        "cache %s, state %s, registry %s",
+        "cache %s, state %s, registry %s%s",
         settings.cache_dir,
         settings.state_dir,
         redact_url(settings.registry_url),
+        f", fleet registry {redact_url(settings.shared_registry_url)}, peers at {settings.peer_address}"
+        if settings.peers
+        else "",
     )
     # Read up front so that an unreadable token file fails the start, not the first download.
     token = await trio.to_thread.run_sync(settings.read_token)
-    # A corrupt embedded registry is moved aside and rebuilt from the cache (mxfs.rebuild).
-    registry = await open_registry_recovering(settings.registry_url, cache, state.read_tree)
-    try:
+    peer_token = await trio.to_thread.run_sync(settings.read_peer_token)
+    async with contextlib.AsyncExitStack() as stack:
+        # A corrupt embedded registry is moved aside and rebuilt from the cache (mxfs.rebuild).
+        registry = await open_registry_recovering(settings.registry_url, cache, state.read_tree)
+        stack.push_async_callback(_close_registry, registry)
+        shared_registry = registry
+        if settings.peers:
+            shared_registry = await open_registry(settings.shared_registry_url)
+            stack.push_async_callback(_close_registry, shared_registry)
         if settings.ca_bundle is not None:
             await trio.to_thread.run_sync(trust_ca_bundle, settings.ca_bundle)
         # token None: huggingface_hub finds HF_TOKEN (or a stored login) itself.
         hub = Hub(HubClient(token=token))
         if hub.offline:
             log.info("HF_HUB_OFFLINE is set: serving the cache only")
+        fleet = None
+        if settings.peers:
+            http = stack.enter_context(open_peer_http())
+            fleet = Fleet(
+                shared_registry,
+                registry,
+                hub.client,
+                http,
+                address=settings.peer_url,
+                lease=settings.lease,
+                token=peer_token,
+            )
         catalog = Catalog(hub, cache, state, negative_ttl=settings.negative_ttl)
-        fetcher = Fetcher(catalog, registry, cache, settings)
-        evictor = make_evictor(settings, registry, cache, fetcher)
+        fetcher = Fetcher(catalog, registry, cache, settings, sources=fleet)
+        evictor = make_evictor(settings, registry, cache, fetcher, peers=fleet)
         # A download that hits a full disk runs an eviction cycle before it retries.
         fetcher.on_disk_full = evictor.make_room
         async with trio.open_nursery() as nursery:
+            if fleet is not None:
+                await nursery.start(functools.partial(fleet.run, serve=serve_peers))
             await nursery.start(fetcher.run)
-            yield Services(settings, cache, state, registry, catalog, fetcher, evictor)
+            yield Services(settings, cache, state, registry, catalog, fetcher, evictor, shared_registry, fleet)
             nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await registry.aclose()
+
+
+async def _close_registry(registry: Registry) -> None:
+    with trio.CancelScope(shield=True):
+        await registry.aclose()
 
 
 async def _announce_ready(probe: MountProbe, handoff: HandOff | None) -> None:
@@ -304,7 +342,8 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
     mountpoint = await trio.to_thread.run_sync(prepare_mountpoint, mountpoint)
     # Bound before mounting: a taken port is a clear startup error, not a half-started daemon.
     listeners = await exporter.listen(settings.metrics_address) if settings.metrics_address else []
-    async with open_services(settings) as services:
+    peer_listeners = await listen_for_peers(settings.peer_address) if settings.peers else []
+    async with open_services(settings, serve_peers=bool(peer_listeners)) as services:
         handoff = _make_handoff(settings, services, mountpoint)
         if handoff is not None:
             services.evictor.handoff = handoff
@@ -327,8 +366,19 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 await nursery.start(return_memory_when_idle, services.fetcher)
                 await nursery.start(_follow_refreshes, services.catalog, ops, handoff)
                 await nursery.start(
-                    _follow_registry_refs, services.registry, services.catalog, ops, handoff, settings.refresh_within
+                    _follow_registry_refs,
+                    services.shared_registry,
+                    services.catalog,
+                    ops,
+                    handoff,
+                    settings.refresh_within,
                 )
+                if peer_listeners:
+                    token = await trio.to_thread.run_sync(settings.read_peer_token)
+                    access = PeerAccess.parse(settings.peer_allow, token)
+                    server = PeerServer(services.cache, access, downloads=services.fetcher)
+                    nursery.start_soon(server.serve_on, peer_listeners)
+                    log.info("serving peers at %s (allowed: %s)", settings.peer_url, ", ".join(settings.peer_allow))
                 if handoff is not None:
                     nursery.start_soon(handoff.run)
                 await nursery.start(ops.drop_discarded_pages)

@@ -74,6 +74,13 @@ class HandOffRelease(Protocol):
     async def restore_entry(self, name: EntryName) -> None: ...
 
 
+class PeerRelease(Protocol):
+    """What eviction asks of the fleet (mxfs.peers): stop listing this node as a holder of an
+    entry before its files go, so peers stop asking for them."""
+
+    async def withdraw(self, name: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class CacheUsage:
     """What the disk rules look at: bytes the cache holds and bytes free on its filesystem."""
@@ -283,8 +290,10 @@ class Evictor:
         open_entries: Callable[[], set[str]] = set,
         usage: Callable[[HubCache], CacheUsage] = measure_cache_usage,
         handoff: HandOffRelease | None = None,
+        peers: PeerRelease | None = None,
     ) -> None:
         self.registry = registry
+        self.peers = peers
         self.cache = cache
         self.rules = rules
         self.check_interval = check_interval
@@ -402,6 +411,8 @@ class Evictor:
                 await self.handoff.restore_entry(name)
             return "changed since it was chosen"
         try:
+            if self.peers is not None:
+                await self.peers.withdraw(record.model_name)
             return await trio.to_thread.run_sync(
                 self.cache.delete_revision, name.repo_id, name.commit, limiter=self.limiter
             )

@@ -164,6 +164,10 @@ class HubClient:
         get_session()
         build_hf_headers(token=self._token)
 
+    def bad_copy(self, path: str) -> None:
+        """A file's bytes failed their checksum: the Hub is the source of truth, so the next copy
+        asks it again (a peer client stops asking the peers that sent them: mxfs.peers.client)."""
+
     def _check_online(self, what: str) -> None:
         if self.offline:
             raise OfflineMiss(f"{what}: HF_HUB_OFFLINE is set and this is not cached")
@@ -344,12 +348,22 @@ def _origin(url: str) -> tuple[str, str]:
 class RangeBody:
     """The body of a range answer, cut to exactly ``[start, end)`` whatever the server did."""
 
-    def __init__(self, response: httpx2.Response, start: int, end: int, what: str) -> None:
+    def __init__(
+        self,
+        response: httpx2.Response,
+        start: int,
+        end: int,
+        what: str,
+        *,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
         self.start = start
         self.end = end
         self._what = what
         self._response = response
         self._skip = 0
+        # Told the length of each piece handed out (a peer client counts its bytes).
+        self._on_bytes = on_bytes
         if response.status_code == 206:
             content_range = response.headers.get("Content-Range", "")
             first = content_range.removeprefix("bytes ").split("-", 1)[0]
@@ -387,9 +401,14 @@ class RangeBody:
                     chunk = chunk[skip:]
                     skip = 0
                 if len(chunk) >= remaining:
-                    yield chunk[:remaining]
+                    chunk = chunk[:remaining]
+                    if self._on_bytes is not None:
+                        self._on_bytes(len(chunk))
+                    yield chunk
                     return
                 remaining -= len(chunk)
+                if self._on_bytes is not None:
+                    self._on_bytes(len(chunk))
                 yield chunk
         except httpx2.HTTPError as exc:
             raise Transient(f"{self._what}: connection broke: {type(exc).__name__}: {exc}") from exc

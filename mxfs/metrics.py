@@ -33,7 +33,20 @@ DOWNLOADS_FAILED = Counter(
     registry=EVENTS,
 )
 DOWNLOADED_BYTES = Counter(
-    "mxfs_downloaded_bytes_total", "Bytes received from the Hub into the cache.", registry=EVENTS
+    "mxfs_downloaded_bytes_total",
+    "Bytes received into the cache: from the Hub, and from peers (also in mxfs_peer_fetched_bytes_total).",
+    registry=EVENTS,
+)
+PEER_FETCHED_BYTES = Counter(
+    "mxfs_peer_fetched_bytes_total", "Bytes received from peers into the cache (issue 16: peers).", registry=EVENTS
+)
+PEER_SERVED_BYTES = Counter("mxfs_peer_served_bytes_total", "Bytes this node served to its peers.", registry=EVENTS)
+PEER_RANGES = Counter(
+    "mxfs_peer_ranges_total",
+    "Range requests of downloads that may use peers, by outcome: served by a peer, failed at a peer, "
+    "or asked of the Hub (no usable peer).",
+    ["source"],
+    registry=EVENTS,
 )
 
 HUB_KINDS = ("resolve", "tree", "range")
@@ -95,6 +108,7 @@ def start_series(metric: Counter | Histogram, label: str, values: Iterable[str])
 
 
 start_series(HUB_REQUEST_SECONDS, "kind", HUB_KINDS)
+start_series(PEER_RANGES, "source", ("peer", "failed", "hub"))
 
 
 def hub_request(kind: str) -> Timer:
@@ -114,6 +128,9 @@ __all__ = [
     "HANDOFF_OFF",
     "HUB_KINDS",
     "INODES",
+    "PEER_FETCHED_BYTES",
+    "PEER_RANGES",
+    "PEER_SERVED_BYTES",
     "REGISTRY_ERRORS",
     "HandOffState",
     "handoff_families",

@@ -274,3 +274,40 @@ def test_settings_extra_is_per_instance() -> None:
 def test_durations_are_finite() -> None:
     for text in ("45s", "30m", "2h30m", "7d", "1.5h", "10"):
         assert math.isfinite(parse_duration(text))
+
+
+# -- peers ---------------------------------------------------------------------------------------
+
+
+def test_with_peers_the_cache_registry_is_the_nodes_own_and_registry_is_the_fleets(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path, registry="redis://redis:6379/0", peer_address="10.0.0.5:7170")
+    settings.validate()
+    assert settings.peers
+    assert settings.registry_url == f"sqlite://{tmp_path}/registry.db"
+    assert settings.shared_registry_url == "redis://redis:6379/0"
+    assert settings.peer_url == "http://10.0.0.5:7170"
+    # Without peers, one registry is both.
+    plain = Settings(state_dir=tmp_path, registry="redis://redis:6379/0")
+    assert plain.registry_url == plain.shared_registry_url == "redis://redis:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"peer_address": "10.0.0.5:7170"}, "peers need the fleet's shared registry"),
+        ({"peer_address": ":7170", "registry": "redis://r/0"}, "with its host"),
+        ({"peer_address": "0.0.0.0:7170", "registry": "redis://r/0"}, "with its host"),
+        ({"peer_address": "10.0.0.5", "registry": "redis://r/0"}, "HOST:PORT"),
+    ],
+)
+def test_peer_address_needs_a_host_and_a_shared_registry(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(None, env={"MXFS_CONFIG": "/dev/null"}, flags={k: (v, f"--{k}") for k, v in changes.items()})
+
+
+def test_peer_allow_reads_networks_from_a_list_or_a_comma_separated_string() -> None:
+    env = {"MXFS_CONFIG": "/dev/null", "MXFS_PEER_ALLOW": "10.1.0.0/16, fd00::/8,192.168.3.4"}
+    assert load_settings(None, env=env).peer_allow == ["10.1.0.0/16", "fd00::/8", "192.168.3.4/32"]
+    with pytest.raises(ConfigError, match="peer_allow: not a network"):
+        load_settings(None, env={**env, "MXFS_PEER_ALLOW": "10.1.0.0/16,nonsense"})
+    assert "10.0.0.0/8" in Settings().peer_allow

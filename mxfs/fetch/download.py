@@ -35,9 +35,9 @@ from mxfs.fetch.partials import PartialMaps
 from mxfs.fetch.plan import Chunk
 from mxfs.fetch.planner import EntryPlan, Stream
 from mxfs.fetch.shared import SharedPartials
+from mxfs.fetch.sources import RangeClient
 from mxfs.fetch.transfer import Transfer
 from mxfs.fetch.verify import Hashes
-from mxfs.hub import HubClient
 from mxfs.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class EntryDownload:
         *,
         cache: HubCache,
         partial_maps: PartialMaps,
-        client: HubClient,
+        client: RangeClient,
         lease: float,
         connections: int,
         chunk_size: int,
@@ -282,6 +282,8 @@ class EntryDownload:
             # A new partial file, never the same one rewritten (see PartialFiles.replace); from
             # here no request starts on the old one, and those running count nothing (the copy's
             # generation moved on).
+            # Whoever sent these bytes (a peer) is not asked for the next copy.
+            self.client.bad_copy(file.path)
             old_fd = self.partials.detach(state)
             state.discard_copy()
             await trio.to_thread.run_sync(self.partial_maps.remove, self.entry.repo_id, file.etag)

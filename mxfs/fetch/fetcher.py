@@ -49,6 +49,7 @@ from mxfs.fetch.follow import Follower, identity
 from mxfs.fetch.partials import PartialMaps
 from mxfs.fetch.shared import SharedPartials
 from mxfs.fetch.source import FileSource, ReadCount
+from mxfs.fetch.sources import DownloadSources, HubOnly
 from mxfs.hub import Hub
 from mxfs.names import EntryName, ModelRef
 from mxfs.registry import (
@@ -70,6 +71,8 @@ REGISTRY_WARNING_INTERVAL = 30.0
 TOUCH_INTERVAL = 60.0
 # How often a node whose readers wait on another node's download looks at what it published.
 FOLLOW_INTERVAL = 0.25
+# How long a peer's request for an entry this node is starting to download waits for it to start.
+DOWNLOAD_APPEARS_WITHIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -84,12 +87,21 @@ class Activity:
 class Fetcher:
     """Entries, their downloads and their readers on this node."""
 
-    def __init__(self, catalog: Catalog, registry: Registry, cache: HubCache, settings: Settings) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        registry: Registry,
+        cache: HubCache,
+        settings: Settings,
+        sources: DownloadSources | None = None,
+    ) -> None:
         self.catalog = catalog
         self.registry = registry
         self.cache = cache
         self.settings = settings
         self.hub: Hub = catalog.hub
+        # Where each download's bytes come from: the Hub, or peers first (mxfs.peers.fleet).
+        self.sources: DownloadSources = sources or HubOnly(self.hub.client)
         self.partial_maps = PartialMaps(settings.state_dir)
         self.io_limiter = trio.CapacityLimiter(64)
         # Partial files shared with the other nodes of a shared cache: the owner publishes their
@@ -256,6 +268,26 @@ class Fetcher:
             return await self.registry.get_record(ef.entry.registry_key) is None
         except (RegistryError, RegistryUnavailable):
             return False
+
+    async def open_downloading(self, repo_id: str, commit: str, path: str) -> FileSource | None:
+        """A handle on a file of an entry this node is downloading now, for a peer to read the
+        bytes it has as they land (the peer server); None when this node downloads no such file.
+
+        The handle's reads are reader waits like any other: a peer waiting for a range makes
+        this node's download fetch it next.  Close it like any handle.
+        """
+        ef = self._entries.get(EntryName(repo_id, commit).key)
+        if ef is None or path not in ef.states:
+            return None
+        # The fleet lists this node as a holder just before its download object exists; the
+        # download wakes its files' waiters when it starts.
+        state = ef.states[path]
+        with trio.move_on_after(DOWNLOAD_APPEARS_WITHIN):
+            while ef.download is None and ef.running and not state.complete:
+                await state.wait_changed()
+        if ef.download is None and not state.complete:
+            return None
+        return await self.open(ef.entry, path)
 
     async def _blob_still_there(self, ef: EntryFetch, state: FileState) -> bool:
         blob = state.blob
@@ -427,34 +459,35 @@ class Fetcher:
         log.info("%s: downloading %d files, %d bytes", entry, len(entry.files), entry.size)
         metrics.DOWNLOADS_STARTED.inc()
         started = trio.current_time()
-        download = ef.download = EntryDownload(
-            entry,
-            ef.states,
-            claim.id,
-            cache=self.cache,
-            partial_maps=self.partial_maps,
-            client=self.hub.client,
-            lease=self.settings.lease,
-            connections=self.settings.connections,
-            chunk_size=self.settings.chunk_size,
-            net_limiter=self.net_limiter,
-            io_limiter=self.io_limiter,
-            retry=self.hub.retry,
-            shared=self.shared,
-        )
         finished = False
         try:
-            async with claim.held(on_lost=download.withdraw_copies) as lease:
-                await download.run(lease)
-                await self._write_refs(ef)
-                elapsed = max(trio.current_time() - started, 1e-6)
-                log.info(
-                    "%s: downloaded %d bytes in %.1fs (%.1f MB/s)",
+            async with self.sources.for_download(entry) as client:
+                download = ef.download = EntryDownload(
                     entry,
-                    download.bytes_downloaded,
-                    elapsed,
-                    download.bytes_downloaded / elapsed / 1e6,
+                    ef.states,
+                    claim.id,
+                    cache=self.cache,
+                    partial_maps=self.partial_maps,
+                    client=client,
+                    lease=self.settings.lease,
+                    connections=self.settings.connections,
+                    chunk_size=self.settings.chunk_size,
+                    net_limiter=self.net_limiter,
+                    io_limiter=self.io_limiter,
+                    retry=self.hub.retry,
+                    shared=self.shared,
                 )
+                async with claim.held(on_lost=download.withdraw_copies) as lease:
+                    await download.run(lease)
+                    await self._write_refs(ef)
+                    elapsed = max(trio.current_time() - started, 1e-6)
+                    log.info(
+                        "%s: downloaded %d bytes in %.1fs (%.1f MB/s)",
+                        entry,
+                        download.bytes_downloaded,
+                        elapsed,
+                        download.bytes_downloaded / elapsed / 1e6,
+                    )
             finished = True
         except MxfsError:
             metrics.DOWNLOADS_FAILED.inc()

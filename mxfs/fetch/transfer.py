@@ -23,7 +23,8 @@ from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import FileState
 from mxfs.fetch.plan import Chunk
 from mxfs.fetch.planner import EntryPlan, Stream, minus_on_demand, unclaimed, write_limit
-from mxfs.hub import HubClient, RangeBody, Transient
+from mxfs.fetch.sources import RangeClient, SourceFailed
+from mxfs.hub import RangeBody, Transient
 from mxfs.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class Transfer:
     def __init__(
         self,
         entry: Entry,
-        client: HubClient,
+        client: RangeClient,
         plan: EntryPlan[FileState],
         fds: dict[FileState, int],
         *,
@@ -92,7 +93,8 @@ class Transfer:
                 if self.retry.gives_up_after(failures):
                     raise HubUnavailable(f"{exc} (gave up after {failures} attempts)") from exc
                 delay = self.retry.delay(failures - 1)
-                log.warning("%s/%s: %s; resuming in %.1fs", self.entry, state.file.path, exc, delay)
+                level = logging.INFO if isinstance(exc, SourceFailed) else logging.WARNING
+                log.log(level, "%s/%s: %s; resuming in %.1fs", self.entry, state.file.path, exc, delay)
                 await trio.sleep(delay)
 
     async def fetch_on_demand(self, state: FileState, stream: Stream) -> bool:

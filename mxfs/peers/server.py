@@ -7,6 +7,11 @@ its checksum and was published, so the server follows ``snapshots/<commit>/<path
 anything that is not a link into the repo's own ``blobs/``.  The receiving node checks every file
 against the Hub's checksum again, so a bad peer can cost time, never bytes.
 
+A node that is downloading an entry from the Hub for the fleet also serves that entry's files
+while they land (:class:`Downloads`): each piece of an answer is sent once this node has it, and
+a range it has not reached yet is fetched next, as for a reader of its own.  Those bytes are not
+verified yet; the receiving node's checksum is what makes them safe, as for any peer's bytes.
+
 Who may ask: clients whose address is in ``allow`` (networks), and, when a token is set, only
 requests carrying ``Authorization: Bearer <token>``.  Everything else is answered 403 without
 touching the disk.  The server speaks just enough HTTP/1.1 for this: GET and HEAD, one byte range,
@@ -22,15 +27,19 @@ import ipaddress
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import unquote
 
 import trio
 
+from mxfs import metrics
 from mxfs.cache import HubCache
+from mxfs.config import split_address
 from mxfs.errors import MxfsError
 from mxfs.names import COMMIT_RE, validate_repo_part
+from mxfs.tree import HubFile
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,9 @@ IDLE_TIMEOUT = 30.0
 # Bytes per pread and per send: large enough that the syscalls cost little, small enough that many
 # concurrent peers do not hold much memory.
 PIECE = 1 << 20
+# A download in progress serves a range as its bytes land; a piece that has not landed in this
+# long ends the answer (the peer's own read timeout is about as long) and the peer asks elsewhere.
+LANDING_TIMEOUT = 25.0
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -137,12 +149,20 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-def resolve_target(cache: HubCache, target: str) -> tuple[Path, str]:
-    """The verified blob a ``/<org>/<name>/resolve/<commit>/<path>`` names, and its etag.
+@dataclass(frozen=True)
+class Target:
+    """What a request names: a file of a repo at a commit."""
+
+    repo_id: str
+    commit: str
+    path: str
+
+
+def parse_target(target: str) -> Target:
+    """The file a ``/<org>/<name>/resolve/<commit>/<path>`` names.
 
     BadRequest(404) for anything else: another URL shape, a revision that is not a commit (a
-    peer asks for what the Hub resolved, never a branch), a path that leaves the snapshot, or a
-    file this node does not hold verified.
+    peer asks for what the Hub resolved, never a branch), or a path that leaves the snapshot.
     """
     path = target.split("?", 1)[0]
     parts = path.split("/")
@@ -159,8 +179,18 @@ def resolve_target(cache: HubCache, target: str) -> tuple[Path, str]:
         raise BadRequest(404, "a peer serves commits only")
     if any(p in ("", ".", "..") or "\0" in p for p in rel):
         raise BadRequest(404, "bad path")
-    repo_id = f"{org}/{name}"
-    link = cache.snapshot_file(repo_id, commit, "/".join(rel))
+    return Target(f"{org}/{name}", commit, "/".join(rel))
+
+
+def resolve_target(cache: HubCache, target: str | Target) -> tuple[Path, str]:
+    """The verified blob a request names, and its etag; BadRequest(404) if it names none.
+
+    A snapshot link exists only once its blob passed its checksum and was published; anything
+    that is not a link into the repo's own ``blobs/`` is refused.
+    """
+    wanted = parse_target(target) if isinstance(target, str) else target
+    repo_id = wanted.repo_id
+    link = cache.snapshot_file(repo_id, wanted.commit, wanted.path)
     blobs = cache.repo_dir(repo_id) / "blobs"
     try:
         if not link.is_symlink():
@@ -173,14 +203,52 @@ def resolve_target(cache: HubCache, target: str) -> tuple[Path, str]:
     return blob, blob.name
 
 
-class PeerServer:
-    """Serves verified files from ``cache`` to the peers ``access`` admits."""
+class ReadHandle(Protocol):
+    """A handle on a file this node is downloading (the fetcher's FileSource)."""
 
-    def __init__(self, cache: HubCache, access: PeerAccess, *, read_limiter: trio.CapacityLimiter | None = None):
+    @property
+    def file(self) -> HubFile: ...
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """The bytes at ``offset``, waiting for them to land; MxfsError if the copy is dropped."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Downloads(Protocol):
+    """The entries this node is downloading from the Hub now, whose ranges it serves as they land."""
+
+    async def open_downloading(self, repo_id: str, commit: str, path: str) -> ReadHandle | None: ...
+
+
+async def listen_for_peers(address: str) -> list[trio.SocketListener]:
+    """Listen at ``peer_address`` (HOST:PORT): before the mount, so a port in use fails the start."""
+    host, port = split_address(address, "peer_address")
+    return await trio.open_tcp_listeners(port, host=host)
+
+
+class PeerServer:
+    """Serves verified files from ``cache``, and the ranges of ``downloads`` in progress, to the
+    peers ``access`` admits."""
+
+    def __init__(
+        self,
+        cache: HubCache,
+        access: PeerAccess,
+        *,
+        downloads: Downloads | None = None,
+        read_limiter: trio.CapacityLimiter | None = None,
+    ):
         self.cache = cache
         self.access = access
+        self.downloads = downloads
         self._read_limiter = read_limiter or trio.CapacityLimiter(8)
         self.bytes_served = 0
+
+    async def serve_on(self, listeners: list[trio.SocketListener]) -> None:
+        """Serve on listeners opened beforehand (:func:`listen_for_peers`) until cancelled."""
+        await trio.serve_listeners(self._connection, listeners)
 
     async def serve(
         self,
@@ -237,33 +305,48 @@ class PeerServer:
                 raise BadRequest(405, "only GET and HEAD")
             if not self.access.admits(address, request.headers.get("authorization")):
                 raise BadRequest(403, "not an allowed peer")
-            blob, etag = resolve_target(self.cache, request.target)
+            target = parse_target(request.target)
             try:
+                blob, etag = resolve_target(self.cache, target)
                 fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError as exc:  # evicted between the check and the open
-                raise BadRequest(404, "not held verified here") from exc
+            except (BadRequest, FileNotFoundError) as exc:  # (evicted between the check and the open)
+                handle = await self.downloads.open_downloading(*astuple(target)) if self.downloads else None
+                if handle is None:
+                    raise BadRequest(404, "not held verified here") from exc
+                with contextlib.closing(handle):
+                    return await self._answer_from(stream, request, handle.file.size, handle.file.etag, handle)
         except BadRequest as exc:
             await self._send_error(stream, exc, request.method, keep_alive=keep_alive)
             return keep_alive
         with contextlib.closing(_Fd(fd)):
-            size = os.fstat(fd).st_size
-            try:
-                wanted = parse_range(request.headers.get("range"), size)
-            except BadRequest as exc:
-                await self._send_error(stream, exc, request.method, keep_alive=keep_alive, size=size)
-                return keep_alive
-            start, end = wanted if wanted is not None else (0, size)
-            headers = [
-                ("Content-Type", "application/octet-stream"),
-                ("Content-Length", str(end - start)),
-                ("Accept-Ranges", "bytes"),
-                ("ETag", f'"{etag}"'),
-            ]
-            if wanted is not None:
-                headers.append(("Content-Range", f"bytes {start}-{end - 1}/{size}"))
-            await stream.send_all(_head(206 if wanted is not None else 200, headers, keep_alive))
-            if request.method == "GET":
-                await self._send_body(stream, fd, start, end)
+            return await self._answer_from(stream, request, os.fstat(fd).st_size, etag, fd)
+
+    async def _answer_from(
+        self, stream: trio.SocketStream, request: Request, size: int, etag: str, source: int | ReadHandle
+    ) -> bool:
+        """Answer a request for ``[range of] size`` bytes read from a blob's descriptor or a
+        download's handle."""
+        keep_alive = request.keep_alive
+        try:
+            wanted = parse_range(request.headers.get("range"), size)
+        except BadRequest as exc:
+            await self._send_error(stream, exc, request.method, keep_alive=keep_alive, size=size)
+            return keep_alive
+        start, end = wanted if wanted is not None else (0, size)
+        headers = [
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Length", str(end - start)),
+            ("Accept-Ranges", "bytes"),
+            ("ETag", f'"{etag}"'),
+        ]
+        if wanted is not None:
+            headers.append(("Content-Range", f"bytes {start}-{end - 1}/{size}"))
+        await stream.send_all(_head(206 if wanted is not None else 200, headers, keep_alive))
+        if request.method == "GET":
+            if isinstance(source, int):
+                await self._send_body(stream, source, start, end)
+            else:
+                await self._send_landing(stream, source, start, end)
         return keep_alive
 
     async def _send_body(self, stream: trio.SocketStream, fd: int, start: int, end: int) -> None:
@@ -278,7 +361,31 @@ class PeerServer:
                 raise trio.BrokenResourceError(errno.EIO, "blob ended early")
             await stream.send_all(piece)
             offset += len(piece)
-            self.bytes_served += len(piece)
+            self._served(len(piece))
+
+    async def _send_landing(self, stream: trio.SocketStream, handle: ReadHandle, start: int, end: int) -> None:
+        """Send bytes of a file this node is downloading, each piece as soon as it has landed.
+
+        A piece that does not land within LANDING_TIMEOUT, or a copy dropped under the read (it
+        failed its checksum, the download stopped), closes the connection: the peer asks
+        elsewhere, and checks whatever it got against the Hub's checksum anyway.
+        """
+        offset = start
+        while offset < end:
+            try:
+                with trio.fail_after(LANDING_TIMEOUT):
+                    piece = await handle.read(offset, min(PIECE, end - offset))
+            except (MxfsError, trio.TooSlowError) as exc:
+                raise trio.BrokenResourceError(f"stopped serving a download in progress: {exc}") from exc
+            if not piece:
+                raise trio.BrokenResourceError(errno.EIO, "file ended early")
+            await stream.send_all(piece)
+            offset += len(piece)
+            self._served(len(piece))
+
+    def _served(self, n: int) -> None:
+        self.bytes_served += n
+        metrics.PEER_SERVED_BYTES.inc(n)
 
     async def _send_error(
         self, stream: trio.SocketStream, exc: BadRequest, method: str, *, keep_alive: bool, size: int | None = None

@@ -1,0 +1,249 @@
+"""Peers: nodes with their own caches and one Redis fetch each model once from the Hub (issue 16).
+
+Each daemon ("node") has its own cache dir, state dir and mountpoint, serves its files to the
+others at its own loopback port (``--peer-address``), and shares only a real redis-server, the
+fleet's registry.  The test Hub counts the bytes it serves and paces them like a CDN connection,
+so "the Hub sends each byte about once" is checked byte for byte.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from mxfs.names import EntryName
+from mxfs.registry import open_registry
+from tests.hubserver import FakeHub
+from tests.mounting import MountedFs, requires_fuse, run_cli, wait_until
+from tests.redis_server import RedisServer
+from tests.scrape import free_port, http_scrape, parse, value
+
+pytestmark = requires_fuse
+
+# The log line of the node that downloads a model from the Hub for the fleet.
+HUB_DOWNLOADER = "downloads it from the Hub for the fleet"
+
+
+class Node:
+    """One node: its mount, the address it serves peers at, and its metrics port."""
+
+    def __init__(self, mount: MountedFs, peer_address: str, metrics_port: int) -> None:
+        self.mount = mount
+        self.peer_address = peer_address
+        self.metrics_port = metrics_port
+
+    def __truediv__(self, rel: str) -> Path:
+        return self.mount / rel
+
+    def log(self) -> str:
+        return self.mount.log()
+
+    def metric(self, name: str, **labels: str) -> float:
+        return value(parse(http_scrape(self.metrics_port)), name, **labels) or 0.0
+
+
+def start_peers(
+    mxfs_mount: Callable[..., MountedFs], tmp_path: Path, redis: RedisServer, n: int, *args: str
+) -> list[Node]:
+    """``n`` nodes, each with its own cache, serving peers on a port of its own."""
+    redis.client().flushdb()
+    nodes = []
+    for i in range(n):
+        peer_address, metrics_port = f"127.0.0.1:{free_port()}", free_port()
+        mount = mxfs_mount(
+            "--registry",
+            redis.url(),
+            "--peer-address",
+            peer_address,
+            "--metrics-address",
+            f"127.0.0.1:{metrics_port}",
+            "--no-handoff",
+            *args,
+            cache_dir=tmp_path / f"node{i}-cache",
+            state_dir=tmp_path / f"node{i}-state",
+        )
+        nodes.append(Node(mount, peer_address, metrics_port))
+    return nodes
+
+
+def read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_or_eio(path: Path) -> bytes | str:
+    try:
+        return read(path)
+    except OSError as exc:
+        if exc.errno != errno.EIO:
+            raise
+        return "EIO"
+
+
+def parallel(fns: list[Callable[[], object]], timeout: float = 120) -> list[object]:
+    results: list[object] = [None] * len(fns)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a reader hung"
+    return results
+
+
+def holders(redis: RedisServer, repo: str, commit: str) -> list[str]:
+    async def ask() -> list[str]:
+        registry = await open_registry(redis.url())
+        try:
+            return [h.node for h in await registry.holders(EntryName(repo, commit).key)]
+        finally:
+            await registry.aclose()
+
+    return trio.run(ask)
+
+
+def model(seed: int, sizes: dict[str, int]) -> dict[str, bytes]:
+    rnd = random.Random(seed)
+    return {"config.json": b'{"peers": true}', **{name: rnd.randbytes(size) for name, size in sizes.items()}}
+
+
+def test_four_nodes_read_at_once_and_the_hub_sends_the_model_once(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    repo = new_repo_id()
+    files = model(21, {"model-00001.safetensors": 12_000_000, "model-00002.safetensors": 8_000_000})
+    hub.add_repo(repo, files)
+    # Paced like a CDN connection: every node reads while the first download is under way.
+    hub.inject("slow", repo_id=repo, filename="*.safetensors", bytes_per_second=6_000_000)
+    nodes = start_peers(mxfs_mount, tmp_path, redis_server, 4)
+    names = list(files)
+    results = parallel([lambda n=n, name=name: read(n / repo / name) for n in nodes for name in names])
+    for i, got in enumerate(results):
+        name = names[i % len(names)]
+        assert got == files[name], f"node {i // len(names)}, {name}: {got!r:.100}"
+    total = sum(len(d) for d in files.values())
+    sent = sum(hub.bytes_served(repo, name) for name in names)
+    assert sent <= 1.1 * total, f"the Hub sent {sent} bytes for a {total}-byte model read on 4 nodes"
+    assert sum(HUB_DOWNLOADER in n.log() for n in nodes) == 1
+    # Every node holds it verified and says so to the fleet.
+    commit = hub.head(repo)
+    wait_until(lambda: len(holders(redis_server, repo, commit)) == 4, 10, "all four nodes listed as holders")
+
+
+def test_a_node_fetches_from_every_holder_and_not_the_hub(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    repo = new_repo_id()
+    files = model(22, {"model.safetensors": 24_000_000})
+    hub.add_repo(repo, files)
+    first, second, third = start_peers(mxfs_mount, tmp_path, redis_server, 3, "--chunk-size", "1MiB")
+    for node in (first, second):
+        assert read(node / repo / "model.safetensors") == files["model.safetensors"]
+    commit = hub.head(repo)
+    wait_until(lambda: len(holders(redis_server, repo, commit)) == 2, 10, "both nodes listed as holders")
+    sent = hub.bytes_served(repo)
+    assert read(third / repo / "model.safetensors") == files["model.safetensors"]
+    assert hub.bytes_served(repo) == sent, "a node with two holders went to the Hub"
+    # Its ranges were spread over both holders.
+    served = [node.metric("mxfs_peer_served_bytes_total") for node in (first, second)]
+    assert all(s > 0 for s in served), served
+    assert third.metric("mxfs_peer_fetched_bytes_total") >= len(files["model.safetensors"])
+
+
+def test_killed_hub_downloader_the_others_finish_with_right_bytes(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    repo = new_repo_id()
+    data = random.Random(23).randbytes(16_000_000)
+    hub.add_repo(repo, {"config.json": b"{}", "model.safetensors": data})
+    slow = hub.inject("slow", repo_id=repo, filename="model.safetensors", bytes_per_second=3_000_000)
+    nodes = start_peers(mxfs_mount, tmp_path, redis_server, 3, "--lease", "3s")
+    first, rest = nodes[0], nodes[1:]
+    # The first node opens first and downloads from the Hub for the fleet.
+    assert read(first / repo / "config.json") == b"{}"
+    wait_until(lambda: HUB_DOWNLOADER in first.log(), 10, "the first node claims the Hub download")
+    for node in rest:
+        node.mount.allowed_log.append("peer http://127.0.0.1:[0-9]+ failed")
+    results: list[object] = []
+    readers = [
+        threading.Thread(target=lambda n=n: results.append(read_or_eio(n / repo / "model.safetensors"))) for n in rest
+    ]
+    for reader in readers:
+        reader.start()
+    time.sleep(1.5)  # mid-download
+    first.mount.proc.send_signal(signal.SIGKILL)
+    first.mount.proc.wait(10)
+    slow.remove()
+    for reader in readers:
+        reader.join(60)
+        assert not reader.is_alive()
+    # Each node's copy is its own, verified against the Hub's checksum: right bytes.
+    assert results == [data, data]
+
+
+def test_a_peer_serving_corrupt_bytes_costs_time_never_bytes(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    repo = new_repo_id()
+    data = random.Random(24).randbytes(6_000_000)
+    hub.add_repo(repo, {"config.json": b"{}", "model.safetensors": data})
+    holder, reader = start_peers(mxfs_mount, tmp_path, redis_server, 2)
+    assert read(holder / repo / "model.safetensors") == data
+    # The holder's verified blob rots on its disk: it serves what its disk says.
+    blob = next((holder.mount.cache_dir / f"models--{repo.replace('/', '--')}" / "blobs").glob("*[0-9a-f]" * 64))
+    with open(blob, "r+b") as f:
+        f.seek(1_000_000)
+        f.write(b"\0" * 4096)
+    reader.mount.allowed_log += [
+        "downloaded bytes do not match the Hub's checksum",
+        "sent bytes of model.safetensors that failed the Hub's checksum",
+        "came from a copy that was discarded unverified",
+    ]
+    got = read_or_eio(reader / repo / "model.safetensors")
+    assert got in (data, "EIO"), "a reader completed with wrong bytes"
+    # The node fell back to the Hub; a new open reads the right bytes.
+    assert read(reader / repo / "model.safetensors") == data
+    assert "failed the Hub's checksum; not asking it again" in reader.log()
+    assert hub.bytes_served(repo, "model.safetensors") >= 2 * len(data)
+
+
+def test_evicted_copy_leaves_the_holder_set_before_its_files(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    repo = new_repo_id()
+    hub.add_repo(repo, {"config.json": b"{}", "model.safetensors": b"x" * 3_000_000})
+    (node,) = start_peers(mxfs_mount, tmp_path, redis_server, 1)
+    assert read(node / repo / "model.safetensors") == b"x" * 3_000_000
+    commit = hub.head(repo)
+    wait_until(lambda: len(holders(redis_server, repo, commit)) == 1, 10, "the node is listed")
+    result = run_cli(
+        "evict",
+        repo,
+        "--force",
+        "--cache-dir",
+        str(node.mount.cache_dir),
+        "--state-dir",
+        str(node.mount.state_dir),
+        "--registry",
+        redis_server.url(),
+        "--peer-address",
+        node.peer_address,
+        env={**os.environ, **hub.env()},
+    )
+    assert result.returncode == 0, result.stderr
+    assert holders(redis_server, repo, commit) == []

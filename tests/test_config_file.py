@@ -167,7 +167,12 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "eviction.min_free_space": ("50GB", 50 * 10**9),
     "eviction.in_use_grace": ("15m", 900.0),
     "eviction.pinned": ("org/a, org/b@v1.0", ["org/a", "org/b@v1.0"]),
+    "peer_address": ("10.0.0.5:7170", "10.0.0.5:7170"),
+    "peer_allow": ("10.1.0.0/16, fd00::/8", ["10.1.0.0/16", "fd00::/8"]),
+    "peer_token_file": ("/etc/mxfs/peer-token", Path("/etc/mxfs/peer-token")),
 }
+# Keys that are only valid together with another: what each needs.
+NEEDS = {"peer_address": ("registry", "redis://redis:6379/0")}
 
 
 def test_samples_cover_every_key() -> None:
@@ -179,13 +184,19 @@ def test_every_key_from_every_layer(key: str, tmp_path: Path) -> None:
     raw, expected = SAMPLES[key]
     option = OPTIONS_BY_KEY[key]
     assert option.env == "MXFS_" + key.upper().replace(".", "_")
-    assert get_value(load_settings(None, env={option.env: raw}), key) == expected
-    assert get_value(load_settings(None, env={}, flags={key: (raw, "--x")}), key) == expected
+    other, other_value = NEEDS.get(key, (None, None))
+    env = {OPTIONS_BY_KEY[other].env: other_value} if other else {}
+    assert get_value(load_settings(None, env={**env, option.env: raw}), key) == expected
+    assert get_value(load_settings(None, env=env, flags={key: (raw, "--x")}), key) == expected
     table, _, name = key.rpartition(".")
     text = f"[{table}]\n{name} = {raw!r}\n" if table else f"{name} = {raw!r}\n"
     text = text.replace("'", '"')
     if key == "eviction.pinned":
         text = '[eviction]\npinned = ["org/a", "org/b@v1.0"]\n'
+    if key == "peer_allow":
+        text = 'peer_allow = ["10.1.0.0/16", "fd00::/8"]\n'
+    if other:
+        text = f'{other} = "{other_value}"\n' + text
     assert get_value(load_settings(write(tmp_path, text), env={}), key) == expected
 
 

@@ -72,6 +72,8 @@ def complete(mount: MountedFs, repo: str, files: dict[str, bytes] = FILES) -> Pa
     for rel, data in files.items():
         assert read(model / rel) == data
     wait_until(lambda: handed_off(mount, f"{org}/{name}"), 15, "the complete model is handed off")
+    # And the daemon is done attaching it (a stop while it still is would detach it unrecorded).
+    wait_until(lambda: f"{org}/{name}: handed to the kernel" in mount.log(), 15, "the daemon says so")
     return model
 
 

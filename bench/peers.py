@@ -122,6 +122,7 @@ class FleetRun:
     hub_bytes: int
     cpu: list[float]  # each daemon's CPU seconds
     top_thread: list[float]  # each daemon's busiest thread's CPU seconds
+    hub_cpu: float  # the Hub process's CPU seconds meanwhile (what the peers take over)
 
 
 def one_fleet(suite, tools, hub, redis, repo_id: str, expected: dict[str, str], peers: bool, tag: str) -> FleetRun:
@@ -149,12 +150,13 @@ def one_fleet(suite, tools, hub, redis, repo_id: str, expected: dict[str, str], 
     try:
         if errors:
             raise errors[0]
-        served_before = hub.bytes_served()
+        served_before, hub_cpu_before = hub.bytes_served(), tools.cpu_seconds(hub.proc.pid) or 0.0
         seconds = load_at_once([d.mnt / repo_id for d in daemons], expected, tools.READ_BS)
         # Every node's download published (nothing still in flight that the Hub would count later).
         for cache in caches:
             suite.wait_cached(cache, sorted(expected), repo_id)
         served = hub.bytes_served() - served_before
+        hub_cpu = (tools.cpu_seconds(hub.proc.pid) or 0.0) - hub_cpu_before
         cpu = [tools.cpu_seconds(d.pid) or 0.0 for d in daemons]
         top = [busiest_thread_cpu(d.pid) for d in daemons]
     finally:
@@ -162,7 +164,7 @@ def one_fleet(suite, tools, hub, redis, repo_id: str, expected: dict[str, str], 
             list(pool.map(lambda d: d.stop(), daemons))
     for path in caches:
         shutil.rmtree(path, ignore_errors=True)
-    return FleetRun(seconds, served, cpu, top)
+    return FleetRun(seconds, served, cpu, top, hub_cpu)
 
 
 def run_section(suite, tools) -> None:
@@ -209,7 +211,7 @@ def run_section(suite, tools) -> None:
                                   f"Hub sent {run.hub_bytes / tools.MIB:.0f} MiB ({per_copy:.2f} per node-model), "
                                   f"daemons' CPU {sum(run.cpu):.1f} s "
                                   f"({', '.join(f'{c:.1f}' for c in run.cpu)}; the busiest's busiest thread "
-                                  f"{run.top_thread[busiest]:.1f} s)")  # fmt: skip
+                                  f"{run.top_thread[busiest]:.1f} s); the Hub's CPU {run.hub_cpu:.1f} s")  # fmt: skip
                         vals[peers]["s"].append(run.seconds)
                         vals[peers]["hub"].append(per_copy)
                         vals[peers]["cpu"].append(sum(run.cpu))

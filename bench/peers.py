@@ -183,14 +183,11 @@ def run_section(suite, tools) -> None:
         suite.notes.append("peers skipped: no redis-server binary")
         tools.log("peers skipped: no redis-server binary")
         return
-    shapes = [(f"Hub paced {pace / tools.MIB:.0f} MiB/s per connection", "paced", ["--pace", str(pace)])]
+    paced = f"Hub {pace / tools.MIB:.0f} MiB/s per connection"
+    shapes = [(paced, "paced", ["--pace", str(pace)])]
     if args.peers_uplink:
-        shapes.append((
-            f"Hub paced {pace / tools.MIB:.0f} MiB/s per connection and {args.peers_uplink / tools.MIB:.0f} MiB/s "
-            "in all (the fleet's uplink)",
-            "uplink",
-            ["--pace", str(pace), "--pace-total", str(args.peers_uplink)],
-        ))  # fmt: skip
+        shapes.append((f"{paced}, {args.peers_uplink / tools.MIB:.0f} MiB/s uplink", "uplink",
+                       ["--pace", str(pace), "--pace-total", str(args.peers_uplink)]))  # fmt: skip
     with RedisServer() as redis:
         for label, tag, hub_args in shapes:
             hub = tools.HubServer({repo_id: repo_dir}, suite.work / f"hub-peers-{tag}.log", hub_args)
@@ -219,15 +216,14 @@ def run_section(suite, tools) -> None:
                         vals[peers]["thread"].append(run.top_thread[busiest])
             finally:
                 hub.stop()
-            what = f"{nodes} nodes load a {size / tools.MIB:.0f} MiB model ({SHARDS} shards) at once, {label}"
-            base = "without peers (own caches, own SQLite registries)"
-            suite.add(f"p1. {what}: seconds until the last node has every byte (sha256 checked), with peers",
-                      "s", vals[True]["s"], {base: vals[False]["s"]}, False)  # fmt: skip
-            suite.add(f"p2. {what}: Hub bytes / ({nodes} x model size), with peers", "x", vals[True]["hub"],
-                      {base: vals[False]["hub"]}, False)  # fmt: skip
-            suite.add(f"p3. {what}: the {nodes} daemons' CPU seconds, with peers", "CPU-s", vals[True]["cpu"],
-                      {base: vals[False]["cpu"]}, False)  # fmt: skip
-            suite.add(f"p4. {what}: the busiest daemon's CPU seconds, with peers", "CPU-s", vals[True]["top"],
-                      {base: vals[False]["top"]}, False)  # fmt: skip
-            suite.add(f"p5. {what}: the busiest daemon's busiest thread's CPU seconds, with peers", "CPU-s",
-                      vals[True]["thread"], {base: vals[False]["thread"]}, False)  # fmt: skip
+            what = f"{nodes} nodes load {size / tools.MIB:.0f} MiB ({SHARDS} shards) at once, {label}"
+            base = "without peers"
+            rows = (
+                ("p1", "until the last node has every byte (sha256 checked)", "s", "s"),
+                ("p2", f"Hub bytes / ({nodes} x model size)", "x", "hub"),
+                ("p3", f"the {nodes} daemons' CPU", "CPU-s", "cpu"),
+                ("p4", "the busiest daemon's CPU", "CPU-s", "top"),
+                ("p5", "the busiest daemon's busiest thread's CPU", "CPU-s", "thread"),
+            )
+            for row, name, unit, key in rows:
+                suite.add(f"{row}. {what}: {name}", unit, vals[True][key], {base: vals[False][key]}, False)

@@ -788,8 +788,8 @@ def report(suite: Suite, args: argparse.Namespace, command: str, elapsed: float)
     if "peers" in args.sections:
         out.append(f"- Peers (p rows): {args.peers_nodes} nodes, a {args.peers_size / MIB:.0f} MiB model of 2 shards, "
                    f"Hub paced {args.pace / MIB:.0f} MiB/s per connection; the mxfs column is the fleet with peers "
-                   "(one redis-server, --peer-address per node), the baseline the same nodes without; "
-                   "ratio = with peers / without.")  # fmt: skip
+                   "(one redis-server, --peer-address per node), the baseline the same nodes without (each its "
+                   "own cache and SQLite registry); ratio = with peers / without.")  # fmt: skip
     out.append("")
     out.append("| comparison | unit | mxfs median | baseline median(s) | ratio mxfs/baseline |")
     out.append("|---|---|---|---|---|")

@@ -27,7 +27,11 @@ f. 16 threads of 2 MiB preads on one file handle (cold page cache; and with O_DI
    so that every read reaches the daemon, 1 vs 16 threads): mxfs vs passthrough vs a direct fd;
 g. peak RSS (VmHWM) of the mxfs daemons vs the passthrough daemon;
 h. the hand-off (``bench/handoff.py``): a complete model served by the kernel vs the cache dir:
-   warm and cold reads, safetensors ``load_file`` and ``safe_open``, a 5000-file listing.
+   warm and cold reads, safetensors ``load_file`` and ``safe_open``, a 5000-file listing;
+p. peers (``bench/peers.py``, only with ``--sections peers``): ``--peers-nodes`` nodes with their
+   own caches load one model at once from the paced Hub (and from a Hub whose uplink all connections
+   share, ``--peers-uplink``), with peers (one Redis, ``--peer-address``) vs without: seconds until
+   the last node has every byte, Hub bytes per node and model copy, the daemons' CPU seconds.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import mmap
 import os
 import platform
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -338,6 +343,16 @@ class HubServer:
             raise RuntimeError(f"hub server did not start: {line!r}:\n{log_path.read_text()[-3000:]}")
         self.endpoint = m.group(1)
 
+    def bytes_served(self, timeout: float = 30.0) -> int:
+        """File bytes the Hub has sent so far, all repos (``FakeHub.bytes_served``, asked by SIGUSR1)."""
+        self.proc.send_signal(signal.SIGUSR1)
+        readable, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if readable else ""
+        m = re.match(r"SERVED (\d+)", line)
+        if not m:
+            raise RuntimeError(f"hub server did not tell the bytes it served: {line!r}")
+        return int(m.group(1))
+
     def stop(self) -> None:
         stop_proc(self.proc)
         self._log.close()
@@ -360,10 +375,13 @@ class Suite:
         self.hwm: dict[str, list[int]] = {"mxfs (cold load)": [], "mxfs (cached)": [], "passthrough": []}
         self.cpu: dict[str, list[float]] = {}
         self._n = 0
+        self._fresh_lock = threading.Lock()
 
     def fresh(self, name: str) -> Path:
-        self._n += 1
-        p = self.work / f"{name}-{self._n}"
+        with self._fresh_lock:  # bench/peers.py starts several daemons at once
+            self._n += 1
+            n = self._n
+        p = self.work / f"{name}-{n}"
         p.mkdir(parents=True)
         return p
 
@@ -675,40 +693,58 @@ class Suite:
                     self.hwm[name].append(h)
         shutil.rmtree(state)
 
+    def peers(self) -> None:
+        """p. A fleet loading one model at once, with peers vs without (bench/peers.py)."""
+        from peers import run_section  # bench/peers.py, beside this script
+
+        run_section(self, sys.modules[__name__])
+
     # ---- driver ------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        sections = self.args.sections
+        self.env = {"HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                    "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MXFS_METRICS_ADDRESS": ""}  # fmt: skip
+        os.environ.update(self.env)  # before huggingface_hub is imported here
+        if not sections & {"cold", "ttfb", "cached", "handoff"}:
+            # Sections with Hubs of their own: no need for the large file.
+            self.run_sections(sections)
+            return
         self.repo_dir = self.work / "repo"
         log(f"generating {self.args.size / MIB:.0f} MiB of data in {self.repo_dir}")
         make_repo(self.repo_dir, self.args.size)
         hub = HubServer({REPO_ID: self.repo_dir}, self.work / "hub.log")
         try:
             self.endpoint = hub.endpoint
-            self.env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-                        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MXFS_METRICS_ADDRESS": ""}  # fmt: skip
-            os.environ.update(self.env)  # before huggingface_hub is imported here
+            self.env["HF_ENDPOINT"] = hub.endpoint
+            os.environ.update(self.env)
             log(f"hub at {hub.endpoint}")
-            sections = self.args.sections
-            if "files" in sections:
-                log("c''. repos of many files")
-                self.many_files()
-            if "paced" in sections:
-                log("c'. cold loads from a paced Hub")
-                self.paced_cold_loads()
-            if sections & {"cold", "cached", "handoff"}:
-                log("c. cold load")
-                cache = self.cold_load()
-            if "ttfb" in sections:
-                log("d. time to first byte")
-                self.ttfb()
-            if "cached" in sections:
-                log("a, b, e, f on the cached entry")
-                self.cached(cache)
-            if "handoff" in sections:
-                log("h. the hand-off vs the cache dir")
-                self.handoff(cache)
+            self.run_sections(sections)
         finally:
             hub.stop()
+
+    def run_sections(self, sections: set[str]) -> None:
+        if "files" in sections:
+            log("c''. repos of many files")
+            self.many_files()
+        if "paced" in sections:
+            log("c'. cold loads from a paced Hub")
+            self.paced_cold_loads()
+        if sections & {"cold", "cached", "handoff"}:
+            log("c. cold load")
+            cache = self.cold_load()
+        if "ttfb" in sections:
+            log("d. time to first byte")
+            self.ttfb()
+        if "cached" in sections:
+            log("a, b, e, f on the cached entry")
+            self.cached(cache)
+        if "handoff" in sections:
+            log("h. the hand-off vs the cache dir")
+            self.handoff(cache)
+        if "peers" in sections:
+            log("p. a fleet loading one model, with peers vs without")
+            self.peers()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -742,10 +778,18 @@ def report(suite: Suite, args: argparse.Namespace, command: str, elapsed: float)
     out = ["# mxfs benchmark results", ""]
     out.append(f"- Machine: {machine()}")
     out.append(f"- Command: `{command}`")
-    out.append(f"- Size of the large file: {args.size / MIB:.0f} MiB (safetensors, 8 tensors) + 3 small json files; "
-               f"repeats: {args.repeat}; total run {elapsed:.0f} s")  # fmt: skip
+    if args.sections - {"peers"}:
+        out.append(f"- Size of the large file: {args.size / MIB:.0f} MiB (safetensors, 8 tensors) + 3 small json "
+                   f"files; repeats: {args.repeat}; total run {elapsed:.0f} s")  # fmt: skip
+    else:
+        out.append(f"- Repeats: {args.repeat}; total run {elapsed:.0f} s")
     out.append("- Medians over the repeats (min-max in brackets). Ratio = mxfs / baseline: for GB/s below 1 means "
                "mxfs is slower, for seconds above 1 means mxfs is slower.")  # fmt: skip
+    if "peers" in args.sections:
+        out.append(f"- Peers (p rows): {args.peers_nodes} nodes, a {args.peers_size / MIB:.0f} MiB model of 2 shards, "
+                   f"Hub paced {args.pace / MIB:.0f} MiB/s per connection; the mxfs column is the fleet with peers "
+                   "(one redis-server, --peer-address per node), the baseline the same nodes without (each its "
+                   "own cache and SQLite registry); ratio = with peers / without.")  # fmt: skip
     out.append("")
     out.append("| comparison | unit | mxfs median | baseline median(s) | ratio mxfs/baseline |")
     out.append("|---|---|---|---|---|")
@@ -784,12 +828,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) afterwards")
     parser.add_argument("--pace", type=parse_size, default=parse_size("200MiB"),
                         help="per-connection rate of the paced Hub, bytes/s (default 200MiB: a CDN)")  # fmt: skip
+    parser.add_argument("--peers-size", type=parse_size, default=parse_size("512MiB"),
+                        help="peers: the model's size, 2 shards (default 512MiB)")  # fmt: skip
+    parser.add_argument("--peers-nodes", type=int, default=4, help="peers: nodes loading the model (default 4)")
+    # 100 MiB/s: below what 4 daemons on a 2-core machine take in anyway (about 200 MiB/s, CPU-bound),
+    # so the uplink, not the CPU, decides the load without peers; 400 MiB/s would not bind there.
+    parser.add_argument("--peers-uplink", type=parse_size, default=parse_size("100MiB"),
+                        help="peers: bytes/s all the Hub's connections share in the second variant "
+                             "(default 100MiB; 0: that variant off)")  # fmt: skip
     sections = {"files", "paced", "cold", "ttfb", "cached", "handoff"}
     parser.add_argument("--sections", type=lambda t: set(t.split(",")), default=sections,
-                        help="comma-separated: files,paced,cold,ttfb,cached,handoff (default all)")  # fmt: skip
+                        help="comma-separated: files,paced,cold,ttfb,cached,handoff,peers "
+                             "(default all but peers)")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.repeat < 1 or args.size < MIB:
-        parser.error("--repeat >= 1 and --size >= 1MiB")
+    if args.repeat < 1 or args.size < MIB or args.peers_size < 2 * MIB or args.peers_nodes < 2:
+        parser.error("--repeat >= 1, --size >= 1MiB, --peers-size >= 2MiB and --peers-nodes >= 2")
+    if unknown := args.sections - {*sections, "peers"}:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     if os.geteuid() != 0:
         log("warning: not root; drop_caches and read_ahead_kb tuning will fail")
     command = " ".join(shlex.quote(a) for a in ["python", "bench/run.py", *(sys.argv[1:] if argv is None else argv)])

@@ -1790,6 +1790,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    # A benchmark that runs this server in a subprocess asks how many file bytes it has served so far
+    # (``bytes_served()``, all repos) with SIGUSR1; the answer is one stdout line, ``SERVED <bytes>``.
+    signal.signal(signal.SIGUSR1, lambda *_: print(f"SERVED {hub.bytes_served()}", flush=True))
     with hub:
         print(f"READY {hub.endpoint} cdn={hub.cdn_endpoint}", flush=True)
         while not stop.wait(0.5):

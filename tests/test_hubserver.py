@@ -6,6 +6,10 @@ import datetime as dt
 import hashlib
 import json
 import os
+import select
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -531,6 +535,51 @@ def test_pace_per_connection_and_shared(tmp_path: Path) -> None:
             t.join(30)
         assert bodies == [data, data]
         assert time.monotonic() - t0 >= 0.35
+
+
+def test_standalone_server_answers_sigusr1_with_the_bytes_served(tmp_path: Path) -> None:
+    """``python -m tests.hubserver`` (how bench/ runs it) tells the bytes it has served on SIGUSR1."""
+    repo_dir = tmp_path / "repo"
+    repo_dir.mkdir()
+    data = os.urandom(300_000)
+    (repo_dir / "model.safetensors").write_bytes(data)
+    (repo_dir / "config.json").write_bytes(CONFIG)
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.hubserver", "--repo", f"org/standalone={repo_dir}"],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    out = proc.stdout
+
+    def next_line() -> str:
+        # Bounded: a server that never answers fails the test instead of hanging it.
+        readable, _, _ = select.select([out], [], [], 30)
+        assert readable, "no line from the server within 30 s"
+        return out.readline()
+
+    try:
+        ready = next_line()
+        assert ready.startswith("READY "), ready
+        endpoint = ready.split()[1]
+
+        def served() -> int:
+            proc.send_signal(signal.SIGUSR1)
+            line = next_line()
+            assert line.startswith("SERVED "), line
+            return int(line.split()[1])
+
+        assert served() == 0
+        url = f"{endpoint}/org/standalone/resolve/main/model.safetensors"
+        assert httpx2.get(url, follow_redirects=True).content == data
+        assert httpx2.get(url, headers={"Range": "bytes=0-999"}, follow_redirects=True).content == data[:1000]
+        assert served() == len(data) + 1000
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_fault_down_and_restart(hub: FakeHub, frepo: dict[str, bytes]) -> None:

@@ -442,12 +442,28 @@ async def _status(settings: Settings, as_json: bool) -> int:
     pinned = sum(r.pinned for r in records)
     print(f"\n{len(records)} entries ({summary or 'none'}), {format_size(total)} cached, {pinned} pinned")
     print(_handoff_line(settings, table))
+    if settings.peers:
+        print(await _peers_line(settings, [r.model_name for r in records if r.status == Status.DOWNLOADED]))
     try:
         disk = await trio.to_thread.run_sync(os.statvfs, settings.cache_dir)
         print(f"cache {settings.cache_dir}: {format_size(disk.f_bavail * disk.f_frsize)} free")
     except OSError:
         pass
     return 0
+
+
+async def _peers_line(settings: Settings, cached: list[str]) -> str:
+    """How this node stands in the fleet: its cached entries the fleet's registry lists it for."""
+    where = f"peers on at {settings.peer_url}, fleet registry {redact_url(settings.shared_registry_url)}"
+    try:
+        shared = await open_registry(settings.shared_registry_url)
+        try:
+            listed = [any(h.node == settings.peer_url for h in await shared.holders(name)) for name in cached]
+        finally:
+            await shared.aclose()
+    except RegistryError as exc:
+        return f"{where}: unreachable ({exc})"
+    return f"{where}: {sum(listed)} of {len(cached)} cached entries listed for peers"
 
 
 def _handoff_line(settings: Settings, rows: list[dict[str, object]]) -> str:

@@ -231,6 +231,20 @@ def test_evicted_copy_leaves_the_holder_set_before_its_files(
     assert read(node / repo / "model.safetensors") == b"x" * 3_000_000
     commit = hub.head(repo)
     wait_until(lambda: len(holders(redis_server, repo, commit)) == 1, 10, "the node is listed")
+    settings = [
+        "--cache-dir",
+        str(node.mount.cache_dir),
+        "--state-dir",
+        str(node.mount.state_dir),
+        "--registry",
+        redis_server.url(),
+        "--peer-address",
+        node.peer_address,
+    ]
+    status = run_cli("status", *settings)
+    assert status.returncode == 0, status.stderr
+    assert f"peers on at http://{node.peer_address}" in status.stdout
+    assert "1 of 1 cached entries listed for peers" in status.stdout
     result = run_cli(
         "evict",
         repo,

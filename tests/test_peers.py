@@ -9,6 +9,7 @@ so "the Hub sends each byte about once" is checked byte for byte.
 from __future__ import annotations
 
 import errno
+import http.server
 import os
 import random
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 import trio
 
 from mxfs.names import EntryName
-from mxfs.registry import open_registry
+from mxfs.registry import Status, open_registry
 from tests.hubserver import FakeHub
 from tests.mounting import MountedFs, requires_fuse, run_cli, wait_until
 from tests.redis_server import RedisServer
@@ -261,3 +262,73 @@ def test_evicted_copy_leaves_the_holder_set_before_its_files(
     )
     assert result.returncode == 0, result.stderr
     assert holders(redis_server, repo, commit) == []
+
+
+class TricklingPeer:
+    """A peer that serves the right bytes of a model's files, a few hundred KB/s: alive, but too slow."""
+
+    def __init__(self, files: dict[str, bytes], rate: int) -> None:
+        self.files, self.rate, self.requests = files, rate, 0
+        peer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                data = peer.files[self.path.rsplit("/", 1)[1]]
+                peer.requests += 1
+                first, last = self.headers["Range"].removeprefix("bytes=").split("-")
+                start, end = int(first), min(int(last) + 1, len(data))
+                self.send_response(206)
+                self.send_header("Content-Length", str(end - start))
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+                self.end_headers()
+                try:
+                    for offset in range(start, end, 16384):  # bounded by the range
+                        self.wfile.write(data[offset : min(offset + 16384, end)])
+                        time.sleep(16384 / peer.rate)
+                except OSError:
+                    pass  # the node gave up on it, as it should
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_slow_peer_is_left_for_the_hub(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    repo = new_repo_id()
+    data = random.Random(25).randbytes(12_000_000)
+    files = {"config.json": b"{}", "model.safetensors": data}
+    commit = hub.add_repo(repo, files)
+    (node,) = start_peers(mxfs_mount, tmp_path, redis_server, 1)
+    peer = TricklingPeer(files, rate=200_000)
+    try:
+        # The fleet has the model, and the trickling peer is listed as holding it complete.
+        async def list_the_peer() -> None:
+            registry = await open_registry(redis_server.url())
+            try:
+                key = EntryName(repo, commit).key
+                assert await registry.try_claim(key, "other-node", 30.0)
+                assert await registry.finish_claim(key, "other-node", Status.DOWNLOADED, None, len(data) + 2)
+                await registry.put_holder(key, peer.address, peer.address, True, 60.0)
+            finally:
+                await registry.aclose()
+
+        trio.run(list_the_peer)
+        node.mount.allowed_log.append(rf"peer {peer.address} failed \(.*MB/s from a complete copy\)")
+        assert read(node / repo / "model.safetensors") == data
+        assert peer.requests > 0
+        assert "MB/s from a complete copy" in node.log()
+        assert hub.bytes_served(repo, "model.safetensors") > 0
+    finally:
+        peer.close()

@@ -48,6 +48,42 @@ BAD_COPY_PAUSE = 600.0
 PEER_CONNECT_TIMEOUT = min(CONNECT_TIMEOUT, 3.0)
 
 
+# A complete copy is on a disk on the fleet's network: a range from it that arrives slower than
+# this (measured over SLOW_WINDOW seconds, after the first) is a peer in trouble (an overloaded
+# node, a failing disk, a congested link), and the rest of the range goes elsewhere.  Not applied
+# to the node downloading from the Hub, whose answers are paced by the Hub.
+MIN_PEER_RATE = 4 * 1024 * 1024
+SLOW_WINDOW = 5.0
+
+
+class PeerTooSlow(Transient):
+    """A complete holder sent a range slower than MIN_PEER_RATE."""
+
+
+class _Meter:
+    """Told the length of each piece of one peer's answer (RangeBody's ``on_bytes``): counts the
+    peer's bytes, and gives up on a complete holder that sends too slowly."""
+
+    def __init__(self, peers: PeerRanges, what: str, min_rate: float | None) -> None:
+        self.peers = peers
+        self.what = what
+        self.min_rate = min_rate
+        self.window_start = time.monotonic()
+        self.window_bytes = 0
+
+    def __call__(self, n: int) -> None:
+        self.peers._count(n)
+        if self.min_rate is None:
+            return
+        self.window_bytes += n
+        elapsed = time.monotonic() - self.window_start
+        if elapsed >= SLOW_WINDOW:
+            if self.window_bytes < self.min_rate * elapsed:
+                rate = self.window_bytes / elapsed / 1e6
+                raise PeerTooSlow(f"{self.what}: {rate:.1f} MB/s from a complete copy")
+            self.window_start, self.window_bytes = time.monotonic(), 0
+
+
 class PeerFailed(Exception):
     """A peer could not start serving a range (the range is then asked elsewhere)."""
 
@@ -178,7 +214,8 @@ class PeerRanges:
                 )
             raise PeerFailed(f"HTTP {response.status_code}")
         try:
-            return RangeBody(response, start, end, what, on_bytes=self._count)
+            meter = _Meter(self, what, MIN_PEER_RATE if holder.complete else None)
+            return RangeBody(response, start, end, what, on_bytes=meter)
         except MxfsError as exc:
             raise PeerFailed(str(exc)) from exc
 

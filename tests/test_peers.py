@@ -18,17 +18,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 
 from mxfs.names import EntryName
 from mxfs.registry import Status, open_registry
 from tests.hubserver import FakeHub
+from tests.kube_apiserver import kube_apiserver_fixture, kube_target_fixture  # noqa: F401
 from tests.mounting import MountedFs, requires_fuse, run_cli, wait_until
 from tests.redis_server import RedisServer
 from tests.scrape import free_port, http_scrape, parse, value
 
 pytestmark = requires_fuse
 
+# The Kubernetes API stand-in speaks plain http.
+KUBE_STAND_IN = r"sending a bearer token over plain http to http://127\.0\.0\.1:\d+$"
 # The log line of the node that downloads a model from the Hub for the fleet.
 HUB_DOWNLOADER = "downloads it from the Hub for the fleet"
 
@@ -52,16 +56,19 @@ class Node:
 
 
 def start_peers(
-    mxfs_mount: Callable[..., MountedFs], tmp_path: Path, redis: RedisServer, n: int, *args: str
+    mxfs_mount: Callable[..., MountedFs], tmp_path: Path, redis: RedisServer | str, n: int, *args: str
 ) -> list[Node]:
-    """``n`` nodes, each with its own cache, serving peers on a port of its own."""
-    redis.client().flushdb()
+    """``n`` nodes, each with its own cache, serving peers on a port of its own; the fleet's
+    registry is ``redis`` (emptied first) or the registry URL given."""
+    if isinstance(redis, RedisServer):
+        redis.client().flushdb()
+    url = redis.url() if isinstance(redis, RedisServer) else redis
     nodes = []
     for i in range(n):
         peer_address, metrics_port = f"127.0.0.1:{free_port()}", free_port()
         mount = mxfs_mount(
             "--registry",
-            redis.url(),
+            url,
             "--peer-address",
             peer_address,
             "--metrics-address",
@@ -107,9 +114,9 @@ def parallel(fns: list[Callable[[], object]], timeout: float = 120) -> list[obje
     return results
 
 
-def holders(redis: RedisServer, repo: str, commit: str) -> list[str]:
+def holders(fleet: RedisServer | str, repo: str, commit: str) -> list[str]:
     async def ask() -> list[str]:
-        registry = await open_registry(redis.url())
+        registry = await open_registry(fleet.url() if isinstance(fleet, RedisServer) else fleet)
         try:
             return [h.node for h in await registry.holders(EntryName(repo, commit).key)]
         finally:
@@ -123,15 +130,22 @@ def model(seed: int, sizes: dict[str, int]) -> dict[str, bytes]:
     return {"config.json": b'{"peers": true}', **{name: rnd.randbytes(size) for name, size in sizes.items()}}
 
 
+@pytest.mark.parametrize("backend", ["redis", "kubernetes"])
 def test_four_nodes_read_at_once_and_the_hub_sends_the_model_once(
-    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
+    fleet: RedisServer | str = (
+        request.getfixturevalue("redis_server") if backend == "redis" else request.getfixturevalue("kube_target").url
+    )
     repo = new_repo_id()
     files = model(21, {"model-00001.safetensors": 12_000_000, "model-00002.safetensors": 8_000_000})
     hub.add_repo(repo, files)
     # Paced like a CDN connection: every node reads while the first download is under way.
     hub.inject("slow", repo_id=repo, filename="*.safetensors", bytes_per_second=6_000_000)
-    nodes = start_peers(mxfs_mount, tmp_path, redis_server, 4)
+    nodes = start_peers(mxfs_mount, tmp_path, fleet, 4)
+    if backend == "kubernetes":
+        for node in nodes:
+            node.mount.allowed_log.append(KUBE_STAND_IN)
     names = list(files)
     results = parallel([lambda n=n, name=name: read(n / repo / name) for n in nodes for name in names])
     for i, got in enumerate(results):
@@ -143,7 +157,7 @@ def test_four_nodes_read_at_once_and_the_hub_sends_the_model_once(
     assert sum(HUB_DOWNLOADER in n.log() for n in nodes) == 1
     # Every node holds it verified and says so to the fleet.
     commit = hub.head(repo)
-    wait_until(lambda: len(holders(redis_server, repo, commit)) == 4, 10, "all four nodes listed as holders")
+    wait_until(lambda: len(holders(fleet, repo, commit)) == 4, 10, "all four nodes listed as holders")
 
 
 def test_a_node_fetches_from_every_holder_and_not_the_hub(

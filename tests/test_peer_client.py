@@ -18,18 +18,36 @@ def holder(n: int, complete: bool = True) -> Holder:
     return Holder(f"http://10.0.0.{n}:7170", f"http://10.0.0.{n}:7170", complete, LATER)
 
 
-def client(*holders: Holder, node: str = "http://10.0.0.99:7170") -> PeerRanges:
-    peers = PeerRanges(HubClient(endpoint="http://127.0.0.1:9"), httpx2.Client(), node=node)
+def client(*holders: Holder, node: str = "http://10.0.0.99:7170", upstreams: tuple[Holder, ...] = ()) -> PeerRanges:
+    hub = HubClient(endpoint="http://127.0.0.1:9")
+    peers = PeerRanges(hub, httpx2.Client(), node=node, upstreams=frozenset(h.node for h in upstreams))
     peers.set_holders(holders)
     return peers
 
 
 def test_ranges_go_to_complete_holders_in_turn_then_to_the_hub_downloader() -> None:
-    peers = client(holder(1), holder(2, complete=False), holder(3))
+    downloading = holder(2, complete=False)
+    peers = client(holder(1), downloading, holder(3), upstreams=(downloading,))
     firsts = [peers._candidates()[0].node for _ in range(4)]
     assert firsts == [holder(1).node, holder(3).node, holder(1).node, holder(3).node]
     # The node downloading from the Hub comes after every complete copy.
-    assert peers._candidates()[-1] == holder(2, complete=False)
+    assert peers._candidates()[-1] == downloading
+
+
+def test_only_nodes_still_downloading_that_listed_before_this_one_are_asked() -> None:
+    """Waits for bytes point at earlier nodes only: a tree rooted at the Hub downloader, never a cycle."""
+    earlier, later = holder(4, complete=False), holder(5, complete=False)
+    peers = client(earlier, later, upstreams=(earlier,))
+    assert peers._candidates() == [earlier]
+    # Once the later node has the whole entry verified, it is a complete holder like any other.
+    peers.set_holders([earlier, holder(5)])
+    assert {h.node for h in peers._candidates()} == {earlier.node, holder(5).node}
+
+
+def test_ranges_spread_over_the_upstreams_still_downloading() -> None:
+    first, second = holder(6, complete=False), holder(7, complete=False)
+    peers = client(first, second, upstreams=(first, second))
+    assert {peers._candidates()[0].node for _ in range(4)} == {first.node, second.node}
 
 
 def test_this_node_is_never_its_own_peer() -> None:

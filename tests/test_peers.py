@@ -114,11 +114,14 @@ def parallel(fns: list[Callable[[], object]], timeout: float = 120) -> list[obje
     return results
 
 
-def holders(fleet: RedisServer | str, repo: str, commit: str) -> list[str]:
-    async def ask() -> list[str]:
+def holders(fleet: RedisServer | str, repo: str, commit: str, *, complete: bool = False) -> list:
+    """The entry's holders' node ids (``complete``: with whether each holds it whole)."""
+
+    async def ask() -> list:
         registry = await open_registry(fleet.url() if isinstance(fleet, RedisServer) else fleet)
         try:
-            return [h.node for h in await registry.holders(EntryName(repo, commit).key)]
+            listed = await registry.holders(EntryName(repo, commit).key)
+            return [(h.node, h.complete) for h in listed] if complete else [h.node for h in listed]
         finally:
             await registry.aclose()
 
@@ -130,20 +133,26 @@ def model(seed: int, sizes: dict[str, int]) -> dict[str, bytes]:
     return {"config.json": b'{"peers": true}', **{name: rnd.randbytes(size) for name, size in sizes.items()}}
 
 
-@pytest.mark.parametrize("backend", ["redis", "kubernetes"])
+@pytest.fixture(params=["redis", "kubernetes"])
+def fleet(request: pytest.FixtureRequest) -> RedisServer | str:
+    """The fleet's registry: a redis-server, or a namespace of the Kubernetes API stand-in.
+
+    A test names it before ``mxfs_mount``, so the daemons stop before the registry goes."""
+    if request.param == "redis":
+        return request.getfixturevalue("redis_server")
+    return request.getfixturevalue("kube_target").url
+
+
 def test_four_nodes_read_at_once_and_the_hub_sends_the_model_once(
-    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+    fleet: RedisServer | str, hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path
 ) -> None:
-    fleet: RedisServer | str = (
-        request.getfixturevalue("redis_server") if backend == "redis" else request.getfixturevalue("kube_target").url
-    )
     repo = new_repo_id()
     files = model(21, {"model-00001.safetensors": 12_000_000, "model-00002.safetensors": 8_000_000})
     hub.add_repo(repo, files)
     # Paced like a CDN connection: every node reads while the first download is under way.
     hub.inject("slow", repo_id=repo, filename="*.safetensors", bytes_per_second=6_000_000)
     nodes = start_peers(mxfs_mount, tmp_path, fleet, 4)
-    if backend == "kubernetes":
+    if not isinstance(fleet, RedisServer):
         for node in nodes:
             node.mount.allowed_log.append(KUBE_STAND_IN)
     names = list(files)
@@ -170,7 +179,11 @@ def test_a_node_fetches_from_every_holder_and_not_the_hub(
     for node in (first, second):
         assert read(node / repo / "model.safetensors") == files["model.safetensors"]
     commit = hub.head(repo)
-    wait_until(lambda: len(holders(redis_server, repo, commit)) == 2, 10, "both nodes listed as holders")
+    wait_until(
+        lambda: [c for _, c in holders(redis_server, repo, commit, complete=True)] == [True, True],
+        10,
+        "both nodes listed as complete holders",
+    )
     sent = hub.bytes_served(repo)
     assert read(third / repo / "model.safetensors") == files["model.safetensors"]
     assert hub.bytes_served(repo) == sent, "a node with two holders went to the Hub"
@@ -346,3 +359,38 @@ def test_a_slow_peer_is_left_for_the_hub(
         assert hub.bytes_served(repo, "model.safetensors") > 0
     finally:
         peer.close()
+
+
+def test_nodes_that_join_later_fetch_from_nodes_still_downloading(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A chain, not a star: a node relays what has landed on it to nodes that joined after it."""
+    repo = new_repo_id()
+    data = random.Random(26).randbytes(16_000_000)
+    commit = hub.add_repo(repo, {"config.json": b"{}", "model.safetensors": data})
+    hub.inject("slow", repo_id=repo, filename="model.safetensors", bytes_per_second=1_000_000)
+    first, second, third = start_peers(mxfs_mount, tmp_path, redis_server, 3, "--chunk-size", "1MiB")
+    results: dict[str, object] = {}
+
+    def reader(node: Node) -> threading.Thread:
+        thread = threading.Thread(
+            target=lambda: results.__setitem__(node.peer_address, read(node / repo / "model.safetensors"))
+        )
+        thread.start()
+        return thread
+
+    def downloading(node: Node) -> bool:
+        return (f"http://{node.peer_address}", False) in holders(redis_server, repo, commit, complete=True)
+
+    threads = [reader(first)]
+    wait_until(lambda: downloading(first), 10, "the Hub downloader is listed")
+    threads.append(reader(second))
+    wait_until(lambda: downloading(second), 10, "the second node is listed while it downloads")
+    threads.append(reader(third))
+    for thread in threads:
+        thread.join(60)
+        assert not thread.is_alive()
+    assert all(results[n.peer_address] == data for n in (first, second, third))
+    assert hub.bytes_served(repo, "model.safetensors") <= 1.1 * len(data)
+    # The third node took some of its bytes from the second, which was still downloading.
+    assert second.metric("mxfs_peer_served_bytes_total") > 0

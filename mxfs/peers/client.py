@@ -96,11 +96,22 @@ def peer_url(address: str, repo_id: str, commit: str, path: str) -> str:
 class PeerRanges:
     """The range client of one download that may take its bytes from peers."""
 
-    def __init__(self, hub: HubClient, http: httpx2.Client, *, node: str, token: str | None = None) -> None:
+    def __init__(
+        self,
+        hub: HubClient,
+        http: httpx2.Client,
+        *,
+        node: str,
+        token: str | None = None,
+        upstreams: frozenset[str] = frozenset(),
+    ) -> None:
         self.hub = hub
         self.http = http
         self.node = node  # this node's own id: never asked
         self.token = token
+        # The nodes still downloading the entry that may be asked (see Fleet.for_download: the
+        # ones listed before this node); complete holders may always be asked.
+        self.upstreams = upstreams
         self._lock = threading.Lock()
         self._holders: tuple[Holder, ...] = ()
         self._paused: dict[str, float] = {}  # node -> monotonic time it may be asked again
@@ -112,9 +123,11 @@ class PeerRanges:
     # -- what the fleet tells it ---------------------------------------------------------------
 
     def set_holders(self, holders: Sequence[Holder]) -> None:
-        """The entry's holders as the registry lists them now (called from the trio thread)."""
+        """The entry's holders as the registry lists them now (called from the trio thread):
+        those with a complete copy, and the upstreams among those still downloading it."""
+        usable = [h for h in holders if h.node != self.node and (h.complete or h.node in self.upstreams)]
         with self._lock:
-            self._holders = tuple(h for h in holders if h.node != self.node)
+            self._holders = tuple(usable)
 
     @property
     def holders(self) -> tuple[Holder, ...]:
@@ -179,18 +192,13 @@ class PeerRanges:
     # -- choosing and asking ---------------------------------------------------------------------
 
     def _candidates(self) -> list[Holder]:
-        """Holders to try for one range, in order: complete copies (starting at the next one in
-        turn, so ranges spread over them), then the node downloading from the Hub."""
+        """Holders to try for one range, in order: complete copies, then the upstreams still
+        downloading it; each group starting at the next one in turn, so ranges spread over it."""
         now = time.monotonic()
         with self._lock:
             usable = [h for h in self._holders if self._paused.get(h.node, 0.0) <= now]
             turn = next(self._turn)
-        complete = [h for h in usable if h.complete]
-        partial = [h for h in usable if not h.complete]
-        if complete:
-            first = turn % len(complete)
-            complete = complete[first:] + complete[:first]
-        return complete + partial
+        return _rotated([h for h in usable if h.complete], turn) + _rotated([h for h in usable if not h.complete], turn)
 
     def _open_at(
         self, stack: ExitStack, holder: Holder, repo_id: str, commit: str, path: str, start: int, end: int, what: str
@@ -238,6 +246,13 @@ class PeerRanges:
             why,
             FAILED_PEER_PAUSE,
         )
+
+
+def _rotated(holders: list[Holder], turn: int) -> list[Holder]:
+    if not holders:
+        return holders
+    first = turn % len(holders)
+    return holders[first:] + holders[:first]
 
 
 def open_peer_http() -> httpx2.Client:

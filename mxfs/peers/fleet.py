@@ -144,16 +144,32 @@ class Fleet:
             async with self._downloading_from_hub(entry, claim_id):
                 yield self.hub
             return
-        peers = PeerRanges(self.hub, self.http, node=self.node, token=self.token)
         holders = await self._holders_or_claimer(entry, wait=claimer_running)
+        # Nodes still downloading it are asked only if they listed themselves before this node
+        # does: every wait for bytes then points at an earlier node, so waits form a tree rooted
+        # at the Hub downloader and never a cycle.  (Two nodes listing at once cannot both see
+        # the other: each reads before it lists.)
+        upstreams = frozenset(h.node for h in holders if not h.complete)
+        peers = PeerRanges(self.hub, self.http, node=self.node, token=self.token, upstreams=upstreams)
         peers.set_holders(holders)
         log.info(
             "%s: downloading from peers (%s), the Hub where they cannot serve",
             entry,
             ", ".join(h.node for h in peers.holders) or "none listed yet",
         )
-        async with self._alongside(self._follow_holders, entry, peers):
-            yield peers
+        # Later nodes may fetch what has landed here (a chain, not a star around the Hub downloader).
+        relaying = self.serving
+        if relaying:
+            await self._put_holder(name, complete=False)
+        ok = False
+        try:
+            async with self._alongside(self._follow_holders, entry, peers, relaying):
+                yield peers
+            ok = True
+        finally:
+            if relaying and not ok:
+                with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+                    await self.withdraw(name)
         log.info(
             "%s: %d bytes from peers, %d ranges from the Hub",
             entry,
@@ -194,11 +210,17 @@ class Fleet:
                 return holders
             await trio.sleep(0.1)
 
-    async def _follow_holders(self, entry: Entry, peers: PeerRanges) -> None:
+    async def _follow_holders(self, entry: Entry, peers: PeerRanges, relaying: bool) -> None:
+        """Keep the download's holders current (nodes that finish it join, dead ones drop out),
+        and, while this node relays what it has, its own listing alive."""
+        listed_at = trio.current_time()
         while True:
             await trio.sleep(HOLDERS_REFRESH)
             try:
                 peers.set_holders(await self.shared.holders(entry.registry_key))
+                if relaying and trio.current_time() - listed_at >= HOLDER_TTL / 3:
+                    await self.shared.put_holder(entry.registry_key, self.node, self.address, False, HOLDER_TTL)
+                    listed_at = trio.current_time()
             except RegistryError as exc:
                 self._warn("%s: could not list peers (%s); using the ones known", entry, exc)
 

@@ -34,8 +34,9 @@ from hypothesis import strategies as st
 from mxfs.errors import AccessDenied, HubUnavailable, MxfsError, NotFound, OfflineMiss, errno_for
 from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import FileState, SharedFd, read_at
+from mxfs.fetch.transfer import first_bytes, write_all
 from mxfs.fetch.verify import PrefixHasher
-from mxfs.hub import RangeBody, Transient, _translate
+from mxfs.hub import MAX_BATCH_PIECES, RangeBody, Transient, _translate
 from mxfs.names import EntryName
 from mxfs.tree import HubFile, RepoTree
 
@@ -334,6 +335,48 @@ def test_range_body_any_chunking(data: bytes, bounds: tuple[int, int], piece: in
     out = list(RangeBody(response, start, end, "w").chunks())
     assert b"".join(out) == data[start:end]
     assert all(out)  # no empty pieces handed to the writer
+
+
+@given(
+    data=st.binary(min_size=1, max_size=3000),
+    start=st.integers(0, 2999),
+    piece=st.integers(1, 300),
+    batch=st.integers(1, 5000),
+)
+def test_range_body_batches_are_the_bytes_as_received_never_joined(
+    data: bytes, start: int, piece: int, batch: int
+) -> None:
+    start = min(start, len(data) - 1)
+    pieces = split(data[start:], piece)
+    response = FakeResponse(206, pieces, {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+    batches = list(RangeBody(response, start, len(data), "w").batches(batch))
+    assert b"".join(b"".join(b) for b in batches) == data[start:]
+    assert response.chunk_sizes == [None]  # the pieces the connection received, not rechunked
+    assert all(len(b) <= MAX_BATCH_PIECES for b in batches)
+    assert all(sum(map(len, b)) >= batch or len(b) == MAX_BATCH_PIECES for b in batches[:-1])
+    # The pieces themselves, not copies joined into one buffer.
+    assert [p for b in batches for p in b] == pieces
+
+
+@given(pieces=st.lists(st.binary(min_size=0, max_size=50), max_size=20), cut=st.integers(0, 1000))
+def test_first_bytes_keeps_exactly_that_many(pieces: list[bytes], cut: int) -> None:
+    whole = b"".join(pieces)
+    cut = min(cut, max(len(whole) - 1, 0))
+    assert b"".join(first_bytes(pieces, cut)) == whole[:cut]
+
+
+def test_write_all_finishes_a_short_pwritev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pwritev may write less than asked (a signal, a nearly full disk): the rest is written."""
+    pieces = [b"abc", b"", b"defgh", b"ij"]
+    real = os.pwritev
+    monkeypatch.setattr(os, "pwritev", lambda fd, bufs, offset: real(fd, [b"abcd"], offset))  # stops mid-piece
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        os.pwrite(fd, b"0123456789xy", 0)
+        write_all(fd, pieces, 2)
+        assert os.pread(fd, 20, 0) == b"01abcdefghij"
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("status", [200, 206])

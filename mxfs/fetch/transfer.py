@@ -151,19 +151,20 @@ class Transfer:
                         return
                     if plan == "leave":
                         return  # the file's whole stream brings these bytes: drop this body
-                for data in body.chunks():
+                for batch in body.batches():
                     # Never write over bytes that are present (a reader may have been served
                     # them) or that another stream is bringing: the bytes readers got and the
                     # bytes that are hashed must be the same bytes.
-                    length = min(len(data), limit - stream.pos)
+                    received = sum(map(len, batch))
+                    length = min(received, limit - stream.pos)
                     if length <= 0:
                         return
                     try:
-                        os.pwrite(fd, data[:length] if length < len(data) else data, stream.pos)
+                        write_all(fd, first_bytes(batch, length) if length < received else batch, stream.pos)
                     except OSError as exc:
                         raise disk_error(exc, f"{self.entry}/{path}") from exc
                     limit = trio.from_thread.run_sync(self._landed, state, stream, length, generation)
-                    if length < len(data):
+                    if length < received:
                         return
                     # Stop promptly when the download is cancelled (lease lost, daemon stopping).
                     trio.from_thread.check_cancelled()
@@ -256,6 +257,34 @@ class Transfer:
         state.present.add(start, end)
         self.bytes_downloaded += end - start
         metrics.DOWNLOADED_BYTES.inc(end - start)
+
+
+def first_bytes(pieces: list[bytes], length: int) -> list[bytes]:
+    """The first ``length`` bytes of ``pieces`` (which hold more), as pieces."""
+    kept: list[bytes] = []
+    for piece in pieces:
+        if len(piece) >= length:
+            kept.append(piece[:length])
+            return kept
+        kept.append(piece)
+        length -= len(piece)
+    return kept
+
+
+def write_all(fd: int, pieces: list[bytes], offset: int) -> None:
+    """Write ``pieces`` at ``offset`` in one ``pwritev``, finishing a short write piece by piece."""
+    written = os.pwritev(fd, pieces, offset)
+    for piece in pieces:
+        if written >= len(piece):
+            written -= len(piece)
+            offset += len(piece)
+            continue
+        view = memoryview(piece)[written:]
+        offset += written
+        written = 0
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
 
 
 def disk_error(exc: OSError, what: str) -> MxfsError:

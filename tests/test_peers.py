@@ -28,6 +28,7 @@ from tests.kube_apiserver import kube_apiserver_fixture, kube_target_fixture  # 
 from tests.mounting import MountedFs, requires_fuse, run_cli, wait_until
 from tests.redis_server import RedisServer
 from tests.scrape import free_port, http_scrape, parse, value
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = requires_fuse
 
@@ -394,3 +395,30 @@ def test_nodes_that_join_later_fetch_from_nodes_still_downloading(
     assert hub.bytes_served(repo, "model.safetensors") <= 1.1 * len(data)
     # The third node took some of its bytes from the second, which was still downloading.
     assert second.metric("mxfs_peer_served_bytes_total") > 0
+
+
+def test_fleet_registry_outage_the_node_downloads_from_the_hub(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    redis_server.client().flushdb()
+    repo = new_repo_id()
+    data = random.Random(27).randbytes(3_000_000)
+    hub.add_repo(repo, {"config.json": b"{}", "model.safetensors": data})
+    with TcpProxy(redis_server.port) as fleet_link:
+        node = mxfs_mount(
+            "--registry",
+            f"redis://127.0.0.1:{fleet_link.port}/0",
+            "--peer-address",
+            f"127.0.0.1:{free_port()}",
+            "--no-handoff",
+            cache_dir=tmp_path / "node-cache",
+            state_dir=tmp_path / "node-state",
+        )
+    # The fleet's registry is gone (the link closed): this node's own cache and registry are not.
+    node.allowed_log += [
+        r": fleet registry unavailable \(.*\); downloading from the Hub$",
+        r": could not list this node as a holder \(",
+    ]
+    assert read(node / repo / "model.safetensors") == data
+    assert "fleet registry unavailable" in node.log()
+    assert hub.bytes_served(repo, "model.safetensors") == len(data)

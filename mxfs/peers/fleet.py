@@ -130,6 +130,7 @@ class Fleet:
         """
         name = entry.registry_key
         claim_id = uuid.uuid4().hex
+        registry_down = False
         try:
             if self.serving:
                 claimed = await self._claim(name, claim_id)
@@ -138,6 +139,8 @@ class Fleet:
                 claimed, claimer_running = False, await self.shared.get_status(name) == Status.DOWNLOADING
         except RegistryError as exc:
             self._warn("%s: fleet registry unavailable (%s); downloading from the Hub", entry, exc)
+            registry_down = True
+        if registry_down:
             yield self.hub
             return
         if claimed:

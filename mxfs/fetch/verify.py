@@ -19,7 +19,9 @@ from mxfs.tree import HubFile
 
 log = logging.getLogger(__name__)
 
-HASH_BLOCK = 8 << 20
+# Bytes per read of a file being hashed: under glibc's mmap threshold (mxfs.memory), so the
+# buffer comes from the heap, already mapped.
+HASH_BLOCK = 1 << 20
 # At most this much is hashed per thread call, so the hashing task stays responsive.
 HASH_FEED = 64 << 20
 
@@ -41,13 +43,18 @@ class PrefixHasher:
             self._digest.update(b"blob %d\0" % file.size)
 
     def feed(self, fd: int, upto: int) -> None:
-        """Hash the bytes from ``pos`` to ``upto`` (blocking: run it in a thread)."""
+        """Hash the bytes from ``pos`` to ``upto`` (blocking: run it in a thread).
+
+        Read into one buffer, reused for every block of the call: a fresh buffer per block made
+        the kernel map and zero its pages again each time, a twentieth of a cold load's CPU.
+        """
+        buffer = memoryview(bytearray(min(HASH_BLOCK, upto - self.pos)))
         while self.pos < upto:
-            block = os.pread(fd, min(HASH_BLOCK, upto - self.pos), self.pos)
-            if not block:
+            n = os.preadv(fd, [buffer[: min(len(buffer), upto - self.pos)]], self.pos)
+            if not n:
                 raise OSError(errno.EIO, "file shorter than its size")
-            self._digest.update(block)
-            self.pos += len(block)
+            self._digest.update(buffer[:n])
+            self.pos += n
 
     def matches(self) -> bool:
         return self.pos == self.file.size and self._digest.hexdigest() == self._expected

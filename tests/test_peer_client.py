@@ -18,41 +18,58 @@ def holder(n: int, complete: bool = True) -> Holder:
     return Holder(f"http://10.0.0.{n}:7170", f"http://10.0.0.{n}:7170", complete, LATER)
 
 
-def client(*holders: Holder, node: str = "http://10.0.0.99:7170", upstreams: tuple[Holder, ...] = ()) -> PeerRanges:
-    hub = HubClient(endpoint="http://127.0.0.1:9")
-    peers = PeerRanges(hub, httpx2.Client(), node=node, upstreams=frozenset(h.node for h in upstreams))
+def client(*holders: Holder, node: str = "http://10.0.0.99:7170", claimer: Holder | None = None) -> PeerRanges:
+    peers = PeerRanges(HubClient(endpoint="http://127.0.0.1:9"), httpx2.Client(), node=node)
+    peers.claimer = claimer.node if claimer is not None else None
     peers.set_holders(holders)
     return peers
 
 
 def test_ranges_go_to_complete_holders_in_turn_then_to_the_hub_downloader() -> None:
-    downloading = holder(2, complete=False)
-    peers = client(holder(1), downloading, holder(3), upstreams=(downloading,))
+    downloading = holder(200, complete=False)
+    peers = client(holder(1), downloading, holder(3), claimer=downloading)
     firsts = [peers._candidates()[0].node for _ in range(4)]
     assert firsts == [holder(1).node, holder(3).node, holder(1).node, holder(3).node]
     # The node downloading from the Hub comes after every complete copy.
     assert peers._candidates()[-1] == downloading
 
 
-def test_only_nodes_still_downloading_that_listed_before_this_one_are_asked() -> None:
-    """Waits for bytes point at earlier nodes only: a tree rooted at the Hub downloader, never a cycle."""
-    earlier, later = holder(4, complete=False), holder(5, complete=False)
-    peers = client(earlier, later, upstreams=(earlier,))
-    assert peers._candidates() == [earlier]
-    # Once the later node has the whole entry verified, it is a complete holder like any other.
-    peers.set_holders([earlier, holder(5)])
-    assert {h.node for h in peers._candidates()} == {earlier.node, holder(5).node}
+def test_a_node_waits_only_on_the_hub_downloader_and_on_smaller_ids() -> None:
+    """Waits for bytes never go round in a cycle: the Hub downloader waits on nobody, every other
+    wait goes to a smaller id."""
+    hub_downloader, smaller, larger = (
+        holder(200, complete=False),
+        holder(10, complete=False),
+        holder(98, complete=False),
+    )
+    me = "http://10.0.0.5:7170"
+    assert smaller.node < me < larger.node  # as strings: ids are compared as they are
+    peers = client(hub_downloader, smaller, larger, node=me, claimer=hub_downloader)
+    assert {h.node for h in peers._candidates()} == {hub_downloader.node, smaller.node}
+    # Once the larger node has the whole entry verified, it is a complete holder like any other.
+    peers.set_holders([hub_downloader, smaller, holder(98)])
+    assert {h.node for h in peers._candidates()} == {hub_downloader.node, smaller.node, holder(98).node}
 
 
-def test_ranges_spread_over_the_upstreams_still_downloading() -> None:
-    first, second = holder(6, complete=False), holder(7, complete=False)
-    peers = client(first, second, upstreams=(first, second))
-    assert {peers._candidates()[0].node for _ in range(4)} == {first.node, second.node}
+def test_the_wait_graph_has_no_cycle_however_many_nodes_download_at_once() -> None:
+    nodes = [holder(n, complete=False) for n in range(1, 40)]
+    hub_downloader = nodes[17]
+    edges = {}
+    for me in nodes:
+        if me == hub_downloader:
+            continue  # it fetches from the Hub only
+        peers = client(*nodes, node=me.node, claimer=hub_downloader)
+        edges[me.node] = {h.node for h in peers._candidates()}
+    # Follow every path: each step goes to a smaller id or ends at the Hub downloader.
+    for start, targets in edges.items():
+        for target in targets:
+            assert target == hub_downloader.node or target < start
 
 
-def test_this_node_is_never_its_own_peer() -> None:
-    peers = client(holder(1), holder(99), node=holder(99).node)
-    assert [h.node for h in peers._candidates()] == [holder(1).node]
+def test_ranges_spread_over_the_nodes_still_downloading() -> None:
+    hub_downloader, other = holder(6, complete=False), holder(7, complete=False)
+    peers = client(hub_downloader, other, node="http://10.0.0.8:7170", claimer=hub_downloader)
+    assert {peers._candidates()[0].node for _ in range(4)} == {hub_downloader.node, other.node}
 
 
 def test_a_failed_peer_is_left_alone_and_the_others_are_asked() -> None:

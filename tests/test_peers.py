@@ -365,12 +365,14 @@ def test_a_slow_peer_is_left_for_the_hub(
 def test_nodes_that_join_later_fetch_from_nodes_still_downloading(
     hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    """A chain, not a star: a node relays what has landed on it to nodes that joined after it."""
+    """A chain, not a star: a node relays what has landed on it to other nodes downloading it."""
     repo = new_repo_id()
     data = random.Random(26).randbytes(16_000_000)
     commit = hub.add_repo(repo, {"config.json": b"{}", "model.safetensors": data})
     hub.inject("slow", repo_id=repo, filename="model.safetensors", bytes_per_second=1_000_000)
-    first, second, third = start_peers(mxfs_mount, tmp_path, redis_server, 3, "--chunk-size", "1MiB")
+    first, *others = start_peers(mxfs_mount, tmp_path, redis_server, 3, "--chunk-size", "1MiB")
+    # A node waits only on the Hub downloader and on nodes whose id sorts before its own.
+    second, third = sorted(others, key=lambda n: f"http://{n.peer_address}")
     results: dict[str, object] = {}
 
     def reader(node: Node) -> threading.Thread:

@@ -103,15 +103,13 @@ class PeerRanges:
         *,
         node: str,
         token: str | None = None,
-        upstreams: frozenset[str] = frozenset(),
     ) -> None:
         self.hub = hub
         self.http = http
         self.node = node  # this node's own id: never asked
         self.token = token
-        # The nodes still downloading the entry that may be asked (see Fleet.for_download: the
-        # ones listed before this node); complete holders may always be asked.
-        self.upstreams = upstreams
+        # The node downloading the entry from the Hub for the fleet (the fleet's claim names it).
+        self.claimer: str | None = None
         self._lock = threading.Lock()
         self._holders: tuple[Holder, ...] = ()
         self._paused: dict[str, float] = {}  # node -> monotonic time it may be asked again
@@ -124,10 +122,21 @@ class PeerRanges:
 
     def set_holders(self, holders: Sequence[Holder]) -> None:
         """The entry's holders as the registry lists them now (called from the trio thread):
-        those with a complete copy, and the upstreams among those still downloading it."""
-        usable = [h for h in holders if h.node != self.node and (h.complete or h.node in self.upstreams)]
+        those with a complete copy, and those still downloading it that :meth:`may_wait_on`."""
+        usable = [h for h in holders if h.node != self.node and (h.complete or self.may_wait_on(h.node))]
         with self._lock:
             self._holders = tuple(usable)
+
+    def may_wait_on(self, node: str) -> bool:
+        """Whether this node may ask ``node``, still downloading the entry, for bytes it may not
+        have yet (its answer then waits for them).
+
+        The Hub downloader, and nodes whose id sorts before this one's: the Hub downloader waits
+        on nobody but the Hub, and every other wait goes to a smaller id, so waits can never go
+        round in a cycle, however many nodes start at once, and the first wave of a fleet that
+        starts together spreads over all of them instead of a star around the Hub downloader.
+        """
+        return node == self.claimer or node < self.node
 
     @property
     def holders(self) -> tuple[Holder, ...]:
@@ -192,8 +201,9 @@ class PeerRanges:
     # -- choosing and asking ---------------------------------------------------------------------
 
     def _candidates(self) -> list[Holder]:
-        """Holders to try for one range, in order: complete copies, then the upstreams still
-        downloading it; each group starting at the next one in turn, so ranges spread over it."""
+        """Holders to try for one range, in order: complete copies, then the nodes still
+        downloading it that this node may wait on; each group starting at the next one in turn,
+        so ranges spread over it."""
         now = time.monotonic()
         with self._lock:
             usable = [h for h in self._holders if self._paused.get(h.node, 0.0) <= now]

@@ -50,6 +50,8 @@ HOLDERS_REFRESH = 2.0
 # How long a node waits for the node that claimed the Hub download to list itself before it
 # goes to the Hub itself (the claimer lists itself right after claiming).
 CLAIMER_LISTS_WITHIN = 5.0
+# Between the node id and a unique part in the claim ids of the fleet's Hub downloads.
+CLAIMER_SEPARATOR = "#"
 # Parallel registry calls of one heartbeat round.
 HEARTBEAT_CONCURRENCY = 8
 REGISTRY_WARNING_INTERVAL = 30.0
@@ -129,7 +131,9 @@ class Fleet:
         it takes the bytes from the holders, the Hub only where they cannot serve.
         """
         name = entry.registry_key
-        claim_id = uuid.uuid4().hex
+        # The fleet's claim names its node, so the others know which downloading holder goes to
+        # the Hub (see PeerRanges: the one node every download may wait on).
+        claim_id = f"{self.node}{CLAIMER_SEPARATOR}{uuid.uuid4().hex}"
         registry_down = False
         try:
             if self.serving:
@@ -148,12 +152,8 @@ class Fleet:
                 yield self.hub
             return
         holders = await self._holders_or_claimer(entry, wait=claimer_running)
-        # Nodes still downloading it are asked only if they listed themselves before this node
-        # does: every wait for bytes then points at an earlier node, so waits form a tree rooted
-        # at the Hub downloader and never a cycle.  (Two nodes listing at once cannot both see
-        # the other: each reads before it lists.)
-        upstreams = frozenset(h.node for h in holders if not h.complete)
-        peers = PeerRanges(self.hub, self.http, node=self.node, token=self.token, upstreams=upstreams)
+        peers = PeerRanges(self.hub, self.http, node=self.node, token=self.token)
+        peers.claimer = await self._claimer(name)
         peers.set_holders(holders)
         log.info(
             "%s: downloading from peers (%s), the Hub where they cannot serve",
@@ -213,13 +213,26 @@ class Fleet:
                 return holders
             await trio.sleep(0.1)
 
+    async def _claimer(self, name: str) -> str | None:
+        """The node downloading ``name`` from the Hub for the fleet now, if any."""
+        try:
+            record = await self.shared.get_record(name)
+        except RegistryError:
+            return None
+        if record is None or record.status != Status.DOWNLOADING or not record.claim_id:
+            return None
+        node, separator, _ = record.claim_id.rpartition(CLAIMER_SEPARATOR)
+        return node if separator else None
+
     async def _follow_holders(self, entry: Entry, peers: PeerRanges, relaying: bool) -> None:
-        """Keep the download's holders current (nodes that finish it join, dead ones drop out),
-        and, while this node relays what it has, its own listing alive."""
+        """Keep the download's holders current (nodes that finish it join, dead ones drop out,
+        nodes that start it later may be asked), and, while this node relays what it has, its
+        own listing alive."""
         listed_at = trio.current_time()
         while True:
             await trio.sleep(HOLDERS_REFRESH)
             try:
+                peers.claimer = await self._claimer(entry.registry_key)
                 peers.set_holders(await self.shared.holders(entry.registry_key))
                 if relaying and trio.current_time() - listed_at >= HOLDER_TTL / 3:
                     await self.shared.put_holder(entry.registry_key, self.node, self.address, False, HOLDER_TTL)

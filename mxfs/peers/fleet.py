@@ -41,9 +41,15 @@ from mxfs.registry import Claimed, Holder, Registry, RegistryError, Status
 
 log = logging.getLogger(__name__)
 
-# How long a holder listing lives without renewal: a node that dies stops being listed by then
-# (peers that try it meanwhile fail fast and move on).  Renewed every third of it.
-HOLDER_TTL = 60.0
+# How long a listing lives without renewal; renewed every third of it.  A node that dies stops
+# being listed by then (peers that try it meanwhile fail fast and move on, for 30 s).  Complete
+# copies change rarely, so their listings live long: a node holding hundreds of entries renews
+# each every few minutes, not every few seconds (on Kubernetes each renewal is an API write).
+# A node still downloading lists itself briefly: its listing matters only while it downloads.
+HOLDER_TTL = 600.0
+DOWNLOADING_TTL = 60.0
+# How soon an entry completed outside a download of this daemon's is listed.
+HEARTBEAT_INTERVAL = 60.0
 # How often a download that takes its bytes from peers looks at the holders again (nodes that
 # finish the entry become holders; dead ones drop out).
 HOLDERS_REFRESH = 2.0
@@ -82,6 +88,9 @@ class Fleet:
         self.token = token
         # Entries this node downloads from the Hub now (listed as partial holders).
         self._hub_downloads: set[str] = set()
+        # When each complete entry was last listed (trio's clock): the heartbeat renews only
+        # the listings that need it.
+        self._listed_at: dict[str, float] = {}
         self._warned_at = -math.inf
         self._nursery: trio.Nursery | None = None
         # False in a command without a mount (`mxfs prefetch`): it has no peer server, so it
@@ -234,8 +243,8 @@ class Fleet:
             try:
                 peers.claimer = await self._claimer(entry.registry_key)
                 peers.set_holders(await self.shared.holders(entry.registry_key))
-                if relaying and trio.current_time() - listed_at >= HOLDER_TTL / 3:
-                    await self.shared.put_holder(entry.registry_key, self.node, self.address, False, HOLDER_TTL)
+                if relaying and trio.current_time() - listed_at >= DOWNLOADING_TTL / 3:
+                    await self.shared.put_holder(entry.registry_key, self.node, self.address, False, DOWNLOADING_TTL)
                     listed_at = trio.current_time()
             except RegistryError as exc:
                 self._warn("%s: could not list peers (%s); using the ones known", entry, exc)
@@ -270,7 +279,7 @@ class Fleet:
             try:
                 if not await self.shared.refresh_claim(name, claim_id, self.lease):
                     log.info("%s: another node took over the fleet's Hub download", entry)
-                await self.shared.put_holder(name, self.node, self.address, False, HOLDER_TTL)
+                await self.shared.put_holder(name, self.node, self.address, False, DOWNLOADING_TTL)
             except RegistryError as exc:
                 self._warn("%s: could not renew the fleet claim (%s)", entry, exc)
 
@@ -279,7 +288,7 @@ class Fleet:
         try:
             if ok:
                 await self.shared.finish_claim(name, claim_id, Status.DOWNLOADED, None, entry.size)
-                await self.shared.put_holder(name, self.node, self.address, True, HOLDER_TTL)
+                await self._put_holder(name, complete=True)
             else:
                 await self.shared.finish_claim(name, claim_id, Status.ERROR, "the downloading node's attempt failed")
                 await self.shared.drop_holder(name, self.node)
@@ -290,21 +299,30 @@ class Fleet:
 
     async def _put_holder(self, name: str, *, complete: bool) -> None:
         try:
-            await self.shared.put_holder(name, self.node, self.address, complete, HOLDER_TTL)
+            await self.shared.put_holder(
+                name, self.node, self.address, complete, HOLDER_TTL if complete else DOWNLOADING_TTL
+            )
+            if complete:
+                self._listed_at[name] = trio.current_time()
+            else:
+                self._listed_at.pop(name, None)
         except RegistryError as exc:
             self._warn("%s: could not list this node as a holder (%s)", EntryName.parse(name) or name, exc)
 
     async def withdraw(self, name: str) -> None:
         """Stop listing this node as a holder of ``name`` (eviction, before the files go)."""
+        self._listed_at.pop(name, None)
         try:
             await self.shared.drop_holder(name, self.node)
         except RegistryError as exc:
-            # Its listing lapses within HOLDER_TTL; meanwhile peers asking get 404 and move on.
+            # Its listing lapses within its time to live; meanwhile peers asking get 404 and move on.
             self._warn("%s: could not withdraw this node's listing (%s)", EntryName.parse(name) or name, exc)
 
     async def heartbeat(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """List this node as a holder of every entry its cache holds complete, every third of the
-        listings' time to live, until cancelled.
+        """Keep this node listed as a holder of every entry its cache holds complete, until
+        cancelled: a round every HEARTBEAT_INTERVAL lists what is new (a `mxfs prefetch`, a
+        cache found at start-up) and renews each listing once a third of its time to live has
+        passed.
 
         What the cache holds is what its own registry says is DOWNLOADED: eviction deletes the
         record before the files, so an entry being evicted is not listed again.
@@ -312,7 +330,7 @@ class Fleet:
         task_status.started()
         while True:
             await self.list_holdings()
-            await trio.sleep(HOLDER_TTL / 3)
+            await trio.sleep(HEARTBEAT_INTERVAL)
 
     async def list_holdings(self) -> None:
         """One heartbeat round."""
@@ -321,12 +339,14 @@ class Fleet:
         except RegistryError as exc:
             self._warn("could not read this node's registry to list its holdings (%s)", exc)
             return
+        renew_before = trio.current_time() - HOLDER_TTL / 3
+        held = {r.model_name for r in records if r.status == Status.DOWNLOADED and EntryName.parse(r.model_name)}
+        for gone in set(self._listed_at) - held:
+            del self._listed_at[gone]  # evicted (the evictor withdrew it) or no longer complete
         names = [
-            r.model_name
-            for r in records
-            if r.status == Status.DOWNLOADED
-            and EntryName.parse(r.model_name) is not None
-            and r.model_name not in self._hub_downloads
+            name
+            for name in held
+            if name not in self._hub_downloads and self._listed_at.get(name, -math.inf) < renew_before
         ]
         limiter = trio.CapacityLimiter(HEARTBEAT_CONCURRENCY)
 
@@ -361,4 +381,4 @@ class HolderListings:
             log.warning("%s: could not withdraw this node's peer listing (%s)", EntryName.parse(name) or name, exc)
 
 
-__all__ = ["HOLDER_TTL", "Fleet", "HolderListings"]
+__all__ = ["DOWNLOADING_TTL", "HOLDER_TTL", "Fleet", "HolderListings"]

@@ -8,6 +8,7 @@ so "the Hub sends each byte about once" is checked byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.server
 import os
@@ -424,3 +425,39 @@ def test_fleet_registry_outage_the_node_downloads_from_the_hub(
     assert read(node / repo / "model.safetensors") == data
     assert "fleet registry unavailable" in node.log()
     assert hub.bytes_served(repo, "model.safetensors") == len(data)
+
+
+def test_a_restarted_hub_downloader_ends_its_own_old_claim_and_claims_again(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Killed mid-download and restarted at once (well within the lease) with a fresh state dir
+    (a pod whose state lived in an emptyDir), a node does not take itself for somebody else's Hub
+    download: it ends its old claim and downloads for the fleet."""
+    repo = new_repo_id()
+    data = random.Random(28).randbytes(8_000_000)
+    hub.add_repo(repo, {"config.json": b"{}", "model.safetensors": data})
+    slow = hub.inject("slow", repo_id=repo, filename="model.safetensors", bytes_per_second=1_000_000)
+    (node,) = start_peers(mxfs_mount, tmp_path, redis_server, 1)
+    def read_until_killed() -> None:
+        with contextlib.suppress(OSError):  # the daemon is killed under it (ENOTCONN)
+            read(node / repo / "model.safetensors")
+
+    reader = threading.Thread(target=read_until_killed, daemon=True)
+    reader.start()
+    wait_until(lambda: HUB_DOWNLOADER in node.log(), 10, "the node claims the Hub download")
+    node.mount.proc.send_signal(signal.SIGKILL)
+    node.mount.proc.wait(10)
+    slow.remove()
+    again = mxfs_mount(
+        "--registry",
+        redis_server.url(),
+        "--peer-address",
+        node.peer_address,
+        "--no-handoff",
+        mountpoint=tmp_path / "mnt-again",
+        cache_dir=node.mount.cache_dir,
+        state_dir=tmp_path / "fresh-state",
+    )
+    assert read(again / repo / "model.safetensors") == data
+    assert "ended this node's claim from before its restart" in again.log()
+    assert HUB_DOWNLOADER in again.log()

@@ -199,7 +199,7 @@ class Fleet:
         if isinstance(outcome, Claimed):
             return True
         if outcome.status == Status.DOWNLOADING:
-            return False
+            return await self._end_own_stale_claim(name, claim_id)
         if outcome.status == Status.ERROR:
             # The last Hub download failed: this node tries the Hub again (one node does).
             return await self.shared.try_reset_error_for_retry(name, claim_id, self.lease)
@@ -207,6 +207,26 @@ class Fleet:
         if any(h.node != self.node for h in await self.shared.holders(name)):
             return False
         return await self.shared.try_retake(name, claim_id, self.lease, Status.DOWNLOADED)
+
+    async def _end_own_stale_claim(self, name: str, claim_id: str) -> bool:
+        """If the fleet's claim on ``name`` names this node, it is this node's own from before a
+        restart (one daemon per address, one download per entry): end it and claim afresh; True
+        if this node now owns the Hub download.
+
+        Otherwise the others would take this node for the Hub downloader until the old lease ran
+        out, while it fetched from them, and their waits could go round in a cycle.  Ending it
+        is fenced by the old claim id, so a claim taken over meanwhile is left alone.
+        """
+        record = await self.shared.get_record(name)
+        if record is None or record.status != Status.DOWNLOADING or not record.claim_id:
+            return False
+        node, separator, _ = record.claim_id.rpartition(CLAIMER_SEPARATOR)
+        if not separator or node != self.node:
+            return False
+        if not await self.shared.finish_claim(name, record.claim_id, Status.ERROR, "the claiming node restarted"):
+            return False
+        log.info("%s: ended this node's claim from before its restart", EntryName.parse(name) or name)
+        return await self.shared.try_reset_error_for_retry(name, claim_id, self.lease)
 
     async def _holders_or_claimer(self, entry: Entry, *, wait: bool) -> list[Holder]:
         """The entry's holders; if there are none yet and ``wait`` (another node claimed the Hub

@@ -438,6 +438,7 @@ def test_a_restarted_hub_downloader_ends_its_own_old_claim_and_claims_again(
     hub.add_repo(repo, {"config.json": b"{}", "model.safetensors": data})
     slow = hub.inject("slow", repo_id=repo, filename="model.safetensors", bytes_per_second=1_000_000)
     (node,) = start_peers(mxfs_mount, tmp_path, redis_server, 1)
+
     def read_until_killed() -> None:
         with contextlib.suppress(OSError):  # the daemon is killed under it (ENOTCONN)
             read(node / repo / "model.safetensors")

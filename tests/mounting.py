@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -205,3 +207,40 @@ def settled_scan(cache_dir: Path, timeout: float = 5.0) -> HFCacheInfo:
             if not info.warnings or time.monotonic() > deadline:
                 return info
         time.sleep(0.05)
+
+
+def read(path: Path) -> bytes:
+    """The whole file, through plain ``open()``."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_or_eio(path: Path) -> bytes | str:
+    """The file's bytes, or "EIO": a handle served bytes of a copy that is abandoned unverified
+    (its owner died or lost its lease) fails (issue 16: readers on other nodes read the owner's
+    partial files as they land)."""
+    try:
+        return read(path)
+    except OSError as exc:
+        if exc.errno != errno.EIO:
+            raise
+        return "EIO"
+
+
+def parallel(fns: list[Callable[[], object]], timeout: float = 120) -> list[object]:
+    """Run ``fns`` at once, a thread each; their results (or the exceptions they raised), in order."""
+    results: list[object] = [None] * len(fns)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a reader hung"
+    return results

@@ -7,7 +7,6 @@ bytes it serves, so "one download per cache" is checked byte for byte.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import random
@@ -20,16 +19,11 @@ from datetime import datetime
 from pathlib import Path
 
 from tests.hubserver import FakeHub
-from tests.mounting import MountedFs, partial_files, requires_fuse, wait_until
+from tests.mounting import MountedFs, parallel, partial_files, read, read_or_eio, requires_fuse, wait_until
 from tests.redis_server import RedisServer
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = requires_fuse
-
-
-def read(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def start_nodes(mxfs_mount: Callable[..., MountedFs], tmp_path: Path, url: str, n: int, *args: str) -> list[MountedFs]:
@@ -49,36 +43,6 @@ def assert_blob_settled(cache: Path, repo: str, data: bytes, timeout: float) -> 
 
 # The log line of a read failed because its handle was served bytes of an abandoned copy.
 TAINTED = "came from a copy that was discarded unverified"
-
-
-def read_or_eio(path: Path) -> bytes | str:
-    """The file's bytes, or "EIO": a handle served bytes of a copy that is abandoned unverified
-    (its owner died or lost its lease) fails (issue 16: readers on other nodes read the owner's
-    partial files as they land)."""
-    try:
-        return read(path)
-    except OSError as exc:
-        if exc.errno != errno.EIO:
-            raise
-        return "EIO"
-
-
-def parallel(fns: list[Callable[[], object]], timeout: float = 120) -> list[object]:
-    results: list[object] = [None] * len(fns)
-
-    def run(i: int) -> None:
-        try:
-            results[i] = fns[i]()
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "a reader hung"
-    return results
 
 
 def test_two_nodes_eight_readers_one_download(

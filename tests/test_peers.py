@@ -9,7 +9,6 @@ so "the Hub sends each byte about once" is checked byte for byte.
 from __future__ import annotations
 
 import contextlib
-import errno
 import http.server
 import os
 import random
@@ -26,7 +25,7 @@ from mxfs.names import EntryName
 from mxfs.registry import Status, open_registry
 from tests.hubserver import FakeHub
 from tests.kube_apiserver import kube_apiserver_fixture, kube_target_fixture  # noqa: F401
-from tests.mounting import MountedFs, requires_fuse, run_cli, wait_until
+from tests.mounting import MountedFs, parallel, read, read_or_eio, requires_fuse, run_cli, wait_until
 from tests.redis_server import RedisServer
 from tests.scrape import free_port, http_scrape, parse, value
 from tests.tcp_proxy import TcpProxy
@@ -82,38 +81,6 @@ def start_peers(
         )
         nodes.append(Node(mount, peer_address, metrics_port))
     return nodes
-
-
-def read(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def read_or_eio(path: Path) -> bytes | str:
-    try:
-        return read(path)
-    except OSError as exc:
-        if exc.errno != errno.EIO:
-            raise
-        return "EIO"
-
-
-def parallel(fns: list[Callable[[], object]], timeout: float = 120) -> list[object]:
-    results: list[object] = [None] * len(fns)
-
-    def run(i: int) -> None:
-        try:
-            results[i] = fns[i]()
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "a reader hung"
-    return results
 
 
 def holders(fleet: RedisServer | str, repo: str, commit: str, *, complete: bool = False) -> list:
@@ -275,20 +242,7 @@ def test_evicted_copy_leaves_the_holder_set_before_its_files(
     assert status.returncode == 0, status.stderr
     assert f"peers on at http://{node.peer_address}" in status.stdout
     assert "1 of 1 cached entries listed for peers" in status.stdout
-    result = run_cli(
-        "evict",
-        repo,
-        "--force",
-        "--cache-dir",
-        str(node.mount.cache_dir),
-        "--state-dir",
-        str(node.mount.state_dir),
-        "--registry",
-        redis_server.url(),
-        "--peer-address",
-        node.peer_address,
-        env={**os.environ, **hub.env()},
-    )
+    result = run_cli("evict", repo, "--force", *settings, env={**os.environ, **hub.env()})
     assert result.returncode == 0, result.stderr
     assert holders(redis_server, repo, commit) == []
 

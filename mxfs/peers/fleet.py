@@ -37,7 +37,7 @@ from mxfs.fetch.sources import RangeClient
 from mxfs.hub import HubClient
 from mxfs.names import EntryName
 from mxfs.peers.client import PeerRanges
-from mxfs.registry import Claimed, Holder, Registry, RegistryError, Status
+from mxfs.registry import Claimed, Holder, Record, Registry, RegistryError, Status
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +218,9 @@ class Fleet:
         is fenced by the old claim id, so a claim taken over meanwhile is left alone.
         """
         record = await self.shared.get_record(name)
-        if record is None or record.status != Status.DOWNLOADING or not record.claim_id:
+        if record is None or claiming_node(record) != self.node:
             return False
-        node, separator, _ = record.claim_id.rpartition(CLAIMER_SEPARATOR)
-        if not separator or node != self.node:
-            return False
+        assert record.claim_id is not None  # (claiming_node says so)
         if not await self.shared.finish_claim(name, record.claim_id, Status.ERROR, "the claiming node restarted"):
             return False
         log.info("%s: ended this node's claim from before its restart", EntryName.parse(name) or name)
@@ -248,10 +246,7 @@ class Fleet:
             record = await self.shared.get_record(name)
         except RegistryError:
             return None
-        if record is None or record.status != Status.DOWNLOADING or not record.claim_id:
-            return None
-        node, separator, _ = record.claim_id.rpartition(CLAIMER_SEPARATOR)
-        return node if separator else None
+        return claiming_node(record) if record is not None else None
 
     async def _follow_holders(self, entry: Entry, peers: PeerRanges, relaying: bool) -> None:
         """Keep the download's holders current (nodes that finish it join, dead ones drop out,
@@ -384,6 +379,14 @@ class Fleet:
         if now - self._warned_at >= REGISTRY_WARNING_INTERVAL:
             self._warned_at = now
             log.warning(message, *args)
+
+
+def claiming_node(record: Record) -> str | None:
+    """The node a fleet record's running claim names (claim ids are ``<node>#<unique>``), if any."""
+    if record.status != Status.DOWNLOADING or not record.claim_id:
+        return None
+    node, separator, _ = record.claim_id.rpartition(CLAIMER_SEPARATOR)
+    return node if separator else None
 
 
 class HolderListings:

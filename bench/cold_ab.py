@@ -58,8 +58,9 @@ def one_load(tree: Path, data: Path, work: Path, pace: int) -> tuple[float, floa
     """(seconds, daemon CPU seconds) of one cold load of ``org/big/model.safetensors``."""
     env = {**os.environ, "PYTHONPATH": str(tree), "MXFS_CONFIG": "/dev/null", "MXFS_METRICS_ADDRESS": ""}
     port = free_port()
+    paced = ["--pace", str(pace)] if pace else []  # 0: unpaced
     hub = subprocess.Popen(
-        [PY, "-m", "tests.hubserver", "--port", str(port), "--data", str(data), "--pace", str(pace)],
+        [PY, "-m", "tests.hubserver", "--port", str(port), "--data", str(data), *paced],
         cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     mnt, cache, state = work / "mnt", work / "cache", work / "state"
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", required=True, help="the git revision to compare with (e.g. HEAD~1)")
     parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"))
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--pace", type=parse_size, default=parse_size("200MiB"), help="Hub bytes/s per connection")
+    parser.add_argument(
+        "--pace", type=parse_size, default=parse_size("200MiB"), help="Hub bytes/s per connection; 0: unpaced"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mxfs-ab-") as tmp:
         work = Path(tmp)
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{label}: {results[label][-1][0]:.2f} s, daemon {results[label][-1][1]:.2f} CPU-s")
         finally:
             subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(other)], check=False)
-    print(f"\ncold load of {args.size >> 20} MiB, Hub paced {args.pace >> 20} MiB/s per connection, medians:")
+    hub = f"paced {args.pace >> 20} MiB/s per connection" if args.pace else "unpaced"
+    print(f"\ncold load of {args.size >> 20} MiB, Hub {hub}, medians:")
     print("| tree | seconds | daemon CPU-s |\n|---|---|---|")
     for label, runs in results.items():
         seconds, cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)

@@ -183,11 +183,11 @@ def run_section(suite, tools) -> None:
         suite.notes.append("peers skipped: no redis-server binary")
         tools.log("peers skipped: no redis-server binary")
         return
-    paced = f"Hub {pace / tools.MIB:.0f} MiB/s per connection"
-    shapes = [(paced, "paced", ["--pace", str(pace)])]
+    paced = f"Hub {pace / tools.MIB:.0f} MiB/s per connection" if pace else "Hub unpaced"
+    shapes = [(paced, "paced", ["--pace", str(pace)] if pace else [])]
     if args.peers_uplink:
         shapes.append((f"{paced}, {args.peers_uplink / tools.MIB:.0f} MiB/s uplink", "uplink",
-                       ["--pace", str(pace), "--pace-total", str(args.peers_uplink)]))  # fmt: skip
+                       [*shapes[0][2], "--pace-total", str(args.peers_uplink)]))  # fmt: skip
     with RedisServer() as redis:
         for label, tag, hub_args in shapes:
             hub = tools.HubServer({repo_id: repo_dir}, suite.work / f"hub-peers-{tag}.log", hub_args)

@@ -10,6 +10,7 @@ message (``mount.allowed_log``, see ``tests.mounting.bad_log_lines``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -64,6 +65,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.allow_log(*patterns))
 
 
+_DAEMONS = pytest.StashKey[list[MountedFs]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report carries the tails of its daemons' logs, so that a failure in CI
+    shows what the daemons were doing (added here, not at teardown: pytest-xdist sends the report
+    on as soon as it is made)."""
+    report = yield
+    if report.when == "call" and report.failed:
+        for mount in item.stash.get(_DAEMONS, []):
+            report.sections.append((f"daemon log {mount.log_path} (tail)", mount.log()[-8000:]))
+    return report
+
+
 @pytest.fixture(scope="session")
 def hub_server() -> Iterator[FakeHub]:
     with FakeHub() as hub:
@@ -103,6 +119,7 @@ def mxfs_mount(tmp_path: Path, hub: FakeHub, request: pytest.FixtureRequest) -> 
     messages a test expects go in ``mount.allowed_log`` or ``@pytest.mark.allow_log(...)``.
     """
     mounts: list[MountedFs] = []
+    request.node.stash[_DAEMONS] = mounts
     marked = [p for marker in request.node.iter_markers("allow_log") for p in marker.args]
     numbers = itertools.count()
 
@@ -116,7 +133,10 @@ def mxfs_mount(tmp_path: Path, hub: FakeHub, request: pytest.FixtureRequest) -> 
     ) -> MountedFs:
         n = next(numbers)
         mountpoint = mountpoint or tmp_path / f"mnt{n}"
-        mountpoint.mkdir(exist_ok=True)
+        # Not mkdir(exist_ok=True): its stat of a killed daemon's mount fails with ENOTCONN once
+        # the kernel's cached attributes of the root expire (a restart on it is what some tests do).
+        with contextlib.suppress(FileExistsError):
+            mountpoint.mkdir()
         cache_dir = cache_dir or tmp_path / "cache"
         state_dir = state_dir or tmp_path / f"state{n}"
         log_path = tmp_path / f"mxfs{n}.log"

@@ -12,6 +12,7 @@ import mmap
 import os
 import stat
 import struct
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,11 +20,14 @@ import pytest
 import trio
 
 from mxfs.cache import HubCache
+from mxfs.fetch.entry import Entry
 from mxfs.handoff import usage
 from mxfs.handoff import view as view_module
-from mxfs.handoff.kernel import find_view_binds, view_of_root
+from mxfs.handoff.kernel import find_view_binds, submounts, view_of_root
+from mxfs.handoff.service import HandOff
 from mxfs.handoff.view import NotComplete, build_view, view_is_current
 from mxfs.mounts import parse_mountinfo_roots
+from mxfs.names import ModelRef
 from mxfs.openfiles import file_key, in_use, parse_fdinfo_ino, parse_maps
 from mxfs.tree import HubFile, RepoTree
 
@@ -367,3 +371,46 @@ def test_a_view_made_for_another_owner_takes_this_daemons(tmp_path: Path) -> Non
     for path in (view, view / "sub", view / "config.json", view / "sub" / "model.bin"):
         st = os.lstat(path)
         assert (st.st_uid, st.st_gid) == (nobody, nobody), path
+
+
+# -- a stop in the middle of a hand-off -----------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binds need root")
+async def test_a_stop_keeps_the_record_and_binds_nothing_after_it(tmp_path: Path) -> None:
+    """The daemon stops (SIGTERM) while a hand-off is finishing: the record of what was handed off
+    stays for the restart, and a hand-off queued behind the stop's detach binds nothing."""
+    cache, tree = cached(tmp_path, CONTENTS)
+    mountpoint, state = tmp_path / "mnt", tmp_path / "state"
+    (mountpoint / "org" / "name").mkdir(parents=True)
+    (mountpoint / "org" / "late").mkdir()
+    state.mkdir()
+
+    async def touch(key: str) -> None:
+        return None
+
+    handoff = HandOff(
+        cache, mountpoint, state, uid=0, gid=0, touch=touch, completed=trio.open_memory_channel[Entry](0)[1]
+    )
+    entry = Entry(tree)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(handoff.run)
+            handoff.model_dir_resolved("org/name", ModelRef(REPO, "main"), entry)
+            with trio.fail_after(10):
+                while handoff.attached != ["org/name"]:
+                    await trio.sleep(0.01)
+            assert submounts(mountpoint) == [str(mountpoint / "org" / "name")]
+            record = state / "handoff-dirs"
+            assert record.read_text() == "org/name\n"
+            await handoff.detach_all()
+            assert submounts(mountpoint) == []
+            handoff._write_record()  # the tail of a hand-off that finished as the stop detached it
+            assert record.read_text() == "org/name\n"
+            handoff.model_dir_resolved("org/late", ModelRef(REPO, "late"), entry)
+            await handoff._attach(handoff._dirs["org/late"])  # queued behind the stop
+            assert submounts(mountpoint) == []
+            nursery.cancel_scope.cancel()
+    finally:
+        for point in submounts(mountpoint):
+            subprocess.run(["umount", "-l", point], check=False)

@@ -123,6 +123,8 @@ class HandOff:
         # Set when the kernel refuses our binds (root without CAP_SYS_ADMIN, a seccomp profile):
         # said once, and FUSE serves everything from then on.
         self.refused = False
+        # Set once the daemon stops: the record then keeps what was handed off, for the restart.
+        self._stopping = False
 
     # -- what the filesystem and the daemon tell it ----------------------------------------------
 
@@ -203,6 +205,7 @@ class HandOff:
     async def detach_all(self) -> None:
         """Detach every bind under the mount (ours, and any a crashed daemon left)."""
 
+        self._stopping = True  # a hand-off finishing meanwhile must not write its directory out
         async with self._serial:
             for md in self._dirs.values():
                 md.view = None
@@ -296,6 +299,8 @@ class HandOff:
         tree = md.entry.tree
         target = self.mountpoint / md.rel
         async with self._serial:
+            if self._stopping:
+                return  # detached for the stop: no bind after it
             try:
                 view = await trio.to_thread.run_sync(lambda: build_view(self.cache, tree, uid=self._uid, gid=self._gid))
             except NotComplete as exc:
@@ -324,6 +329,8 @@ class HandOff:
 
     def _write_record(self, also: str | None = None) -> None:
         """Record the directories handed off (and ``also``, about to be) for a restart."""
+        if self._stopping:
+            return
         text = "".join(f"{rel}\n" for rel in sorted({*self.attached, *filter(None, [also])}))
         with contextlib.suppress(OSError):
             atomic_write_text(self._record, text)

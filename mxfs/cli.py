@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -34,6 +36,7 @@ from mxfs.config import (
     load_settings,
     toml_value,
 )
+from mxfs.control import LOOKUP_TIMEOUT, SILENCE_TIMEOUT, ControlError, NoDaemon, ask_daemon, describe_ref
 from mxfs.daemon import make_evictor, open_services, serve
 from mxfs.errors import MxfsError
 from mxfs.evict import EvictionReport
@@ -177,8 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="one JSON object per entry, one per line")
     _add_cache_options(status)
 
-    prefetch = sub.add_parser("prefetch", help="download models into the cache (no mount needed)")
+    prefetch = sub.add_parser(
+        "prefetch",
+        help="download models into the cache (no mount needed; a daemon on the same state dir does it for you)",
+    )
     prefetch.add_argument("models", nargs="+", metavar="MODEL[@REV]")
+    prefetch.add_argument(
+        "--no-daemon",
+        action="store_true",
+        help="download in this process even when a daemon serves this state dir",
+    )
     _add_cache_options(prefetch)
 
     gc = sub.add_parser("gc", help="run one eviction cycle now")
@@ -297,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return trio.run(_status, settings, args.json)
         if args.command == "prefetch":
-            return trio.run(_prefetch, settings, args.models)
+            return trio.run(functools.partial(_prefetch, settings, args.models, use_daemon=not args.no_daemon))
         if args.command == "gc":
             return trio.run(_gc, settings, args.dry_run)
         if args.command == "evict":
@@ -513,11 +524,22 @@ class ProgressReport:
             sys.stderr.flush()
 
 
-async def _prefetch(settings: Settings, models: list[str]) -> int:
+async def _prefetch(settings: Settings, models: list[str], *, use_daemon: bool = True) -> int:
+    """Download ``models``: by the daemon serving this state dir if one does (it claims the
+    fleet's Hub download and serves peers: see mxfs.control), else in this process."""
     failed = 0
     tty = sys.stderr.isatty()
+    alone = list(models)
+    while use_daemon and alone:
+        outcome = await _prefetch_by_daemon(settings, alone[0], tty)
+        if outcome is None:
+            break  # no daemon (or it went away): this process downloads the rest
+        failed += outcome
+        alone.pop(0)
+    if not alone:
+        return 1 if failed else 0
     async with open_services(settings) as services:
-        for text in models:
+        for text in alone:
             try:
                 ref = parse_model_arg(text, settings.revision)
                 entry = await services.fetcher.lookup(ref)
@@ -536,6 +558,50 @@ async def _prefetch(settings: Settings, models: list[str]) -> int:
                 failed += 1
                 log.error("%s: %s", text, exc)
     return 1 if failed else 0
+
+
+async def _prefetch_by_daemon(settings: Settings, text: str, tty: bool) -> int | None:
+    """Have the daemon on this state dir download ``text``: 0 when cached, 1 when it failed,
+    None when no daemon takes it (none runs, it serves another cache, or it went away)."""
+    try:
+        ref = parse_model_arg(text, settings.revision)
+    except MxfsError as exc:
+        log.error("%s: %s", text, exc)
+        return 1
+    request = {"op": "prefetch", "model": describe_ref(ref), "cache_dir": str(settings.cache_dir)}
+    try:
+        async with ask_daemon(settings.state_dir, request) as replies:
+            first = await replies.receive(LOOKUP_TIMEOUT)
+            if first is not None and "wrong_cache" in first:
+                daemons = first["wrong_cache"]
+                log.info("the daemon on %s serves the cache %s: prefetching here", settings.state_dir, daemons)
+                return None
+            if first is None or "error" in first:
+                log.error("%s: %s", text, first["error"] if first else "the daemon closed the connection")
+                return 1
+            log.info("%s: the mount's daemon downloads it (%s)", text, short_commit(first["commit"]))
+            report = ProgressReport(text, tty)
+            shown_at = -math.inf
+            try:
+                while (reply := await replies.receive(SILENCE_TIMEOUT)) is not None:
+                    if "error" in reply:
+                        log.error("%s: %s", text, reply["error"])
+                        return 1
+                    if "progress" in reply and (reply.get("done") or trio.current_time() - shown_at >= report.interval):
+                        report.update(*reply["progress"])
+                        shown_at = trio.current_time()
+                    if reply.get("done"):
+                        log.info("%s: cached (%s, %s)", text, short_commit(first["commit"]), format_size(first["size"]))
+                        return 0
+            finally:
+                report.close()
+    except NoDaemon:
+        return None
+    except (ControlError, OSError, trio.BrokenResourceError) as exc:
+        log.warning("%s: the daemon stopped answering (%s); prefetching here", text, exc)
+        return None
+    log.warning("%s: the daemon went away before it finished; prefetching here", text)
+    return None
 
 
 async def _report_progress(fetcher: Fetcher, entry: Entry, report: ProgressReport) -> None:

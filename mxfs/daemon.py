@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ import trio
 from mxfs import exporter
 from mxfs.cache import HubCache
 from mxfs.config import Settings
+from mxfs.control import ControlServer, socket_path
 from mxfs.evict import Evictor, PeerRelease
 from mxfs.exporter import ScrapeSources
 from mxfs.fetch import Catalog, Fetcher
@@ -336,6 +337,18 @@ def _make_handoff(settings: Settings, services: Services, mountpoint: Path) -> H
     )
 
 
+async def _listen_for_commands(settings: Settings, services: Services) -> Callable[[], Awaitable[None]] | None:
+    """Bind the control socket (mxfs.control); the task that answers on it, or None."""
+    control = ControlServer(services.fetcher, settings.cache_dir)
+    path = socket_path(settings.state_dir)
+    try:
+        listener = await control.listen(path)
+    except OSError as exc:
+        log.warning("control: cannot listen at %s (%s); commands on this node work alone", path, exc)
+        return None
+    return None if listener is None else functools.partial(control.serve, listener, path)
+
+
 async def serve(settings: Settings, mountpoint: Path) -> None:
     """Mount and serve until a signal (or ``fusermount -u``) ends it; always unmount."""
     bound_malloc_retention()
@@ -354,6 +367,8 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
             gid=settings.gid,
             on_model_dir=handoff.model_dir_resolved if handoff is not None else None,
         )
+        # Listening before the mount answers: a command that finds the mount finds the daemon.
+        commands = await _listen_for_commands(settings, services)
         options = set(pyfuse3.default_options) | {"fsname=mxfs", "subtype=mxfs", "ro"}
         if settings.allow_other:
             # Root needs no user_allow_other in /etc/fuse.conf; other users do.
@@ -381,6 +396,8 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                     log.info("serving peers at %s (allowed: %s)", settings.peer_url, ", ".join(settings.peer_allow))
                 if handoff is not None:
                     nursery.start_soon(handoff.run)
+                if commands is not None:
+                    nursery.start_soon(commands)
                 await nursery.start(ops.drop_discarded_pages)
                 if listeners:
                     nursery.start_soon(exporter.serve, listeners, services.scrape_sources(handoff))

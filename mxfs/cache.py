@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -315,13 +315,21 @@ class HubCache:
         atomic_write_text(self.tree_path(tree.repo_id, tree.commit), tree.to_json())
 
     def remove_stale_incomplete(
-        self, repo_id: str, older_than: float, *, etags: Iterable[str] | None = None, keep: str = ""
+        self,
+        repo_id: str,
+        older_than: float,
+        *,
+        etags: Iterable[str] | None = None,
+        keep: str = "",
+        writer_is_dead: Callable[[str], bool] | None = None,
     ) -> list[Path]:
         """Delete partial files nobody has written to for ``older_than`` seconds.
 
         A live owner writes continuously and stops at once when its lease lapses, so a partial
         file untouched for longer than a lease belongs to a dead writer.  ``etags`` limits the
         sweep to those blobs; a name containing ``keep`` (the caller's own claim) is never removed.
+        A file whose writer id (``<etag>.<writer id>.incomplete``) ``writer_is_dead`` says is gone
+        goes at once, however recently it was written.
         """
         wanted = set(etags) if etags is not None else None
         removed = []
@@ -337,8 +345,9 @@ class HubCache:
             if wanted is not None and name.split(".", 1)[0] not in wanted:
                 continue
             path = blobs / name
+            writer = name.partition(".")[2].removesuffix(INCOMPLETE_SUFFIX)
             with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff:
+                if (writer_is_dead is not None and writer_is_dead(writer)) or path.stat().st_mtime < cutoff:
                     path.unlink()
                     removed.append(path)
         return removed

@@ -130,7 +130,9 @@ def mxfs_mount(tmp_path: Path, hub: FakeHub, request: pytest.FixtureRequest) -> 
         state_dir: Path | None = None,
         env: dict[str, str] | None = None,
         wait: bool = True,
+        wrap: tuple[str, ...] = (),
     ) -> MountedFs:
+        """``wrap``: a command the daemon runs under (``unshare --pid ...``: a node of its own)."""
         n = next(numbers)
         mountpoint = mountpoint or tmp_path / f"mnt{n}"
         # Not mkdir(exist_ok=True): its stat of a killed daemon's mount fails with ENOTCONN once
@@ -156,7 +158,7 @@ def mxfs_mount(tmp_path: Path, hub: FakeHub, request: pytest.FixtureRequest) -> 
             **(env or {}),
         }
         cmd = [
-            sys.executable, "-m", "mxfs", "mount", str(mountpoint),
+            *wrap, sys.executable, "-m", "mxfs", "mount", str(mountpoint),
             "--cache-dir", str(cache_dir), "--state-dir", str(state_dir), "--log-level", "debug", *args,
         ]  # fmt: skip
         with open(log_path, "wb") as log_file:

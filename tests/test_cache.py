@@ -477,3 +477,25 @@ def test_remove_stale_incomplete(cache: HubCache) -> None:
     os.utime(fresh, (later, later))
     assert cache.remove_stale_incomplete(REPO, 0) == [fresh]
     assert blob.exists()
+
+
+def test_a_partial_file_of_a_dead_writer_goes_at_once(cache: HubCache) -> None:
+    writers = {"p.b.1.2.3.abc-2": "gone", "p.b.1.2.4.def": "runs", "plain": "runs"}
+    made = {}
+    for i, writer in enumerate(writers):
+        made[writer], fd = cache.create_incomplete(REPO, str(i) * 64, writer)
+        os.close(fd)
+    asked: list[str] = []
+
+    def is_dead(writer: str) -> bool:
+        asked.append(writer)
+        return writers[writer] == "gone"
+
+    # Just written: only the age would keep it; the writer's death says it goes.
+    assert cache.remove_stale_incomplete(REPO, 600, writer_is_dead=is_dead) == [made["p.b.1.2.3.abc-2"]]
+    assert sorted(asked) == sorted(writers)  # the writer id, as the file's name carries it
+    assert [p.exists() for p in made.values()] == [False, True, True]
+    # The caller's own claim is never asked about.
+    asked.clear()
+    assert cache.remove_stale_incomplete(REPO, 600, keep="plain", writer_is_dead=is_dead) == []
+    assert "plain" not in asked

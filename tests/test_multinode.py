@@ -26,10 +26,19 @@ from tests.tcp_proxy import TcpProxy
 pytestmark = requires_fuse
 
 
-def start_nodes(mxfs_mount: Callable[..., MountedFs], tmp_path: Path, url: str, n: int, *args: str) -> list[MountedFs]:
+# A daemon run under this is in a pid namespace of its own, with the host's /proc: its claims
+# carry no process tag (mxfs.fetch.claimant), as a claim of another host is judged by its lease.
+OTHER_HOST = ("unshare", "--pid", "--fork", "--kill-child")
+
+
+def start_nodes(
+    mxfs_mount: Callable[..., MountedFs], tmp_path: Path, url: str, n: int, *args: str, wrap: tuple[str, ...] = ()
+) -> list[MountedFs]:
+    """``n`` nodes on one cache; ``wrap``: a command each runs under (``OTHER_HOST``)."""
     cache = tmp_path / "shared-cache"
     return [
-        mxfs_mount("--registry", url, *args, cache_dir=cache, state_dir=tmp_path / f"node{i}-state") for i in range(n)
+        mxfs_mount("--registry", url, *args, cache_dir=cache, state_dir=tmp_path / f"node{i}-state", wrap=wrap)
+        for i in range(n)
     ]
 
 
@@ -84,7 +93,10 @@ def test_killed_owner_is_taken_over_after_its_lease(
     data = random.Random(12).randbytes(12_000_000)
     hub.add_repo(repo, {"config.json": b"{}", "model.safetensors": data})
     slow = hub.inject("slow", repo_id=repo, filename="model.safetensors", bytes_per_second=3_000_000)
-    first, second = start_nodes(mxfs_mount, tmp_path, redis_server.url(), 2, "--lease", "2s")
+    (first,) = start_nodes(mxfs_mount, tmp_path, redis_server.url(), 1, "--lease", "2s", wrap=OTHER_HOST)
+    second = mxfs_mount(
+        "--registry", redis_server.url(), "--lease", "2s", cache_dir=first.cache_dir, state_dir=tmp_path / "node1-state"
+    )
     second.allowed_log.append(TAINTED)
     # The first node opens first and owns the download.
     assert read(first / repo / "config.json") == b"{}"
@@ -101,6 +113,7 @@ def test_killed_owner_is_taken_over_after_its_lease(
     assert results in ([data], ["EIO"])
     assert read(second / repo / "model.safetensors") == data
     assert "downloading 2 files" in second.log()
+    assert "is gone; taking the download over" not in second.log()  # the lease, not the process
     assert hashlib.sha256(read(second / repo / "model.safetensors")).hexdigest() == hashlib.sha256(data).hexdigest()
     # No corrupt blob, no dangling link; the dead owner's partial file is gone once the new owner is done.
     assert_blob_settled(tmp_path / "shared-cache", repo, data, timeout=10)

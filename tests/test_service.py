@@ -36,7 +36,7 @@ from mxfs.registry import Record, Status
 from mxfs.statedir import StateDir
 from mxfs.tree import HubFile, RepoTree
 from tests.hubserver import FakeHub
-from tests.mounting import REPO_ROOT, MountedFs, requires_fuse, run_cli
+from tests.mounting import REPO_ROOT, MountedFs, parallel, requires_fuse, run_cli, wait_until
 
 NOBODY = 65534
 
@@ -247,6 +247,32 @@ def test_restart_after_kill_9_on_the_same_mountpoint(hub: FakeHub, new_repo_id, 
     assert hub.bytes_served(repo) == 0  # served from the cache the first daemon filled
     assert second.stop() == 0
     assert not os.path.ismount(mountpoint) and not is_stale(mountpoint)
+
+
+@requires_fuse
+def test_restart_after_kill_9_mid_download_resumes_it_at_once(
+    hub: FakeHub, new_repo_id, start_daemon, tmp_path: Path
+) -> None:
+    """The daemon killed mid-download, systemd starts it again: its predecessor's claim names a
+    process that is gone, so the restart resumes the download at once instead of waiting out a
+    lease (here 10 minutes, longer than the test may take)."""
+    repo = new_repo_id()
+    data = os.urandom(6_000_000)
+    hub.add_repo(repo, {"config.json": b"{}", "weights.bin": data})
+    slow = hub.inject("slow", repo_id=repo, filename="weights.bin", bytes_per_second=1_500_000)
+    mountpoint = tmp_path / "models"
+    first = start_daemon(mountpoint, "--lease", "600s")
+    assert read(first / repo / "config.json") == b"{}"  # the open claims the whole model
+    wait_until(lambda: hub.bytes_served(repo, "weights.bin") > 0, 20, "the download under way")
+    first.proc.kill()
+    first.proc.wait(10)
+    slow.remove()
+
+    second = start_daemon(mountpoint, "--lease", "600s")
+    second.allowed_log.append(r": stale mount left by a crashed daemon; unmounting it$")
+    got = parallel([lambda: read(second / repo / "weights.bin")], timeout=60)
+    assert got == [data]
+    assert re.search(r"the process that was downloading it \(pid \d+\) is gone; taking the download over", second.log())
 
 
 @requires_fuse

@@ -15,13 +15,13 @@ A lost lease records nothing (the claim is someone else's) and raises :class:`Le
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import trio
 
 from mxfs.errors import MxfsError, RegistryUnavailable, domain_errors_ungrouped
+from mxfs.fetch.claimant import dead_claimant, new_claim_id
 from mxfs.fetch.entry import Entry
 from mxfs.fetch.lease import LeaseKeeper
 from mxfs.registry import AlreadyExists, Claimed, Registry, RegistryError, Status
@@ -43,7 +43,7 @@ class Claim:
         self.registry = registry
         self.entry = entry
         self.lease = lease
-        self.id = uuid.uuid4().hex
+        self.id = new_claim_id()
 
     async def acquire(self) -> bool:
         """One round of the claim protocol; True if this node now owns the entry's download."""
@@ -58,9 +58,26 @@ class Claim:
                 return await self.registry.try_retake(name, self.id, self.lease, Status.DOWNLOADED)
             if outcome.status == Status.ERROR:
                 return await self.registry.try_reset_error_for_retry(name, self.id, self.lease)
-            return False
+            return await self._take_over_from_the_dead()
         except RegistryError as exc:
             raise RegistryUnavailable(f"{self.entry}: registry unavailable: {exc}") from exc
+
+    async def _take_over_from_the_dead(self) -> bool:
+        """The entry is DOWNLOADING: if its claimant was a process of this host that is gone
+        (a daemon killed and restarted), end its claim and take the download over now, rather
+        than wait out its lease (see mxfs.fetch.claimant); True if this claim owns it now."""
+        name = self.entry.registry_key
+        record = await self.registry.get_record(name)
+        if record is None or record.status != Status.DOWNLOADING or record.claim_id is None:
+            return False
+        pid = dead_claimant(record.claim_id)
+        if pid is None:
+            return False
+        why = f"the process that was downloading it (pid {pid}) is gone"
+        if not await self.registry.finish_claim(name, record.claim_id, Status.ERROR, why):
+            return False  # taken over meanwhile
+        log.info("%s: %s; taking the download over", self.entry, why)
+        return await self.registry.try_reset_error_for_retry(name, self.id, self.lease)
 
     @asynccontextmanager
     async def held(self, on_lost: Callable[[], None] | None = None) -> AsyncIterator[LeaseKeeper]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 
 from mxfs.cache import HubCache, make_dirs, open_for_reading
+from mxfs.fetch.claimant import dead_claimant
 from mxfs.fetch.entry import Entry
 from mxfs.fetch.files import FileState
 from mxfs.fetch.partials import PartialMap, PartialMaps
@@ -119,8 +120,14 @@ class PartialFiles:
         """Remove partial files of this entry's files that nobody writes (blocking)."""
         # Untouched for a whole lease: its writer is dead or has stopped (a lapsed lease stops a
         # writer at once), so nobody will ever finish it.
+        # Or written by a process of this host that is gone (mxfs.fetch.claimant): a daemon
+        # killed and restarted, whose claim was just taken over without waiting for its lease.
         removed = self.cache.remove_stale_incomplete(
-            self.entry.repo_id, self.lease, etags=(s.file.etag for s in self.states.values()), keep=self.claim_id
+            self.entry.repo_id,
+            self.lease,
+            etags=(s.file.etag for s in self.states.values()),
+            keep=self.claim_id,
+            writer_is_dead=lambda writer: dead_claimant(writer) is not None,
         )
         for path in removed:
             log.info("%s: removed %s, left by a writer that stopped", self.entry, path.name)

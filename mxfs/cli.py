@@ -36,7 +36,16 @@ from mxfs.config import (
     load_settings,
     toml_value,
 )
-from mxfs.control import LOOKUP_TIMEOUT, SILENCE_TIMEOUT, ControlError, NoDaemon, ask_daemon, describe_ref
+from mxfs.control import (
+    LOOKUP_TIMEOUT,
+    SILENCE_TIMEOUT,
+    ControlError,
+    NoDaemon,
+    ask_daemon,
+    daemon_hello,
+    describe_ref,
+    socket_path,
+)
 from mxfs.daemon import make_evictor, open_services, serve
 from mxfs.errors import MxfsError
 from mxfs.evict import EvictionReport
@@ -453,6 +462,7 @@ async def _status(settings: Settings, as_json: bool) -> int:
     pinned = sum(r.pinned for r in records)
     print(f"\n{len(records)} entries ({summary or 'none'}), {format_size(total)} cached, {pinned} pinned")
     print(_handoff_line(settings, table))
+    print(await _daemon_line(settings))
     if settings.peers:
         print(await _peers_line(settings, [r.model_name for r in records if r.status == Status.DOWNLOADED]))
     try:
@@ -461,6 +471,16 @@ async def _status(settings: Settings, as_json: bool) -> int:
     except OSError:
         pass
     return 0
+
+
+async def _daemon_line(settings: Settings) -> str:
+    """Whether a daemon serves this state dir (and so does `mxfs prefetch`'s downloads)."""
+    hello = await daemon_hello(settings.state_dir)
+    if hello is None:
+        return f"daemon: none answers on {socket_path(settings.state_dir)}"
+    if hello.get("cache_dir") != str(settings.cache_dir):
+        return f"daemon: pid {hello.get('pid')} serves this state dir with another cache, {hello.get('cache_dir')}"
+    return f"daemon: pid {hello.get('pid')} serves this cache and takes its prefetches"
 
 
 async def _peers_line(settings: Settings, cached: list[str]) -> str:

@@ -268,5 +268,15 @@ async def ask_daemon(state_dir: Path, request: dict[str, Any]) -> AsyncIterator[
         yield lines
 
 
+async def daemon_hello(state_dir: Path) -> dict[str, Any] | None:
+    """What the daemon on ``state_dir`` says of itself (its pid and cache dir); None if none
+    answers there."""
+    try:
+        async with ask_daemon(state_dir, {"op": "hello"}) as replies:
+            return await replies.receive(ANSWER_TIMEOUT)
+    except (NoDaemon, ControlError, OSError, trio.BrokenResourceError):
+        return None
+
+
 def describe_ref(ref: ModelRef) -> str:
     return f"{ref.repo_id}@{ref.revision}"

@@ -73,8 +73,11 @@ def test_prefetch_beside_a_daemon_is_done_by_the_daemon(hub: FakeHub, new_repo_i
     assert BY_DAEMON not in alone.stderr
     assert mount.log().count(ASKED) == 2
 
+    status = run_cli("status", *dirs)
+    assert f"daemon: pid {mount.proc.pid} serves this cache and takes its prefetches" in status.stdout
     assert mount.stop() == 0
     assert not sock.exists(), "the socket stays after the daemon"
+    assert f"daemon: none answers on {sock}" in run_cli("status", *dirs).stdout
 
 
 def test_a_killed_daemons_socket_means_no_daemon(hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path) -> None:
@@ -112,6 +115,8 @@ def test_a_daemon_of_another_cache_is_not_asked(hub: FakeHub, new_repo_id, mxfs_
     assert BY_DAEMON not in done.stderr
     assert ASKED not in mount.log()
     assert any(other_cache.rglob("model.safetensors"))
+    status = run_cli("status", "--cache-dir", str(other_cache), "--state-dir", str(mount.state_dir))
+    assert f"daemon: pid {mount.proc.pid} serves this state dir with another cache, {mount.cache_dir}" in status.stdout
 
 
 def test_a_second_daemon_on_one_state_dir_leaves_the_socket_to_the_first(

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from tests.hubserver import FakeHub
-from tests.mounting import NO_CONFIG_FILE, REPO_ROOT, read, requires_fuse, run_cli
+from tests.mounting import NO_CONFIG_FILE, REPO_ROOT, read, requires_fuse, run_cli, wait_until
 from tests.redis_server import RedisServer
 from tests.test_peers import HUB_DOWNLOADER, Node, start_peers
 
@@ -166,3 +166,29 @@ def test_prefetch_on_every_node_costs_the_fleet_one_hub_download(
     for n in nodes:
         assert read(n / repo / "model.safetensors") == files["model.safetensors"]
     assert hub.bytes_served(repo) == sent
+
+
+def test_a_daemon_stopped_mid_prefetch_leaves_the_command_to_finish(hub: FakeHub, new_repo_id, mxfs_mount) -> None:
+    """``systemctl restart mxfs`` while a prefetch job waits on the daemon: the command notices the
+    daemon gone and downloads the rest itself (resuming the daemon's partial files: its claim was
+    handed back as it stopped)."""
+    repo = new_repo_id()
+    files = files_of(36, 6_000_000)
+    hub.add_repo(repo, files)
+    slow = hub.inject("slow", repo_id=repo, filename="*.safetensors", bytes_per_second=1_500_000)
+    mount = mxfs_mount()
+    dirs = ["--cache-dir", str(mount.cache_dir), "--state-dir", str(mount.state_dir)]
+    env = {**os.environ, "MXFS_CONFIG": NO_CONFIG_FILE, **hub.env()}
+    job = subprocess.Popen(
+        [sys.executable, "-m", "mxfs", "prefetch", repo, *dirs], stderr=subprocess.PIPE, text=True, env=env,
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    wait_until(lambda: hub.bytes_served(repo, "model.safetensors") > 1_000_000, 30, "the daemon's download under way")
+    assert mount.stop() == 0
+    slow.remove()
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err
+    assert BY_DAEMON in err and "prefetching here" in err and f"{repo}: cached" in err
+    # The command's copy is whole and right (verified against the Hub's checksum as always).
+    blobs = next(mount.cache_dir.glob("models--*/blobs"))
+    assert sorted(p.read_bytes() for p in blobs.iterdir()) == sorted(files.values())

@@ -84,6 +84,9 @@ FLAG_KEYS = {
     "peer_address": "peer_address",
     "peer_allow": "peer_allow",
     "peer_token_file": "peer_token_file",
+    "peer_tls_cert": "peer_tls_cert",
+    "peer_tls_key": "peer_tls_key",
+    "peer_tls_ca": "peer_tls_ca",
     "eviction_enabled": "eviction.enabled",
     "check_interval": "eviction.check_interval",
     "unused_threshold": "eviction.unused_threshold",
@@ -128,6 +131,9 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
     )
     _add_setting(group, "--peer-allow", "networks (CIDR, comma-separated) whose nodes may fetch from this one")
     group.add_argument("--peer-token-file", help="file holding the token every node of the fleet shares")
+    group.add_argument("--peer-tls-cert", help="peers speak mutual TLS: this node's certificate chain (PEM)")
+    group.add_argument("--peer-tls-key", help="the private key of --peer-tls-cert (PEM)")
+    group.add_argument("--peer-tls-ca", help="the fleet's CA (PEM), which signed every peer's certificate")
     _add_setting(parser, "--log-level", "debug, info, warning, error")
 
 

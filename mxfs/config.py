@@ -202,6 +202,11 @@ class Settings:
     peer_allow: list[str] = field(default_factory=lambda: list(DEFAULT_PEER_ALLOW))
     # A file holding a token every node of the fleet shares; peers must present it.
     peer_token_file: Path | None = None
+    # Mutual TLS between peers (all three, or none): this node's certificate chain and key
+    # (PEM), and the fleet's CA, which must have signed every peer's certificate.
+    peer_tls_cert: Path | None = None
+    peer_tls_key: Path | None = None
+    peer_tls_ca: Path | None = None
     log_level: str = "info"
     # A file holding the Hub token (instead of HF_TOKEN in the environment, which leaks into
     # `systemctl show` and /proc/<pid>/environ); read when the daemon starts, never logged.
@@ -234,9 +239,14 @@ class Settings:
         return f"sqlite://{(self.state_dir / 'registry.db').absolute()}"
 
     @property
+    def peer_tls(self) -> bool:
+        """Peers speak mutual TLS (docs/peers.md#security)."""
+        return self.peer_tls_cert is not None
+
+    @property
     def peer_url(self) -> str:
         """The base URL peers fetch from this node at, and its id in the fleet's holder listings."""
-        return f"http://{self.peer_address}"
+        return f"{'https' if self.peer_tls else 'http'}://{self.peer_address}"
 
     @property
     def shared_registry_url(self) -> str:
@@ -264,6 +274,11 @@ class Settings:
             raise ConfigError(
                 f"peer_address: the address other nodes reach this one at, with its host, got {self.peer_address!r}"
             )
+        tls = {key: getattr(self, key) for key in ("peer_tls_cert", "peer_tls_key", "peer_tls_ca")}
+        if any(v is not None for v in tls.values()) and any(v is None for v in tls.values()):
+            given = ", ".join(k for k, v in tls.items() if v is not None)
+            missing = ", ".join(k for k, v in tls.items() if v is None)
+            raise ConfigError(f"peer TLS needs peer_tls_cert, peer_tls_key and peer_tls_ca: {given} set, {missing} not")
         if self.peers and not self.registry:
             where = self.sources.get("peer_address")
             raise ConfigError(
@@ -540,6 +555,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("peer_address", "text", _address, "HOST:PORT this node serves its files to peers at; empty: peers off"),
     Option("peer_allow", "networks", _networks, "networks (CIDR) whose nodes may fetch from this one"),
     Option("peer_token_file", "path", _optional(_path), "a file holding the token every node of the fleet shares"),
+    Option("peer_tls_cert", "path", _optional(_path), "peers speak mutual TLS: this node's certificate chain (PEM)"),
+    Option("peer_tls_key", "path", _optional(_path), "the private key of peer_tls_cert (PEM); keep it mode 0600"),
+    Option("peer_tls_ca", "path", _optional(_path), "the fleet's CA (PEM): it signed every peer's certificate"),
     Option("log_level", "text", _lowercase, "debug, info, warning, error", _one_of(*LOG_LEVELS)),
     Option("token_file", "path", _optional(_path), "a file holding the Hub token (like HF_TOKEN); keep it mode 0600"),
     Option("eviction.enabled", "bool", _bool, "run the background eviction task"),

@@ -45,6 +45,7 @@ from mxfs.names import ModelRef
 from mxfs.peers.client import open_peer_http
 from mxfs.peers.fleet import Fleet
 from mxfs.peers.server import PeerAccess, PeerServer, listen_for_peers
+from mxfs.peers.tls import PeerTls
 from mxfs.pins import keep_pins
 from mxfs.rebuild import open_registry_recovering
 from mxfs.registry import RefRecord, Registry, RegistryError, open_registry, redact_url
@@ -72,6 +73,7 @@ class Services:
     # the cache's own unless peers are on.
     shared_registry: Registry
     fleet: Fleet | None = None
+    peer_tls: PeerTls | None = None  # with peers over mutual TLS: the server's and client's contexts
 
     def scrape_sources(self, handoff: HandOff | None = None) -> ScrapeSources:
         """What the metrics exporter reads at each scrape (``handoff``: the mount's, if it runs)."""
@@ -155,8 +157,9 @@ async def open_services(settings: Settings, *, serve_peers: bool = False) -> Asy
         if hub.offline:
             log.info("HF_HUB_OFFLINE is set: serving the cache only")
         fleet = None
+        peer_tls = await trio.to_thread.run_sync(PeerTls.from_settings, settings) if settings.peers else None
         if settings.peers:
-            http = stack.enter_context(open_peer_http())
+            http = stack.enter_context(open_peer_http(peer_tls.client if peer_tls is not None else None))
             fleet = Fleet(
                 shared_registry,
                 registry,
@@ -175,7 +178,9 @@ async def open_services(settings: Settings, *, serve_peers: bool = False) -> Asy
             if fleet is not None:
                 await nursery.start(functools.partial(fleet.run, serve=serve_peers))
             await nursery.start(fetcher.run)
-            yield Services(settings, cache, state, registry, catalog, fetcher, evictor, shared_registry, fleet)
+            yield Services(
+                settings, cache, state, registry, catalog, fetcher, evictor, shared_registry, fleet, peer_tls
+            )
             nursery.cancel_scope.cancel()
 
 
@@ -391,7 +396,8 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 if peer_listeners:
                     token = await trio.to_thread.run_sync(settings.read_peer_token)
                     access = PeerAccess.parse(settings.peer_allow, token)
-                    server = PeerServer(services.cache, access, downloads=services.fetcher)
+                    tls = services.peer_tls.server if services.peer_tls is not None else None
+                    server = PeerServer(services.cache, access, downloads=services.fetcher, tls=tls)
                     nursery.start_soon(server.serve_on, peer_listeners)
                     log.info("serving peers at %s (allowed: %s)", settings.peer_url, ", ".join(settings.peer_allow))
                 if handoff is not None:

@@ -286,6 +286,15 @@ def test_with_peers_the_cache_registry_is_the_nodes_own_and_registry_is_the_flee
     assert settings.registry_url == f"sqlite://{tmp_path}/registry.db"
     assert settings.shared_registry_url == "redis://redis:6379/0"
     assert settings.peer_url == "http://10.0.0.5:7170"
+    tls = Settings(
+        state_dir=tmp_path,
+        registry="redis://redis:6379/0",
+        peer_address="10.0.0.5:7170",
+        peer_tls_cert=Path("/c.pem"),
+        peer_tls_key=Path("/k.pem"),
+        peer_tls_ca=Path("/ca.pem"),
+    )
+    assert tls.peer_url == "https://10.0.0.5:7170"  # and so its id in the fleet's listings
     # Without peers, one registry is both.
     plain = Settings(state_dir=tmp_path, registry="redis://redis:6379/0")
     assert plain.registry_url == plain.shared_registry_url == "redis://redis:6379/0"
@@ -298,6 +307,8 @@ def test_with_peers_the_cache_registry_is_the_nodes_own_and_registry_is_the_flee
         ({"peer_address": ":7170", "registry": "redis://r/0"}, "with its host"),
         ({"peer_address": "0.0.0.0:7170", "registry": "redis://r/0"}, "with its host"),
         ({"peer_address": "10.0.0.5", "registry": "redis://r/0"}, "HOST:PORT"),
+        ({"peer_tls_cert": "/c.pem"}, "peer_tls_cert set, peer_tls_key, peer_tls_ca not"),
+        ({"peer_tls_cert": "/c.pem", "peer_tls_key": "/k.pem"}, "peer_tls_ca not"),
     ],
 )
 def test_peer_address_needs_a_host_and_a_shared_registry(changes: dict[str, object], message: str) -> None:

@@ -170,9 +170,16 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "peer_address": ("10.0.0.5:7170", "10.0.0.5:7170"),
     "peer_allow": ("10.1.0.0/16, fd00::/8", ["10.1.0.0/16", "fd00::/8"]),
     "peer_token_file": ("/etc/mxfs/peer-token", Path("/etc/mxfs/peer-token")),
+    "peer_tls_cert": ("/etc/mxfs/node.pem", Path("/etc/mxfs/node.pem")),
+    "peer_tls_key": ("/etc/mxfs/node.key", Path("/etc/mxfs/node.key")),
+    "peer_tls_ca": ("/etc/mxfs/fleet-ca.pem", Path("/etc/mxfs/fleet-ca.pem")),
 }
-# Keys that are only valid together with another: what each needs.
-NEEDS = {"peer_address": ("registry", "redis://redis:6379/0")}
+# Keys that are only valid together with others: what each needs.
+TLS = {"peer_tls_cert": "/c.pem", "peer_tls_key": "/k.pem", "peer_tls_ca": "/ca.pem"}
+NEEDS = {
+    "peer_address": {"registry": "redis://redis:6379/0"},
+    **{key: {k: v for k, v in TLS.items() if k != key} for key in TLS},
+}
 
 
 def test_samples_cover_every_key() -> None:
@@ -184,8 +191,8 @@ def test_every_key_from_every_layer(key: str, tmp_path: Path) -> None:
     raw, expected = SAMPLES[key]
     option = OPTIONS_BY_KEY[key]
     assert option.env == "MXFS_" + key.upper().replace(".", "_")
-    other, other_value = NEEDS.get(key, (None, None))
-    env = {OPTIONS_BY_KEY[other].env: other_value} if other else {}
+    others = NEEDS.get(key, {})
+    env = {OPTIONS_BY_KEY[other].env: value for other, value in others.items()}
     assert get_value(load_settings(None, env={**env, option.env: raw}), key) == expected
     assert get_value(load_settings(None, env=env, flags={key: (raw, "--x")}), key) == expected
     table, _, name = key.rpartition(".")
@@ -195,8 +202,7 @@ def test_every_key_from_every_layer(key: str, tmp_path: Path) -> None:
         text = '[eviction]\npinned = ["org/a", "org/b@v1.0"]\n'
     if key == "peer_allow":
         text = 'peer_allow = ["10.1.0.0/16", "fd00::/8"]\n'
-    if other:
-        text = f'{other} = "{other_value}"\n' + text
+    text = "".join(f'{other} = "{value}"\n' for other, value in others.items()) + text
     assert get_value(load_settings(write(tmp_path, text), env={}), key) == expected
 
 

@@ -99,3 +99,11 @@ def test_a_bad_copy_fetched_from_the_hub_blames_no_peer() -> None:
 def test_peer_url_is_the_hubs_resolve_scheme() -> None:
     url = peer_url("http://10.0.0.1:7170/", "org/name", "a" * 40, "sub dir/model.safetensors")
     assert url == f"http://10.0.0.1:7170/org/name/resolve/{'a' * 40}/sub%20dir/model.safetensors"
+
+
+def test_a_node_asks_only_peers_that_speak_as_it_does() -> None:
+    """A TLS node never sends its token in clear; a plain one has no certificate a TLS peer takes."""
+    tls = Holder("https://10.0.0.2:7170", "https://10.0.0.2:7170", True, LATER)
+    plain = holder(1)
+    assert [h.node for h in client(plain, tls, node="https://10.0.0.99:7170")._candidates()] == [tls.node]
+    assert [h.node for h in client(plain, tls, node="http://10.0.0.99:7170")._candidates()] == [plain.node]

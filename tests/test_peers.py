@@ -9,10 +9,12 @@ so "the Hub sends each byte about once" is checked byte for byte.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import http.server
 import os
 import random
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ import trio
 
 from mxfs.names import EntryName
 from mxfs.registry import Status, open_registry
+from tests.forward_proxy import make_proxy_ca
 from tests.hubserver import FakeHub
 from tests.kube_apiserver import kube_apiserver_fixture, kube_target_fixture  # noqa: F401
 from tests.mounting import MountedFs, parallel, read, read_or_eio, requires_fuse, run_cli, wait_until
@@ -416,3 +419,86 @@ def test_a_restarted_hub_downloader_ends_its_own_old_claim_and_claims_again(
     assert read(again / repo / "model.safetensors") == data
     assert "ended this node's claim from before its restart" in again.log()
     assert HUB_DOWNLOADER in again.log()
+
+
+def test_peers_over_mutual_tls_admit_only_what_the_fleet_ca_signed(
+    hub: FakeHub, new_repo_id, mxfs_mount, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """With peer_tls_* the peers speak TLS both ways: the fleet still downloads the model once,
+    and a client without a certificate of the fleet's CA gets nothing, whatever it knows."""
+    repo = new_repo_id()
+    files = model(27, {"model.safetensors": 12_000_000})
+    hub.add_repo(repo, files)
+    hub.inject("slow", repo_id=repo, filename="*.safetensors", bytes_per_second=6_000_000)
+    (fleet_dir := tmp_path / "fleet").mkdir()
+    (stranger_dir := tmp_path / "stranger").mkdir()
+    fleet_ca, stranger = make_proxy_ca(fleet_dir), make_proxy_ca(stranger_dir)
+    token = tmp_path / "peer-token"
+    token.write_text("fleet-secret\n")
+    token.chmod(0o600)
+    tls = ["--peer-tls-cert", str(fleet_ca.cert_file), "--peer-tls-key", str(fleet_ca.key_file),
+           "--peer-tls-ca", str(fleet_ca.ca_file), "--peer-token-file", str(token)]  # fmt: skip
+    nodes = start_peers(mxfs_mount, tmp_path, redis_server, 3, *tls)
+
+    results = parallel([lambda n=n: read(n / repo / "model.safetensors") for n in nodes])
+    assert results == [files["model.safetensors"]] * 3
+    total = len(files["model.safetensors"])
+    assert hub.bytes_served(repo, "model.safetensors") <= 1.1 * total
+    assert sum(n.metric("mxfs_peer_fetched_bytes_total") for n in nodes) >= total
+    commit = hub.head(repo)
+    wait_until(lambda: len(holders(redis_server, repo, commit)) == 3, 10, "all three nodes listed")
+    assert all(node.startswith("https://127.0.0.1:") for node in holders(redis_server, repo, commit))
+
+    host, port = nodes[0].peer_address.split(":")
+    target = f"/{repo}/resolve/{commit}/model.safetensors"
+
+    def ask(context: ssl.SSLContext | None, token: str | None = "fleet-secret") -> int | str:
+        """The status of a GET of a verified file, or the name of the error that ended it."""
+        headers = {"Range": "bytes=0-99"} | ({"Authorization": f"Bearer {token}"} if token else {})
+        connection = (
+            http.client.HTTPSConnection(host, int(port), context=context, timeout=15)
+            if context is not None
+            else http.client.HTTPConnection(host, int(port), timeout=15)
+        )
+        try:
+            connection.request("GET", target, headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+            assert response.status != 206 or body == files["model.safetensors"][:100]
+            return response.status
+        except (OSError, http.client.HTTPException) as exc:
+            return type(exc).__name__
+        finally:
+            connection.close()
+
+    def context(cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+        made = ssl.create_default_context(cafile=str(fleet_ca.ca_file))
+        made.check_hostname = False
+        if cert is not None:
+            made.load_cert_chain(str(cert), str(key))
+        return made
+
+    assert ask(context(fleet_ca.cert_file, fleet_ca.key_file)) == 206  # a node of the fleet
+    assert ask(context(fleet_ca.cert_file, fleet_ca.key_file), token=None) == 403  # the token still counts
+    assert isinstance(ask(None), str)  # plain HTTP
+    assert isinstance(ask(context()), str)  # TLS without a certificate
+    assert isinstance(ask(context(stranger.cert_file, stranger.key_file)), str)  # another CA's
+    assert "peer TLS: refused 127.0.0.1" in nodes[0].log()
+
+
+def test_peer_tls_files_that_do_not_load_fail_the_start(tmp_path: Path, redis_server: RedisServer) -> None:
+    (fleet_dir := tmp_path / "fleet").mkdir()
+    (other_dir := tmp_path / "other").mkdir()
+    fleet_ca, other = make_proxy_ca(fleet_dir), make_proxy_ca(other_dir)
+    (tmp_path / "mnt").mkdir()
+    dirs = ["--cache-dir", str(tmp_path / "cache"), "--state-dir", str(tmp_path / "state")]
+    peers = ["--registry", redis_server.url(), "--peer-address", f"127.0.0.1:{free_port()}"]
+    for cert, key, why in [
+        (fleet_ca.cert_file, tmp_path / "missing.key", "No such file"),
+        (fleet_ca.cert_file, other.key_file, "KEY_VALUES_MISMATCH"),  # another certificate's key
+    ]:
+        tls = ["--peer-tls-cert", str(cert), "--peer-tls-key", str(key), "--peer-tls-ca", str(fleet_ca.ca_file)]
+        done = run_cli("mount", str(tmp_path / "mnt"), *dirs, *peers, *tls, timeout=60)
+        assert done.returncode != 0
+        assert "peer TLS: cannot load" in done.stderr and why in done.stderr, done.stderr
+        assert not os.path.ismount(tmp_path / "mnt")

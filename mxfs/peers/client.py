@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -123,7 +124,12 @@ class PeerRanges:
     def set_holders(self, holders: Sequence[Holder]) -> None:
         """The entry's holders as the registry lists them now (called from the trio thread):
         those with a complete copy, and those still downloading it that :meth:`may_wait_on`."""
-        usable = [h for h in holders if h.node != self.node and (h.complete or self.may_wait_on(h.node))]
+        scheme = _scheme(self.node)
+        usable = [
+            h
+            for h in holders
+            if h.node != self.node and _scheme(h.address) == scheme and (h.complete or self.may_wait_on(h.node))
+        ]
         with self._lock:
             self._holders = tuple(usable)
 
@@ -265,11 +271,23 @@ def _rotated(holders: list[Holder], turn: int) -> list[Holder]:
     return holders[first:] + holders[:first]
 
 
-def open_peer_http() -> httpx2.Client:
+def _scheme(url: str) -> str:
+    """``https`` for a node that speaks mutual TLS, ``http`` for one that does not.  A node asks
+    only peers that speak as it does: a TLS node never sends its token in clear, and a plain one
+    has no certificate a TLS peer would accept."""
+    return url.partition("://")[0]
+
+
+def open_peer_http(tls: ssl.SSLContext | None = None) -> httpx2.Client:
     """The HTTP client for peers: its own connection pool, and no proxy (peers are on the fleet's
-    own network; ``HTTPS_PROXY`` is for the Hub)."""
+    own network; ``HTTPS_PROXY`` is for the Hub).  ``tls``: the client context of mutual TLS
+    (mxfs.peers.tls), which presents this node's certificate and checks the peer's."""
     return httpx2.Client(
-        trust_env=False, follow_redirects=False, timeout=None, limits=httpx2.Limits(max_connections=256)
+        trust_env=False,
+        follow_redirects=False,
+        timeout=None,
+        limits=httpx2.Limits(max_connections=256),
+        verify=tls if tls is not None else True,
     )
 
 

@@ -26,6 +26,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import ssl
 from collections.abc import Iterable
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 16 * 1024
 # A connection that sends no complete request for this long is closed.
 IDLE_TIMEOUT = 30.0
+# A peer that has not finished its TLS handshake within this long is dropped.
+HANDSHAKE_TIMEOUT = 10.0
 # Bytes per pread and per send: large enough that the syscalls cost little, small enough that many
 # concurrent peers do not hold much memory.
 PIECE = 1 << 20
@@ -239,10 +242,13 @@ class PeerServer:
         *,
         downloads: Downloads | None = None,
         read_limiter: trio.CapacityLimiter | None = None,
+        tls: ssl.SSLContext | None = None,
     ):
         self.cache = cache
         self.access = access
         self.downloads = downloads
+        # Mutual TLS (mxfs.peers.tls): every connection's handshake, client certificate included.
+        self.tls = tls
         self._read_limiter = read_limiter or trio.CapacityLimiter(8)
         self.bytes_served = 0
 
@@ -261,11 +267,16 @@ class PeerServer:
         listeners = await trio.open_tcp_listeners(port, host=host)
         await trio.serve_listeners(self._connection, listeners, task_status=task_status)
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, plain: trio.SocketStream) -> None:
         try:
-            address = stream.socket.getpeername()[0]
+            address = plain.socket.getpeername()[0]
         except OSError:
             return
+        stream: trio.abc.Stream = plain
+        if self.tls is not None:
+            stream = await self._handshake(plain, address)
+            if stream is None:
+                return
         buffer = bytearray()
         try:
             async with stream:
@@ -283,7 +294,22 @@ class PeerServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             return  # the peer went away: its transfer retries elsewhere
 
-    async def _read_head(self, stream: trio.SocketStream, buffer: bytearray) -> bytes | None:
+    async def _handshake(self, plain: trio.SocketStream, address: str) -> trio.SSLStream[trio.SocketStream] | None:
+        """The TLS stream once both ends proved their certificates; None (and the connection
+        closed) when the peer did not: no certificate, another CA's, plain HTTP, or too slow."""
+        assert self.tls is not None
+        stream = trio.SSLStream(plain, self.tls, server_side=True)
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            try:
+                await stream.do_handshake()
+                return stream
+            except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+                reason = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ else exc
+                log.info("peer TLS: refused %s: %s", address, reason)
+        await trio.aclose_forcefully(plain)
+        return None
+
+    async def _read_head(self, stream: trio.abc.Stream, buffer: bytearray) -> bytes | None:
         with trio.move_on_after(IDLE_TIMEOUT):
             while b"\r\n\r\n" not in buffer:
                 if len(buffer) > MAX_HEAD:
@@ -297,7 +323,7 @@ class PeerServer:
             return head
         return None
 
-    async def _answer(self, stream: trio.SocketStream, request: Request, address: str) -> bool:
+    async def _answer(self, stream: trio.abc.Stream, request: Request, address: str) -> bool:
         """Answer one request; False when the connection must close afterwards."""
         keep_alive = request.keep_alive
         try:
@@ -322,7 +348,7 @@ class PeerServer:
             return await self._answer_from(stream, request, os.fstat(fd).st_size, etag, fd)
 
     async def _answer_from(
-        self, stream: trio.SocketStream, request: Request, size: int, etag: str, source: int | ReadHandle
+        self, stream: trio.abc.Stream, request: Request, size: int, etag: str, source: int | ReadHandle
     ) -> bool:
         """Answer a request for ``[range of] size`` bytes read from a blob's descriptor or a
         download's handle."""
@@ -349,7 +375,7 @@ class PeerServer:
                 await self._send_landing(stream, source, start, end)
         return keep_alive
 
-    async def _send_body(self, stream: trio.SocketStream, fd: int, start: int, end: int) -> None:
+    async def _send_body(self, stream: trio.abc.Stream, fd: int, start: int, end: int) -> None:
         offset = start
         while offset < end:
             piece = await trio.to_thread.run_sync(
@@ -363,7 +389,7 @@ class PeerServer:
             offset += len(piece)
             self._served(len(piece))
 
-    async def _send_landing(self, stream: trio.SocketStream, handle: ReadHandle, start: int, end: int) -> None:
+    async def _send_landing(self, stream: trio.abc.Stream, handle: ReadHandle, start: int, end: int) -> None:
         """Send bytes of a file this node is downloading, each piece as soon as it has landed.
 
         A piece that does not land within LANDING_TIMEOUT, or a copy dropped under the read (it
@@ -388,7 +414,7 @@ class PeerServer:
         metrics.PEER_SERVED_BYTES.inc(n)
 
     async def _send_error(
-        self, stream: trio.SocketStream, exc: BadRequest, method: str, *, keep_alive: bool, size: int | None = None
+        self, stream: trio.abc.Stream, exc: BadRequest, method: str, *, keep_alive: bool, size: int | None = None
     ) -> None:
         body = f"{exc.reason}\n".encode()
         headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]

@@ -22,6 +22,7 @@ import hashlib
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -125,8 +126,27 @@ class FleetRun:
     hub_cpu: float  # the Hub process's CPU seconds meanwhile (what the peers take over)
 
 
-def one_fleet(suite, tools, hub, redis, repo_id: str, expected: dict[str, str], peers: bool, tag: str) -> FleetRun:
-    """Start the nodes (side by side), load the model on all of them at once, stop them."""
+def make_fleet_certificates(directory: Path) -> tuple[str, ...]:
+    """A fleet CA and one node certificate signed by it (``openssl``): the daemons' TLS flags."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key, cert, key, csr = (directory / n for n in ("ca.pem", "ca.key", "node.pem", "node.key", "node.csr"))
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(ca_key), "-out", str(ca),
+            "-subj", "/CN=mxfs-bench-fleet")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=node")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "1",
+            "-out", str(cert))  # fmt: skip
+    return ("--peer-tls-cert", str(cert), "--peer-tls-key", str(key), "--peer-tls-ca", str(ca))
+
+
+def one_fleet(
+    suite, tools, hub, redis, repo_id: str, expected: dict[str, str], peers: bool, tag: str, tls: tuple[str, ...] = ()
+) -> FleetRun:
+    """Start the nodes (side by side), load the model on all of them at once, stop them.
+    ``tls``: the peers' TLS flags (peers over mutual TLS)."""
     nodes = suite.args.peers_nodes
     caches = [suite.fresh("cache") for _ in range(nodes)]
     if redis is not None:
@@ -135,7 +155,7 @@ def one_fleet(suite, tools, hub, redis, repo_id: str, expected: dict[str, str], 
     def start(i: int):
         extra: tuple[str, ...] = ()
         if peers:
-            extra = ("--registry", redis.url(), "--peer-address", f"127.0.0.1:{free_port()}")
+            extra = ("--registry", redis.url(), "--peer-address", f"127.0.0.1:{free_port()}", *tls)
         return suite.mxfs(caches[i], suite.fresh("state"), f"{tag}-node{i}", hub.endpoint, extra)
 
     daemons = []
@@ -188,32 +208,36 @@ def run_section(suite, tools) -> None:
     if args.peers_uplink:
         shapes.append((f"{paced}, {args.peers_uplink / tools.MIB:.0f} MiB/s uplink", "uplink",
                        [*shapes[0][2], "--pace-total", str(args.peers_uplink)]))  # fmt: skip
+    tls = make_fleet_certificates(suite.work / "peers-tls") if args.peers_tls else ()
     with RedisServer() as redis:
         for label, tag, hub_args in shapes:
             hub = tools.HubServer({repo_id: repo_dir}, suite.work / f"hub-peers-{tag}.log", hub_args)
             try:
-                vals: dict[bool, dict[str, list[float]]] = {
-                    mode: {"s": [], "hub": [], "cpu": [], "top": [], "thread": []} for mode in (True, False)
+                modes = ["own", "peers", *(["tls"] if tls else [])]
+                vals: dict[str, dict[str, list[float]]] = {
+                    mode: {"s": [], "hub": [], "cpu": [], "top": [], "thread": []} for mode in modes
                 }
                 for r in range(suite.repeat):
-                    # Alternate which goes first: neither always meets a warmer machine.
-                    for peers in (False, True) if r % 2 == 0 else (True, False):
-                        which = "peers" if peers else "own"
+                    # Rotate which goes first: none always meets a warmer machine.
+                    for which in modes[r % len(modes) :] + modes[: r % len(modes)]:
+                        peers = which != "own"
                         run = one_fleet(
-                            suite, tools, hub, redis if peers else None, repo_id, expected, peers, f"{tag}-{which}{r}"
-                        )
+                            suite, tools, hub, redis if peers else None, repo_id, expected, peers, f"{tag}-{which}{r}",
+                            tls if which == "tls" else (),
+                        )  # fmt: skip
                         per_copy = run.hub_bytes / (nodes * total)
                         busiest = max(range(nodes), key=lambda i: run.cpu[i])
-                        tools.log(f"peers/{tag}, {'with' if peers else 'without'} peers: {run.seconds:.2f} s, "
+                        said = {"own": "without peers", "peers": "with peers", "tls": "with peers over mutual TLS"}
+                        tools.log(f"peers/{tag}, {said[which]}: {run.seconds:.2f} s, "
                                   f"Hub sent {run.hub_bytes / tools.MIB:.0f} MiB ({per_copy:.2f} per node-model), "
                                   f"daemons' CPU {sum(run.cpu):.1f} s "
                                   f"({', '.join(f'{c:.1f}' for c in run.cpu)}; the busiest's busiest thread "
                                   f"{run.top_thread[busiest]:.1f} s); the Hub's CPU {run.hub_cpu:.1f} s")  # fmt: skip
-                        vals[peers]["s"].append(run.seconds)
-                        vals[peers]["hub"].append(per_copy)
-                        vals[peers]["cpu"].append(sum(run.cpu))
-                        vals[peers]["top"].append(max(run.cpu))
-                        vals[peers]["thread"].append(run.top_thread[busiest])
+                        vals[which]["s"].append(run.seconds)
+                        vals[which]["hub"].append(per_copy)
+                        vals[which]["cpu"].append(sum(run.cpu))
+                        vals[which]["top"].append(max(run.cpu))
+                        vals[which]["thread"].append(run.top_thread[busiest])
             finally:
                 hub.stop()
             what = f"{nodes} nodes load {size / tools.MIB:.0f} MiB ({SHARDS} shards) at once, {label}"
@@ -226,4 +250,12 @@ def run_section(suite, tools) -> None:
                 ("p5", "the busiest daemon's busiest thread's CPU", "CPU-s", "thread"),
             )
             for row, name, unit, key in rows:
-                suite.add(f"{row}. {what}: {name}", unit, vals[True][key], {base: vals[False][key]}, False)
+                suite.add(f"{row}. {what}: {name}", unit, vals["peers"][key], {base: vals["own"][key]}, False)
+            if tls:
+                for row, name, unit, key in (
+                    ("p6", "until the last node has every byte, peers over mutual TLS", "s", "s"),
+                    ("p7", f"the {nodes} daemons' CPU, peers over mutual TLS", "CPU-s", "cpu"),
+                ):
+                    suite.add(
+                        f"{row}. {what}: {name}", unit, vals["tls"][key], {"plain peers": vals["peers"][key]}, False
+                    )

@@ -836,6 +836,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers-uplink", type=parse_size, default=parse_size("100MiB"),
                         help="peers: bytes/s all the Hub's connections share in the second variant "
                              "(default 100MiB; 0: that variant off)")  # fmt: skip
+    parser.add_argument("--peers-tls", action="store_true",
+                        help="peers: also a fleet over mutual TLS (rows p6-p7, against plain peers)")  # fmt: skip
     sections = {"files", "paced", "cold", "ttfb", "cached", "handoff"}
     parser.add_argument("--sections", type=lambda t: set(t.split(",")), default=sections,
                         help="comma-separated: files,paced,cold,ttfb,cached,handoff,peers "

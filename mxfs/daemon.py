@@ -398,6 +398,8 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                     access = PeerAccess.parse(settings.peer_allow, token)
                     tls = services.peer_tls.server if services.peer_tls is not None else None
                     server = PeerServer(services.cache, access, downloads=services.fetcher, tls=tls)
+                    if services.peer_tls is not None:
+                        nursery.start_soon(services.peer_tls.keep_current)
                     nursery.start_soon(server.serve_on, peer_listeners)
                     log.info("serving peers at %s (allowed: %s)", settings.peer_url, ", ".join(settings.peer_allow))
                 if handoff is not None:

@@ -12,22 +12,76 @@ that signs nothing but the fleet's node certificates (cert-manager's CA issuer, 
 
 from __future__ import annotations
 
+import logging
+import os
 import ssl
 from pathlib import Path
 
+import trio
+
 from mxfs.config import ConfigError, Settings
+
+log = logging.getLogger(__name__)
 
 # The oldest TLS either end accepts.
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+# How often the daemon looks for renewed certificate files.
+RELOAD_INTERVAL = 60.0
 
 
 class PeerTls:
     """The server's and the client's contexts, built when the daemon starts (blocking: file reads),
-    so that a missing or mismatched file fails the start, not the first transfer."""
+    so that a missing or mismatched file fails the start, not the first transfer.
+
+    Renewed certificates (cert-manager rewrites the files in place) are taken up by
+    :meth:`keep_current` without a restart: the contexts load the new pair, and new connections
+    use it.  A new CA is added to the trusted ones; one that is gone stays trusted until a restart
+    (a context cannot forget a CA).
+    """
 
     def __init__(self, cert: Path, key: Path, ca: Path) -> None:
+        self.files = (cert, key, ca)
+        self._seen = self._versions()
         self.server = self._context(ssl.PROTOCOL_TLS_SERVER, cert, key, ca)
         self.client = self._context(ssl.PROTOCOL_TLS_CLIENT, cert, key, ca)
+
+    def _versions(self) -> tuple[tuple[int, int, int], ...]:
+        """What the files are now: a rewrite or a replacement (a new inode) changes it."""
+        versions = []
+        for path in self.files:
+            st = os.stat(path)
+            versions.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(versions)
+
+    def reload_if_changed(self) -> bool:
+        """Load the files again if they changed since last time (blocking); True if it did.
+        Raises OSError or ssl.SSLError, the contexts unchanged, when the new files do not load
+        (a key written after its certificate: the next round loads both)."""
+        versions = self._versions()
+        if versions == self._seen:
+            return False
+        cert, key, ca = self.files
+        for context in (self.server, self.client):
+            self._context(context.protocol, cert, key, ca)  # all of it loads, or nothing changes
+        for context in (self.server, self.client):
+            context.load_cert_chain(cert, key)
+            context.load_verify_locations(cafile=ca)
+        self._seen = versions
+        return True
+
+    async def keep_current(self, every: float = RELOAD_INTERVAL) -> None:
+        """Look at the files every ``every`` seconds and reload them when they change."""
+        failing = False
+        while True:
+            await trio.sleep(every)
+            try:
+                if await trio.to_thread.run_sync(self.reload_if_changed):
+                    log.info("peer TLS: loaded the renewed %s", ", ".join(map(str, self.files)))
+                failing = False
+            except (OSError, ssl.SSLError) as exc:
+                if not failing:
+                    log.warning("peer TLS: the renewed files do not load (%s); keeping the ones loaded", exc)
+                failing = True
 
     @staticmethod
     def _context(protocol: int, cert: Path, key: Path, ca: Path) -> ssl.SSLContext:

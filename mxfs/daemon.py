@@ -354,6 +354,20 @@ async def _listen_for_commands(settings: Settings, services: Services) -> Callab
     return None if listener is None else functools.partial(control.serve, listener, path)
 
 
+async def _serve_peers(
+    nursery: trio.Nursery, settings: Settings, services: Services, listeners: list[trio.SocketListener]
+) -> None:
+    """Serve this node's files to its peers (and keep renewed TLS files current) in ``nursery``."""
+    token = await trio.to_thread.run_sync(settings.read_peer_token)
+    access = PeerAccess.parse(settings.peer_allow, token)
+    tls = services.peer_tls.server if services.peer_tls is not None else None
+    server = PeerServer(services.cache, access, downloads=services.fetcher, tls=tls)
+    if services.peer_tls is not None:
+        nursery.start_soon(services.peer_tls.keep_current)
+    nursery.start_soon(server.serve_on, listeners)
+    log.info("serving peers at %s (allowed: %s)", settings.peer_url, ", ".join(settings.peer_allow))
+
+
 async def serve(settings: Settings, mountpoint: Path) -> None:
     """Mount and serve until a signal (or ``fusermount -u``) ends it; always unmount."""
     bound_malloc_retention()
@@ -394,14 +408,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                     settings.refresh_within,
                 )
                 if peer_listeners:
-                    token = await trio.to_thread.run_sync(settings.read_peer_token)
-                    access = PeerAccess.parse(settings.peer_allow, token)
-                    tls = services.peer_tls.server if services.peer_tls is not None else None
-                    server = PeerServer(services.cache, access, downloads=services.fetcher, tls=tls)
-                    if services.peer_tls is not None:
-                        nursery.start_soon(services.peer_tls.keep_current)
-                    nursery.start_soon(server.serve_on, peer_listeners)
-                    log.info("serving peers at %s (allowed: %s)", settings.peer_url, ", ".join(settings.peer_allow))
+                    await _serve_peers(nursery, settings, services, peer_listeners)
                 if handoff is not None:
                     nursery.start_soon(handoff.run)
                 if commands is not None:

@@ -40,9 +40,11 @@ class RedisServer:
     the ``openssl`` command) at :attr:`ca_file`.
     """
 
-    def __init__(self, password: str | None = None, tls: bool = False) -> None:
+    def __init__(self, password: str | None = None, tls: bool = False, also_bind: tuple[str, ...] = ()) -> None:
         self.password = password
         self.tls = tls
+        # Addresses beyond loopback it listens on (a bridge that network namespaces reach it by).
+        self.also_bind = also_bind
         self.port = free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="mxfs-redis-")
         self.dir = Path(self._tmp.name)
@@ -57,16 +59,17 @@ class RedisServer:
             ]  # fmt: skip
             subprocess.run(cmd, check=True, capture_output=True)
 
-    def url(self, db: int = 0, password: str | None = None) -> str:
-        """URL of database ``db``, with this server's password unless another is given.
+    def url(self, db: int = 0, password: str | None = None, host: str = "127.0.0.1") -> str:
+        """URL of database ``db``, with this server's password unless another is given, at
+        ``host`` (loopback, or one of ``also_bind``).
 
         A TLS server's URL is ``rediss://`` and names the certificate to trust.
         """
         password = self.password if password is None else password
         auth = f":{quote(password, safe='')}@" if password else ""
         if self.tls:
-            return f"rediss://{auth}127.0.0.1:{self.port}/{db}?ssl_ca_certs={quote(str(self.ca_file))}"
-        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+            return f"rediss://{auth}{host}:{self.port}/{db}?ssl_ca_certs={quote(str(self.ca_file))}"
+        return f"redis://{auth}{host}:{self.port}/{db}"
 
     def client(self, db: int = 0) -> redis.Redis:
         """A plain synchronous client, for setting up and inspecting what the registry wrote."""
@@ -91,9 +94,11 @@ class RedisServer:
             return
         cmd = [
             REDIS_SERVER,
-            "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--port", str(self.port), "--bind", "127.0.0.1", *self.also_bind, "--save", "", "--appendonly", "no",
             "--dir", str(self.dir), "--daemonize", "no", "--loglevel", "warning",
         ]  # fmt: skip
+        if self.also_bind:
+            cmd += ["--protected-mode", "no"]  # clients from the namespaces, with no password
         if self.password:
             cmd += ["--requirepass", self.password]
         if self.tls:

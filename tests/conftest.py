@@ -181,8 +181,11 @@ def mxfs_mount(tmp_path: Path, hub: FakeHub, request: pytest.FixtureRequest) -> 
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 24 MiB tmpfs for the cache: a disk that really fills up, with a real statvfs."""
+def small_tmpfs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A 24 MiB tmpfs for the cache: a disk that really fills up, with a real statvfs.
+
+    Its daemons stop before it goes, whichever fixture the test named first: a daemon whose
+    cache disappeared under it would log errors that are the fixture's, not the code's."""
     where = tmp_path / "tmpfs"
     where.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(where)], capture_output=True)
@@ -191,4 +194,7 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     try:
         yield where
     finally:
+        for mount in request.node.stash.get(_DAEMONS, []):
+            if mount.cache_dir.is_relative_to(where):
+                mount.cleanup()
         subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)

@@ -34,6 +34,7 @@ from mxfs.control import ControlServer, socket_path
 from mxfs.evict import Evictor, PeerRelease
 from mxfs.exporter import ScrapeSources
 from mxfs.fetch import Catalog, Fetcher
+from mxfs.fetch.claimant import hold_lock
 from mxfs.fs import MxfsOperations
 from mxfs.handoff import HandOff, KernelRelease
 from mxfs.handoff.kernel import can_mount
@@ -128,6 +129,9 @@ async def open_services(settings: Settings, *, serve_peers: bool = False) -> Asy
         cache.ensure_root()
         # The state dir holds the registry and private bookkeeping: no reason for others to read it.
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        # Before any claim: a process of another pid namespace on this state dir (a restarted
+        # container) tells by this lock that our claims died with us (mxfs.fetch.claimant).
+        hold_lock(settings.state_dir)
 
     await trio.to_thread.run_sync(prepare_dirs)
     log.info(

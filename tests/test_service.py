@@ -36,7 +36,7 @@ from mxfs.registry import Record, Status
 from mxfs.statedir import StateDir
 from mxfs.tree import HubFile, RepoTree
 from tests.hubserver import FakeHub
-from tests.mounting import REPO_ROOT, MountedFs, parallel, requires_fuse, run_cli, wait_until
+from tests.mounting import NO_CONFIG_FILE, REPO_ROOT, MountedFs, parallel, requires_fuse, run_cli, wait_until
 
 NOBODY = 65534
 
@@ -273,6 +273,38 @@ def test_restart_after_kill_9_mid_download_resumes_it_at_once(
     got = parallel([lambda: read(second / repo / "weights.bin")], timeout=60)
     assert got == [data]
     assert re.search(r"the process that was downloading it \(pid \d+\) is gone; taking the download over", second.log())
+
+
+@requires_fuse
+def test_prefetch_container_killed_mid_download_taken_over_at_once(
+    hub: FakeHub, new_repo_id, start_daemon, tmp_path: Path
+) -> None:
+    """A prefetch job in a container of its own (its own pid namespace and /proc) is OOM-killed
+    mid-download; the node's daemon, on the same state dir, knows by the job's lock there that the
+    claim died with it, and downloads at once instead of waiting out the lease (10 minutes)."""
+    repo = new_repo_id()
+    data = os.urandom(6_000_000)
+    hub.add_repo(repo, {"config.json": b"{}", "weights.bin": data})
+    slow = hub.inject("slow", repo_id=repo, filename="weights.bin", bytes_per_second=1_500_000)
+    dirs = ["--cache-dir", str(tmp_path / "cache"), "--state-dir", str(tmp_path / "state")]
+    env = {**os.environ, "MXFS_CONFIG": NO_CONFIG_FILE, **hub.env()}
+    job = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+         sys.executable, "-m", "mxfs", "prefetch", "--no-daemon", "--lease", "600s", repo, *dirs],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO_ROOT,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: hub.bytes_served(repo, "weights.bin") > 0, 20, "the job's download under way")
+    finally:
+        job.kill()
+        job.wait(10)
+    slow.remove()
+
+    daemon = start_daemon(tmp_path / "models", "--lease", "600s")  # its cache and state dir: the job's
+    got = parallel([lambda: read(daemon / repo / "weights.bin")], timeout=60)
+    assert got == [data]
+    gone = r"the process that was downloading it \(pid \d+ of another pid namespace\) is gone; taking the download over"
+    assert re.search(gone, daemon.log())
 
 
 @requires_fuse

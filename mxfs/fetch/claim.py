@@ -70,10 +70,10 @@ class Claim:
         record = await self.registry.get_record(name)
         if record is None or record.status != Status.DOWNLOADING or record.claim_id is None:
             return False
-        pid = dead_claimant(record.claim_id)
-        if pid is None:
+        who = dead_claimant(record.claim_id)
+        if who is None:
             return False
-        why = f"the process that was downloading it (pid {pid}) is gone"
+        why = f"the process that was downloading it ({who}) is gone"
         if not await self.registry.finish_claim(name, record.claim_id, Status.ERROR, why):
             return False  # taken over meanwhile
         log.info("%s: %s; taking the download over", self.entry, why)

@@ -43,7 +43,6 @@ from mxfs.control import (
     NoDaemon,
     ask_daemon,
     daemon_hello,
-    describe_ref,
     socket_path,
 )
 from mxfs.daemon import make_evictor, open_services, serve
@@ -594,7 +593,7 @@ async def _prefetch_by_daemon(settings: Settings, text: str, tty: bool) -> int |
     except MxfsError as exc:
         log.error("%s: %s", text, exc)
         return 1
-    request = {"op": "prefetch", "model": describe_ref(ref), "cache_dir": str(settings.cache_dir)}
+    request = {"op": "prefetch", "model": str(ref), "cache_dir": str(settings.cache_dir)}
     try:
         async with ask_daemon(settings.state_dir, request) as replies:
             first = await replies.receive(LOOKUP_TIMEOUT)

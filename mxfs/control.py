@@ -32,7 +32,7 @@ import trio
 
 from mxfs.errors import MxfsError
 from mxfs.fetch import Fetcher
-from mxfs.names import ModelRef, parse_model_arg
+from mxfs.names import parse_model_arg
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class ControlServer:
 
     async def listen(self, path: Path) -> trio.SocketListener | None:
         """Bind the socket; None if another daemon on this state dir answers there already."""
-        if await _answers(path):
+        if await _hello(path) is not None:
             log.info("control: another daemon answers at %s; this one takes no commands", path)
             return None
         with contextlib.suppress(FileNotFoundError):
@@ -221,15 +221,16 @@ def _short_path(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
-async def _answers(path: Path) -> bool:
-    """Whether a daemon answers on the socket at ``path``."""
+async def _hello(path: Path) -> dict[str, Any] | None:
+    """What the daemon answering on the socket at ``path`` says of itself (its pid and cache
+    dir); None if none answers there."""
     try:
         async with await _connect(path) as stream:
             lines = LineStream(stream)
             await lines.send({"op": "hello"})
-            return await lines.receive(ANSWER_TIMEOUT) is not None
+            return await lines.receive(ANSWER_TIMEOUT)
     except (OSError, ControlError, trio.BrokenResourceError):
-        return False
+        return None
 
 
 async def _connect(path: Path) -> trio.SocketStream:
@@ -271,12 +272,4 @@ async def ask_daemon(state_dir: Path, request: dict[str, Any]) -> AsyncIterator[
 async def daemon_hello(state_dir: Path) -> dict[str, Any] | None:
     """What the daemon on ``state_dir`` says of itself (its pid and cache dir); None if none
     answers there."""
-    try:
-        async with ask_daemon(state_dir, {"op": "hello"}) as replies:
-            return await replies.receive(ANSWER_TIMEOUT)
-    except (NoDaemon, ControlError, OSError, trio.BrokenResourceError):
-        return None
-
-
-def describe_ref(ref: ModelRef) -> str:
-    return f"{ref.repo_id}@{ref.revision}"
+    return await _hello(socket_path(state_dir))

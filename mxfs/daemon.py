@@ -75,6 +75,7 @@ class Services:
     shared_registry: Registry
     fleet: Fleet | None = None
     peer_tls: PeerTls | None = None  # with peers over mutual TLS: the server's and client's contexts
+    peer_token: str | None = None  # the fleet's shared token, read once: the client sends it, the server asks it
 
     def scrape_sources(self, handoff: HandOff | None = None) -> ScrapeSources:
         """What the metrics exporter reads at each scrape (``handoff``: the mount's, if it runs)."""
@@ -183,7 +184,17 @@ async def open_services(settings: Settings, *, serve_peers: bool = False) -> Asy
                 await nursery.start(functools.partial(fleet.run, serve=serve_peers))
             await nursery.start(fetcher.run)
             yield Services(
-                settings, cache, state, registry, catalog, fetcher, evictor, shared_registry, fleet, peer_tls
+                settings,
+                cache,
+                state,
+                registry,
+                catalog,
+                fetcher,
+                evictor,
+                shared_registry,
+                fleet,
+                peer_tls=peer_tls,
+                peer_token=peer_token,
             )
             nursery.cancel_scope.cancel()
 
@@ -362,8 +373,7 @@ async def _serve_peers(
     nursery: trio.Nursery, settings: Settings, services: Services, listeners: list[trio.SocketListener]
 ) -> None:
     """Serve this node's files to its peers (and keep renewed TLS files current) in ``nursery``."""
-    token = await trio.to_thread.run_sync(settings.read_peer_token)
-    access = PeerAccess.parse(settings.peer_allow, token)
+    access = PeerAccess.parse(settings.peer_allow, services.peer_token)
     tls = services.peer_tls.server if services.peer_tls is not None else None
     server = PeerServer(services.cache, access, downloads=services.fetcher, tls=tls)
     if services.peer_tls is not None:

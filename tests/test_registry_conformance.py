@@ -150,6 +150,9 @@ async def test_claim_fresh_entry_then_second_claimer_sees_downloading(make_regis
     record = await _record(node_b, name)
     assert await node_b.try_claim(name, "claim-b", LONG_LEASE) == AlreadyExists(Status.DOWNLOADING)
     assert await node_a.try_claim(name, "claim-a", LONG_LEASE) == AlreadyExists(Status.DOWNLOADING)
+    # The loser learns whose claim runs, in the same step (a waiter judges its claimant by it).
+    lost = await node_b.try_claim(name, "claim-b", LONG_LEASE)
+    assert isinstance(lost, AlreadyExists) and lost.claim_id == "claim-a"
 
     # The losing claims changed nothing.
     assert await _record(node_b, name) == record

@@ -58,23 +58,20 @@ class Claim:
                 return await self.registry.try_retake(name, self.id, self.lease, Status.DOWNLOADED)
             if outcome.status == Status.ERROR:
                 return await self.registry.try_reset_error_for_retry(name, self.id, self.lease)
-            return await self._take_over_from_the_dead()
+            return await self._take_over_from_the_dead(outcome.claim_id)
         except RegistryError as exc:
             raise RegistryUnavailable(f"{self.entry}: registry unavailable: {exc}") from exc
 
-    async def _take_over_from_the_dead(self) -> bool:
-        """The entry is DOWNLOADING: if its claimant was a process of this host that is gone
-        (a daemon killed and restarted), end its claim and take the download over now, rather
-        than wait out its lease (see mxfs.fetch.claimant); True if this claim owns it now."""
+    async def _take_over_from_the_dead(self, running: str | None) -> bool:
+        """The entry is DOWNLOADING under the claim ``running``: if its claimant was a process of
+        this host that is gone (a daemon killed and restarted), end its claim and take the
+        download over now, rather than wait out its lease (see mxfs.fetch.claimant); True if
+        this claim owns it now.  Waiters call this every poll: it reads nothing more."""
+        if running is None or (who := dead_claimant(running)) is None:
+            return False
         name = self.entry.registry_key
-        record = await self.registry.get_record(name)
-        if record is None or record.status != Status.DOWNLOADING or record.claim_id is None:
-            return False
-        who = dead_claimant(record.claim_id)
-        if who is None:
-            return False
         why = f"the process that was downloading it ({who}) is gone"
-        if not await self.registry.finish_claim(name, record.claim_id, Status.ERROR, why):
+        if not await self.registry.finish_claim(name, running, Status.ERROR, why):
             return False  # taken over meanwhile
         log.info("%s: %s; taking the download over", self.entry, why)
         return await self.registry.try_reset_error_for_retry(name, self.id, self.lease)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -96,6 +96,10 @@ class AlreadyExists:
     """Somebody else has the entry; ``status`` is what the claim attempt saw."""
 
     status: Status
+    # The running claim's id when ``status`` is DOWNLOADING, read in the same step: a waiter
+    # tells from it whether the claimant is dead (mxfs.fetch.claimant) without another read.
+    # Not part of equality: an outcome is its status.
+    claim_id: str | None = field(default=None, compare=False)
 
 
 ClaimOutcome = Claimed | AlreadyExists

@@ -219,7 +219,8 @@ _CLAIM = _lua(
     """
 -- KEYS[1] - the entry's hash, KEYS[2] - the LRU index
 -- ARGV[1] - the entry name, ARGV[2] - claim_id, ARGV[3] - lease in milliseconds, ARGV[4] - provider
--- Returns {1} if the caller now owns the entry, else {0, the status that made it lose}.
+-- Returns {1} if the caller now owns the entry, else {0, the status that made it lose, the
+-- running claim's id (nil if none)}.
 """,
     """
 local now = now_ms()
@@ -234,7 +235,7 @@ if not status then
 end
 if status ~= 'DOWNLOADING' then return {0, status} end
 local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_expires_at'))
-if not lease or lease > now then return {0, status} end
+if not lease or lease > now then return {0, status, redis.call('HGET', KEYS[1], 'claim_id')} end
 redis.call('HSET', KEYS[1], 'claim_id', ARGV[2], 'lease_expires_at', lease_expires_at)
 redis.call('HDEL', KEYS[1], 'message', 'size_bytes')
 stamp(KEYS[1], KEYS[2], ARGV[1], now)
@@ -779,7 +780,7 @@ class RedisRegistry(RegistryBackend):
         result = await self._script(self._claim, [_key(name), LRU_KEY], args)
         if result[0] == 1:
             return Claimed()
-        return AlreadyExists(self._status(name, result[1]))
+        return AlreadyExists(self._status(name, result[1]), result[2] if len(result) > 2 else None)
 
     async def refresh_claim(self, name: str, claim_id: str, lease: float) -> bool:
         return await self._script(self._refresh, [_key(name)], [claim_id, lease_ms(lease)]) == 1

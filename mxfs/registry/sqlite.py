@@ -140,6 +140,7 @@ _COLUMNS = (
 )
 _SELECT_RECORD = f"SELECT {_COLUMNS} FROM entries WHERE model_name = :name"
 _SELECT_STATUS = "SELECT status FROM entries WHERE model_name = :name"
+_SELECT_STATUS_AND_CLAIM = "SELECT status, claim_id FROM entries WHERE model_name = :name"
 # LIMIT -1 means no limit.
 _LIST_BY_LAST_USED = f"SELECT {_COLUMNS} FROM entries ORDER BY last_used_at_ms, model_name LIMIT :limit"
 _STATUS_COUNTS = "SELECT status, COUNT(*) FROM entries GROUP BY status"
@@ -544,8 +545,8 @@ class SqliteRegistry(RegistryBackend):
             with _immediate(conn):
                 if conn.execute(_TRY_CLAIM, params).rowcount == 1:
                     return Claimed()
-                (status,) = conn.execute(_SELECT_STATUS, {"name": name}).fetchone()
-                return AlreadyExists(Status(status))
+                status, owner = conn.execute(_SELECT_STATUS_AND_CLAIM, {"name": name}).fetchone()
+                return AlreadyExists(Status(status), owner)
 
         return await self._run(claim)
 

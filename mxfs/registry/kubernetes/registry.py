@@ -573,9 +573,9 @@ class KubernetesRegistry(RegistryBackend):
                 stamp = format_time(now)
                 fields = {**_claim_fields(claim_id, lease, now), "createdAt": stamp, "lastUsedAt": stamp}
                 return _Plan(Claimed(), self._create(name, {**fields, "pinned": False}))
-            status = self._to_record(obj).status  # RegistryError if malformed: never overwrite what we cannot read
-            if status is not Status.DOWNLOADING or not self._lease_lapsed(obj, lease):
-                return _done(AlreadyExists(status))
+            record = self._to_record(obj)  # RegistryError if malformed: never overwrite what we cannot read
+            if record.status is not Status.DOWNLOADING or not self._lease_lapsed(obj, lease):
+                return _done(AlreadyExists(record.status, record.claim_id))
             log.info("registry %s: %s: lease of %s lapsed, taking over", self.url_for_logs, name, _heartbeat(obj)[0])
             changes = {
                 **_claim_fields(claim_id, lease, now),
